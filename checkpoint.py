@@ -1,0 +1,277 @@
+"""Reading and writing SDXL in the official download layout. All key mapping lives here.
+
+A model folder is the diffusers layout of the official download:
+    unet/  config.json + diffusion_pytorch_model[.fp16].safetensors
+    vae/   config.json + diffusion_pytorch_model[.fp16].safetensors
+    text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/   (read by transformers, see text.py)
+Our modules carry the official (Stability) names; `unet_key_map` / `vae_key_map` give, for a config, the
+diffusers name of every one of our parameters. Loading is strict: a missing, unexpected or mis-shaped key is an
+error naming the key. Only safetensors are read: pickles (.bin, .ckpt, .pt) can run code when loaded.
+"""
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from unet_sdxl import UNet, UNetConfig
+from vae import AutoencoderKL, VAEConfig
+
+
+class ModelError(Exception):
+    """A model file or folder that cannot be used; the message names the path or key."""
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def read_safetensors(path):
+    if path.endswith(PICKLE_SUFFIXES):
+        raise ModelError(f"{path}: only .safetensors files are loaded (pickle files can run code); convert it first")
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such file")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write atomically: a crash leaves either the old file or the new one, never half of one."""
+    tmp = path + ".tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def component_files(folder, sub):
+    """The config and weights of one component folder (unet/ or vae/), preferring full precision."""
+    d = os.path.join(folder, sub)
+    if not os.path.isdir(d):
+        raise ModelError(f"{d}: missing (expected the SDXL folder layout: unet/, vae/, text_encoder/, ...)")
+    config = os.path.join(d, "config.json")
+    if not os.path.isfile(config):
+        raise ModelError(f"{config}: missing")
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
+        if os.path.isfile(os.path.join(d, name)):
+            return config, os.path.join(d, name)
+    pickles = [f for f in os.listdir(d) if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ModelError(f"{os.path.join(d, pickles[0])}: only .safetensors files are loaded (pickle files can run code)")
+    raise ModelError(f"{d}: no diffusion_pytorch_model[.fp16].safetensors")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: {e}") from None
+
+
+def check_keys(expected, tensors, source):
+    """expected: name -> shape. Every missing, unexpected or mis-shaped key is an error that names it."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    for kind, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise ModelError(f"{source}: {kind} key {keys[0]!r}{more}; is this the right model?")
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(expected[k]):
+            raise ModelError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k])}")
+
+
+# ---------------------------------------------------------------------------------------------- UNet
+
+def unet_config_from_diffusers(c, source="unet/config.json"):
+    """diffusers UNet2DConditionModel config -> UNetConfig; refuses anything that is not SDXL-shaped."""
+    expected = {"addition_embed_type": "text_time", "use_linear_projection": True, "flip_sin_to_cos": True,
+                "freq_shift": 0, "act_fn": "silu", "mid_block_type": "UNetMidBlock2DCrossAttn"}
+    for k, v in expected.items():
+        if c.get(k, v) != v:
+            raise ModelError(f"{source}: {k}={c.get(k)!r} is not an SDXL UNet (expected {v!r})")
+    chs = c["block_out_channels"]
+    depth = c.get("transformer_layers_per_block", 1)
+    depth = [depth] * len(chs) if isinstance(depth, int) else list(depth)
+    depth = tuple(d if "CrossAttn" in t else 0 for d, t in zip(depth, c["down_block_types"]))
+    heads = c.get("num_attention_heads") or c["attention_head_dim"]
+    heads = [heads] * len(chs) if isinstance(heads, int) else heads
+    head_dims = {ch // h for ch, h, d in zip(chs, heads, depth) if d}
+    if len(head_dims) != 1:
+        raise ModelError(f"{source}: attention head sizes {head_dims} differ between levels")
+    time_id_dim = c["addition_time_embed_dim"]
+    return UNetConfig(in_channels=c["in_channels"], out_channels=c["out_channels"], model_channels=chs[0],
+                      channel_mult=tuple(ch // chs[0] for ch in chs), num_res_blocks=c["layers_per_block"],
+                      transformer_depth=depth, head_dim=head_dims.pop(), context_dim=c["cross_attention_dim"],
+                      pooled_dim=c["projection_class_embeddings_input_dim"] - 6 * time_id_dim,
+                      time_id_dim=time_id_dim, norm_groups=c["norm_num_groups"])
+
+
+def unet_config_to_diffusers(cfg):
+    chs = [cfg.model_channels * m for m in cfg.channel_mult]
+    kinds = ["CrossAttn" if d else "" for d in cfg.transformer_depth]
+    return {"_class_name": "UNet2DConditionModel", "sample_size": 128, "in_channels": cfg.in_channels,
+            "out_channels": cfg.out_channels, "block_out_channels": chs, "layers_per_block": cfg.num_res_blocks,
+            "down_block_types": [f"{k}DownBlock2D" for k in kinds],
+            "up_block_types": [f"{k}UpBlock2D" for k in reversed(kinds)],
+            "transformer_layers_per_block": [max(d, 1) for d in cfg.transformer_depth],
+            "attention_head_dim": [ch // cfg.head_dim for ch in chs], "cross_attention_dim": cfg.context_dim,
+            "use_linear_projection": True, "addition_embed_type": "text_time",
+            "addition_time_embed_dim": cfg.time_id_dim,
+            "projection_class_embeddings_input_dim": cfg.adm_in_channels, "norm_num_groups": cfg.norm_groups}
+
+
+RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+            "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+def unet_block_prefixes(cfg):
+    """(our prefix, diffusers prefix, inner renames) for every layer, in the order the official code builds them."""
+    pairs = [("time_embed.0", "time_embedding.linear_1", {}), ("time_embed.2", "time_embedding.linear_2", {}),
+             ("label_emb.0.0", "add_embedding.linear_1", {}), ("label_emb.0.2", "add_embedding.linear_2", {}),
+             ("input_blocks.0.0", "conv_in", {}), ("out.0", "conv_norm_out", {}), ("out.2", "conv_out", {}),
+             ("middle_block.0", "mid_block.resnets.0", RESBLOCK), ("middle_block.1", "mid_block.attentions.0", {}),
+             ("middle_block.2", "mid_block.resnets.1", RESBLOCK)]
+    levels, n = len(cfg.channel_mult), cfg.num_res_blocks
+    i = 1
+    for level in range(levels):
+        for j in range(n):
+            pairs.append((f"input_blocks.{i}.0", f"down_blocks.{level}.resnets.{j}", RESBLOCK))
+            if cfg.transformer_depth[level]:
+                pairs.append((f"input_blocks.{i}.1", f"down_blocks.{level}.attentions.{j}", {}))
+            i += 1
+        if level < levels - 1:
+            pairs.append((f"input_blocks.{i}.0.op", f"down_blocks.{level}.downsamplers.0.conv", {}))
+            i += 1
+    for up, level in enumerate(reversed(range(levels))):  # diffusers numbers up_blocks deepest first
+        has_attn = bool(cfg.transformer_depth[level])
+        for j in range(n + 1):
+            o = up * (n + 1) + j
+            pairs.append((f"output_blocks.{o}.0", f"up_blocks.{up}.resnets.{j}", RESBLOCK))
+            if has_attn:
+                pairs.append((f"output_blocks.{o}.1", f"up_blocks.{up}.attentions.{j}", {}))
+            if level and j == n:
+                pairs.append((f"output_blocks.{o}.{1 + has_attn}.conv", f"up_blocks.{up}.upsamplers.0.conv", {}))
+    return pairs
+
+
+def rename(key, prefixes):
+    """Rename key by its longest matching (ours, theirs, inner) prefix; inner renames the submodule that follows."""
+    for ours, theirs, inner in sorted(prefixes, key=lambda p: -len(p[0])):
+        if key.startswith(ours + "."):
+            rest = key[len(ours) + 1:]
+            for a, b in inner.items():
+                if rest.startswith(a + "."):
+                    rest = b + rest[len(a):]
+            return f"{theirs}.{rest}"
+    raise KeyError(key)
+
+
+def unet_key_map(cfg):
+    """Our UNet parameter name -> its diffusers name."""
+    prefixes = unet_block_prefixes(cfg)
+    with torch.device("meta"):
+        keys = UNet(cfg).state_dict().keys()
+    return {k: rename(k, prefixes) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+
+def vae_config_from_diffusers(c, source="vae/config.json"):
+    for k in ("down_block_types", "up_block_types"):
+        if any(t not in ("DownEncoderBlock2D", "UpDecoderBlock2D") for t in c[k]):
+            raise ModelError(f"{source}: {k}={c[k]} is not an SDXL autoencoder")
+    if c.get("latents_mean") or c.get("shift_factor"):
+        raise ModelError(f"{source}: latents_mean/shift_factor are not SDXL's autoencoder")
+    return VAEConfig(in_channels=c["in_channels"], latent_channels=c["latent_channels"],
+                     block_out_channels=tuple(c["block_out_channels"]), layers_per_block=c["layers_per_block"],
+                     norm_groups=c["norm_num_groups"], scaling_factor=c["scaling_factor"])
+
+
+def vae_config_to_diffusers(cfg):
+    n = len(cfg.block_out_channels)
+    return {"_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
+            "latent_channels": cfg.latent_channels, "block_out_channels": list(cfg.block_out_channels),
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "layers_per_block": cfg.layers_per_block, "norm_num_groups": cfg.norm_groups,
+            "scaling_factor": cfg.scaling_factor, "force_upcast": True, "sample_size": 1024}
+
+
+VAE_RESNET = {"nin_shortcut": "conv_shortcut"}
+VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def vae_block_prefixes(cfg):
+    """(our prefix, diffusers prefix, inner renames); diffusers numbers the decoder's levels deepest first."""
+    n = len(cfg.block_out_channels)
+    pairs = [("quant_conv", "quant_conv", {}), ("post_quant_conv", "post_quant_conv", {})]
+    for part in ("encoder", "decoder"):
+        pairs += [(f"{part}.conv_in", f"{part}.conv_in", {}), (f"{part}.norm_out", f"{part}.conv_norm_out", {}),
+                  (f"{part}.conv_out", f"{part}.conv_out", {}),
+                  (f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", VAE_RESNET),
+                  (f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", VAE_RESNET),
+                  (f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0", VAE_ATTN)]
+    for i in range(n):
+        pairs += [(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", VAE_RESNET)
+                  for j in range(cfg.layers_per_block)]
+        pairs += [(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{n - 1 - i}.resnets.{j}", VAE_RESNET)
+                  for j in range(cfg.layers_per_block + 1)]
+        pairs += [(f"encoder.down.{i}.downsample", f"encoder.down_blocks.{i}.downsamplers.0", {}),
+                  (f"decoder.up.{i}.upsample", f"decoder.up_blocks.{n - 1 - i}.upsamplers.0", {})]
+    return pairs
+
+
+def vae_key_map(cfg):
+    """Our VAE parameter name -> its diffusers name."""
+    prefixes = vae_block_prefixes(cfg)
+    with torch.device("meta"):
+        keys = AutoencoderKL(cfg).state_dict().keys()
+    return {k: rename(k, prefixes) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------- load / save
+
+COMPONENTS = {  # folder -> (model class, config from diffusers, config to diffusers, key map)
+    "unet": (UNet, unet_config_from_diffusers, unet_config_to_diffusers, unet_key_map),
+    "vae": (AutoencoderKL, vae_config_from_diffusers, vae_config_to_diffusers, vae_key_map),
+}
+
+
+def load_component(folder, sub, dtype=torch.float32, device="cpu"):
+    """Build unet/ or vae/ from its config.json and load its safetensors strictly."""
+    cls, from_diffusers, _, key_map = COMPONENTS[sub]
+    config_path, weights_path = component_files(folder, sub)
+    try:
+        cfg = from_diffusers(read_json(config_path), config_path)
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        raise ModelError(f"{config_path}: not a valid {sub} config ({e!r})") from None
+    with torch.device("meta"):
+        model = cls(cfg)
+    mapping = key_map(cfg)  # ours -> diffusers
+    shapes = {mapping[k]: v.shape for k, v in model.state_dict().items()}
+    theirs = read_safetensors(weights_path)
+    check_keys(shapes, theirs, weights_path)
+    model.load_state_dict({k: theirs[mapping[k]] for k in mapping}, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype)
+
+
+def save_component(model, folder, sub):
+    """Write a UNet or VAE in the diffusers folder layout, as the official download has it."""
+    _, _, to_diffusers, key_map = COMPONENTS[sub]
+    d = os.path.join(folder, sub)
+    os.makedirs(d, exist_ok=True)
+    mapping = key_map(model.cfg)
+    save_safetensors({mapping[k]: v for k, v in model.state_dict().items()},
+                     os.path.join(d, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(to_diffusers(model.cfg), f, indent=2)
+
+
+def load_unet(folder, dtype=torch.float32, device="cpu"):
+    return load_component(folder, "unet", dtype, device)
+
+
+def load_vae(folder, dtype=torch.float32, device="cpu"):
+    return load_component(folder, "vae", dtype, device)

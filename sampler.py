@@ -1,0 +1,60 @@
+"""Euler sampling as SDXL ships it (diffusers' EulerDiscreteScheduler: "leading" spacing, steps_offset 1).
+
+In the sigma parametrisation x = x_0 + sigma * eps, with sigma_t = sqrt((1 - a_t) / a_t):
+  - start from pure noise scaled by sqrt(sigma_max^2 + 1),
+  - feed the UNet x / sqrt(sigma^2 + 1) (which is the DDPM x_t it was trained on),
+  - step along the predicted noise: x <- x + (sigma_next - sigma) * eps_hat.
+"""
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod
+from text import Cond
+
+
+def euler_schedule(steps, steps_offset=1, a_bar=None):
+    """timesteps (steps,) from T to 1, "leading" spacing: 958, 925, ..., 34, 1 for 30 steps;
+    sigmas (steps + 1,) interpolated linearly in t from the training schedule, then a final 0."""
+    if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"steps must be in 1..{NUM_TRAIN_TIMESTEPS}, got {steps}")
+    a_bar = alphas_cumprod() if a_bar is None else a_bar
+    ratio = NUM_TRAIN_TIMESTEPS // steps
+    timesteps = (np.arange(steps) * ratio).round()[::-1] + steps_offset
+    train_sigmas = ((1 - a_bar) / a_bar).sqrt().numpy()
+    sigmas = np.interp(timesteps, np.arange(NUM_TRAIN_TIMESTEPS), train_sigmas)
+    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    return torch.from_numpy(timesteps.astype(np.float32)), torch.from_numpy(sigmas)
+
+
+def scale_input(x, sigma):
+    return x / (sigma ** 2 + 1) ** 0.5
+
+
+def euler_step(x, eps, sigma, sigma_next):
+    """One Euler step of dx/dsigma = eps."""
+    return x + (sigma_next - sigma) * eps
+
+
+def guidance(eps_uncond, eps_base, w_txt, eps_lora=None, w_con=0.0):
+    """Classifier-free guidance, plus the paper's consistency guidance when eps_lora is given:
+    eps_hat = eps_phi(x; 0) + w_txt (eps_phi(x; c_base) - eps_phi(x; 0)) + w_con (eps_theta(x; c) - eps_phi(x; c_base))."""
+    eps = eps_uncond + w_txt * (eps_base - eps_uncond)
+    if eps_lora is not None:
+        eps = eps + w_con * (eps_lora - eps_base)
+    return eps
+
+
+@torch.no_grad()
+def sample(unet, noise, cond: Cond, uncond: Cond, steps=30, cfg=5.0, progress=True):
+    """Denoise noise (B, 4, h, w) with classifier-free guidance; returns clean latents (B, 4, h, w), float32."""
+    dtype = next(unet.parameters()).dtype
+    timesteps, sigmas = euler_schedule(steps)
+    x = noise.float() * (sigmas.max() ** 2 + 1) ** 0.5
+    both = Cond.cat([uncond, cond]).to(device=x.device, dtype=dtype)
+    for i in tqdm(range(steps), desc="sampling", disable=not progress):
+        x_in = scale_input(x, sigmas[i]).repeat(2, 1, 1, 1).to(dtype)
+        eps_uncond, eps_cond = unet(x_in, timesteps[i].to(x.device), both.context, both.pooled,
+                                    both.time_ids).float().chunk(2)
+        x = euler_step(x, guidance(eps_uncond, eps_cond, cfg), sigmas[i], sigmas[i + 1])
+    return x

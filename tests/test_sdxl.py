@@ -1,0 +1,190 @@
+"""Our SDXL stack against the reference (diffusers + transformers) on a tiny random model in the official layout."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import checkpoint
+from checkpoint import ModelError, load_unet, load_vae
+from sampler import euler_schedule, euler_step, scale_input
+from text import TextEncoders
+from unet_sdxl import UNet, UNetConfig
+from vae import AutoencoderKL, VAEConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def close(a, b, tol=1e-5):
+    err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-8)
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("size,t", [((16, 16), [999.0, 1.0]), ((16, 24), [500.0, 20.0]), ((32, 8), [0.0, 958.0])])
+def test_unet_matches_reference(tiny_sdxl, size, t):
+    folder, pipe = tiny_sdxl
+    unet = load_unet(folder)
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 4, *size, generator=g), torch.randn(2, 77, 32, generator=g)
+    pooled = torch.randn(2, 32, generator=g)
+    ids = torch.tensor([[1024.0, 768, 0, 0, 1024, 1024], [512, 640, 32, 16, 1024, 768]])
+    with torch.no_grad():
+        ours = unet(x, torch.tensor(t), ctx, pooled, ids)
+        ref = pipe.unet(x, torch.tensor(t), ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    close(ours, ref)
+
+
+def test_vae_matches_reference(tiny_sdxl):
+    folder, pipe = tiny_sdxl
+    vae = load_vae(folder)
+    g = torch.Generator().manual_seed(2)
+    images, z = torch.rand(2, 3, 32, 48, generator=g) * 2 - 1, torch.randn(2, 4, 8, 12, generator=g)
+    with torch.no_grad():
+        mean, std = vae.encode(images)
+        dist = pipe.vae.encode(images).latent_dist
+        close(mean, dist.mean)
+        close(std, dist.std)
+        close(vae.decode(z), pipe.vae.decode(z).sample)
+    assert vae.cfg.scaling_factor == pipe.vae.config.scaling_factor == 0.13025
+
+
+@pytest.mark.parametrize("negative", [None, "a photo of a cat"])
+def test_text_matches_reference(tiny_sdxl, negative):
+    folder, pipe = tiny_sdxl
+    text = TextEncoders(folder)
+    prompts = ["a photo of a dog in the snow", "red cat on the beach, cartoon style"]
+    ref = pipe.encode_prompt(prompts, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                             negative_prompt=None if negative is None else [negative] * 2)
+    with torch.no_grad():
+        ctx, pooled = text.encode(prompts)
+        nctx, npooled = text.encode([negative or ""] * 2, zero_empty=True)
+    for ours, theirs in zip((ctx, nctx, pooled, npooled), ref):
+        close(ours, theirs)
+    assert ctx.shape == (2, 77, 32) and pooled.shape == (2, 32)
+    if negative is None:
+        assert nctx.abs().max() == 0 and npooled.abs().max() == 0
+
+
+def test_long_prompt_warns(tiny_sdxl):
+    text = TextEncoders(tiny_sdxl[0])
+    with pytest.warns(UserWarning, match="only the first 77"):
+        text.encode(["dog " * 100])
+
+
+@pytest.mark.parametrize("steps", [30, 7, 1])
+def test_euler_schedule_matches_reference(tiny_sdxl, steps):
+    sched = tiny_sdxl[1].scheduler
+    sched.set_timesteps(steps)
+    timesteps, sigmas = euler_schedule(steps)
+    assert torch.equal(timesteps, sched.timesteps)
+    close(sigmas, sched.sigmas, 1e-6)
+    close((sigmas.max() ** 2 + 1) ** 0.5, torch.as_tensor(sched.init_noise_sigma), 1e-6)
+    if steps == 30:  # the schedule as SDXL ships it
+        assert timesteps[:3].tolist() == [958.0, 925.0, 892.0] and timesteps[-2:].tolist() == [34.0, 1.0]
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    close(scale_input(x, sigmas[0]), sched.scale_model_input(x, sched.timesteps[0]), 1e-6)
+    close(euler_step(x, eps, sigmas[0], sigmas[1]), sched.step(eps, sched.timesteps[0], x).prev_sample, 1e-6)
+
+
+def test_sample_cli_matches_pipeline(tiny_sdxl, tmp_path):
+    folder, pipe = tiny_sdxl
+    prompt, out = "a photo of a dog in the snow", str(tmp_path / "ours.png")
+    subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", folder, "--prompt", prompt,
+                    "--steps", "12", "--width", "64", "--height", "48", "--seed", "7", "--cfg", "6", "--out", out,
+                    "--quiet"], check=True)
+    ref = pipe(prompt, num_inference_steps=12, width=64, height=48, guidance_scale=6.0,
+               generator=torch.Generator("cpu").manual_seed(7)).images[0]
+    ours = Image.open(out)
+    diff = np.abs(np.asarray(ours, dtype=int) - np.asarray(ref, dtype=int))
+    assert diff.max() <= 2, f"max pixel difference {diff.max()}/255"
+    assert np.asarray(ours).std() > 10  # a real image, not a blank that would trivially agree
+    assert '"seed": 7' in ours.info["parameters"]
+
+
+def test_full_size_keys_and_shapes_match_reference():
+    """The full SDXL configs, built on the meta device: our key map covers diffusers' state dict exactly."""
+    from diffusers import AutoencoderKL as RefVAE, UNet2DConditionModel
+    sdxl_unet = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                     cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    sdxl_vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                    scaling_factor=0.13025)
+    with torch.device("meta"):
+        pairs = [(UNet(), UNet2DConditionModel(**sdxl_unet), checkpoint.unet_key_map(UNetConfig()),
+                  checkpoint.unet_config_from_diffusers, UNetConfig()),
+                 (AutoencoderKL(), RefVAE(**sdxl_vae), checkpoint.vae_key_map(VAEConfig()),
+                  checkpoint.vae_config_from_diffusers, VAEConfig())]
+    for ours, ref, mapping, from_diffusers, default in pairs:
+        theirs = ref.state_dict()
+        assert sorted(mapping.values()) == sorted(theirs)
+        for k, v in ours.state_dict().items():
+            assert v.shape == theirs[mapping[k]].shape, k
+        assert from_diffusers(dict(ref.config)) == default  # diffusers' SDXL config reads as our default
+    unet, ref_unet = pairs[0][0], pairs[0][1]
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in ref_unet.parameters()) == 2567463684
+
+
+def test_saved_folder_loads_in_diffusers(tmp_path):
+    """Our writer produces the official layout: diffusers reads it back with identical outputs."""
+    from diffusers import AutoencoderKL as RefVAE, UNet2DConditionModel
+    torch.manual_seed(0)
+    unet, vae = UNet(UNetConfig.tiny()), AutoencoderKL(VAEConfig.tiny())
+    checkpoint.save_component(unet, str(tmp_path), "unet")
+    checkpoint.save_component(vae, str(tmp_path), "vae")
+    ref_unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "unet"))
+    ref_vae = RefVAE.from_pretrained(str(tmp_path / "vae"))
+    x, ctx, pooled = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32), torch.randn(1, 32)
+    ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
+    with torch.no_grad():
+        close(unet(x, 500, ctx, pooled, ids),
+              ref_unet(x, 500, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample)
+        close(vae.decode(x), ref_vae.decode(x).sample)
+
+
+def test_wrong_model_is_refused_with_the_key_named(tiny_sdxl, tmp_path):
+    folder = tiny_sdxl[0]
+    from safetensors.torch import load_file, save_file
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    weights = str(bad / "unet" / "diffusion_pytorch_model.safetensors")
+    tensors = load_file(weights)
+    tensors["conv_in.weight"] = tensors["conv_in.weight"][:16]
+    save_file(tensors, weights)
+    with pytest.raises(ModelError, match="conv_in.weight has shape"):
+        load_unet(str(bad))
+    del tensors["conv_in.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(ModelError, match="missing key 'conv_in.weight'"):
+        load_unet(str(bad))
+    tensors["conv_in.weight"], tensors["extra.weight"] = torch.zeros(32, 4, 3, 3), torch.zeros(1)
+    save_file(tensors, weights)
+    with pytest.raises(ModelError, match="unexpected key 'extra.weight'"):
+        load_unet(str(bad))
+
+
+def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_sdxl[0], bad)
+    os.rename(bad / "vae" / "diffusion_pytorch_model.safetensors", bad / "vae" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelError, match="only .safetensors"):
+        load_vae(str(bad))
+    with pytest.raises(ModelError, match="only .safetensors"):
+        checkpoint.read_safetensors(str(tmp_path / "model.ckpt"))
+    shutil.rmtree(bad / "text_encoder_2")
+    with pytest.raises(ModelError, match="text_encoder_2: missing"):
+        TextEncoders(str(bad))
+    # The command line says it in one line, without a stack trace.
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", str(tmp_path / "nowhere"),
+                        "--prompt", "x"], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error:") and "nowhere" in r.stderr

@@ -1,0 +1,120 @@
+"""SDXL's text conditioning: two CLIP text encoders (transformers) and the six size/crop "time ids".
+
+    context (B, 77, 2048) = concat(CLIP-L penultimate hidden state (768), OpenCLIP bigG penultimate (1280))
+    pooled  (B, 1280)     = bigG's text projection of its EOS token
+    time_ids (B, 6)       = (original_h, original_w, crop_top, crop_left, target_h, target_w)
+
+Textual inversion adds a token (e.g. "<dog>") to both tokenizers, with a trainable row in both embedding tables.
+"""
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from checkpoint import ModelError, read_safetensors
+
+
+@dataclass
+class Cond:
+    """Everything the UNet is conditioned on, for a batch."""
+    context: torch.Tensor  # (B, 77, context_dim)
+    pooled: torch.Tensor  # (B, pooled_dim)
+    time_ids: torch.Tensor  # (B, 6)
+
+    def to(self, *args, **kw):
+        return Cond(self.context.to(*args, **kw), self.pooled.to(*args, **kw), self.time_ids.to(*args, **kw))
+
+    def __getitem__(self, i):
+        return Cond(self.context[i], self.pooled[i], self.time_ids[i])
+
+    @staticmethod
+    def cat(conds):
+        return Cond(*(torch.cat(parts) for parts in zip(*((c.context, c.pooled, c.time_ids) for c in conds))))
+
+
+def time_ids(original_size, crop, target_size):
+    """SDXL's micro-conditioning: original image size (h, w), crop top-left (top, left), target size (h, w)."""
+    return torch.tensor([*original_size, *crop, *target_size], dtype=torch.float32)
+
+
+class TextEncoders(torch.nn.Module):
+    def __init__(self, folder, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        parts = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+        for p in parts:
+            if not os.path.isdir(os.path.join(folder, p)):
+                raise ModelError(f"{os.path.join(folder, p)}: missing (expected the SDXL folder layout)")
+        for p in parts[2:]:
+            if not os.path.isfile(os.path.join(folder, p, "model.safetensors")):
+                raise ModelError(f"{os.path.join(folder, p)}: no model.safetensors (only safetensors files are loaded)")
+        self.tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(folder, p), local_files_only=True)
+                           for p in parts[:2]]
+        kw = dict(local_files_only=True, use_safetensors=True, dtype=dtype)
+        self.encoders = torch.nn.ModuleList([
+            CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), **kw),
+            CLIPTextModelWithProjection.from_pretrained(os.path.join(folder, "text_encoder_2"), **kw)]).to(device)
+        self.requires_grad_(False)
+
+    @property
+    def device(self):
+        return self.encoders[0].device
+
+    def tokenize(self, tokenizer, prompts):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        for p in prompts:
+            n = len(tokenizer(p).input_ids)
+            if n > tokenizer.model_max_length:
+                warnings.warn(f"prompt has {n} tokens; CLIP reads only the first {tokenizer.model_max_length}: {p!r}")
+        return ids.to(self.device)
+
+    def encode(self, prompts, zero_empty=False):
+        """prompts: list of str -> context (B, 77, 2048), pooled (B, 1280).
+        With zero_empty, an empty prompt gives zeros (SDXL's unconditional input for an empty negative prompt)."""
+        hidden = []
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
+            out = encoder(self.tokenize(tokenizer, prompts), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # penultimate layer, before the final LayerNorm
+        context, pooled = torch.cat(hidden, dim=-1), out.text_embeds
+        if zero_empty:
+            keep = torch.tensor([p != "" for p in prompts], device=context.device)
+            context, pooled = context * keep[:, None, None], pooled * keep[:, None]
+        return context, pooled
+
+    # --- textual inversion: new tokens with trainable embeddings in both encoders ---
+
+    def embeddings(self):
+        return [enc.get_input_embeddings() for enc in self.encoders]
+
+    def add_token(self, token, init_word):
+        """Add token to both tokenizers; its embedding rows start as init_word's. Returns the new ids."""
+        ids = []
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
+            init = tokenizer(init_word, add_special_tokens=False).input_ids
+            if len(init) != 1:
+                raise ValueError(f"--init-token {init_word!r} must be a single token, it is {len(init)}")
+            if tokenizer.add_tokens([token]) != 1:
+                raise ValueError(f"token {token!r} is already in the vocabulary; choose another, e.g. '<{token}>'")
+            encoder.resize_token_embeddings(len(tokenizer))
+            new = tokenizer.convert_tokens_to_ids(token)
+            with torch.no_grad():
+                encoder.get_input_embeddings().weight[new] = encoder.get_input_embeddings().weight[init[0]]
+            ids.append(new)
+        return ids
+
+    def load_embeds(self, path, token):
+        """Read learned_embeds.safetensors (keys clip_l, clip_g: (n, dim)) and add its vectors as token."""
+        tensors = read_safetensors(path)
+        if set(tensors) != {"clip_l", "clip_g"}:
+            raise ModelError(f"{path}: expected keys clip_l and clip_g, found {sorted(tensors)}")
+        for tokenizer, encoder, key in zip(self.tokenizers, self.encoders, ("clip_l", "clip_g")):
+            vec = tensors[key].reshape(-1, tensors[key].shape[-1])
+            table = encoder.get_input_embeddings().weight
+            if vec.shape != (1, table.shape[1]):
+                raise ModelError(f"{path}: {key} has shape {tuple(vec.shape)}, this model needs (1, {table.shape[1]})")
+            tokenizer.add_tokens([token])
+            encoder.resize_token_embeddings(len(tokenizer))
+            with torch.no_grad():
+                encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)] = vec[0].to(table)
