@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from checkpoint import ModelError, read_safetensors
 
@@ -42,6 +43,7 @@ def time_ids(original_size, crop, target_size):
 class TextEncoders(torch.nn.Module):
     def __init__(self, folder, dtype=torch.float32, device="cpu"):
         super().__init__()
+        transformers_logging.disable_progress_bar()  # a bar per small file is noise
         parts = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
         for p in parts:
             if not os.path.isdir(os.path.join(folder, p)):
@@ -83,38 +85,61 @@ class TextEncoders(torch.nn.Module):
             context, pooled = context * keep[:, None, None], pooled * keep[:, None]
         return context, pooled
 
-    # --- textual inversion: new tokens with trainable embeddings in both encoders ---
+    # --- textual inversion: a new token with its own embedding row in both encoders ---
 
-    def embeddings(self):
-        return [enc.get_input_embeddings() for enc in self.encoders]
-
-    def add_token(self, token, init_word):
-        """Add token to both tokenizers; its embedding rows start as init_word's. Returns the new ids."""
+    def add_token(self, token, vectors):
+        """Add token to both tokenizers with the given embedding rows (one per encoder); returns the new ids."""
         ids = []
-        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
-            init = tokenizer(init_word, add_special_tokens=False).input_ids
-            if len(init) != 1:
-                raise ValueError(f"--init-token {init_word!r} must be a single token, it is {len(init)}")
+        for tokenizer, encoder, vec in zip(self.tokenizers, self.encoders, vectors):
             if tokenizer.add_tokens([token]) != 1:
-                raise ValueError(f"token {token!r} is already in the vocabulary; choose another, e.g. '<{token}>'")
-            encoder.resize_token_embeddings(len(tokenizer))
-            new = tokenizer.convert_tokens_to_ids(token)
+                raise ValueError(f"token {token!r} is already in the vocabulary; choose another")
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            ids.append(tokenizer.convert_tokens_to_ids(token))
             with torch.no_grad():
-                encoder.get_input_embeddings().weight[new] = encoder.get_input_embeddings().weight[init[0]]
-            ids.append(new)
+                encoder.get_input_embeddings().weight[ids[-1]] = vec.to(encoder.get_input_embeddings().weight)
         return ids
 
+    def word_vectors(self, word):
+        """The embedding row of a single-token word in each encoder."""
+        rows = []
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
+            ids = tokenizer(word, add_special_tokens=False).input_ids
+            if len(ids) != 1:
+                raise ValueError(f"{word!r} must be a single token to initialize from; it is {len(ids)}")
+            rows.append(encoder.get_input_embeddings().weight[ids[0]].detach().clone())
+        return rows
+
+    def train_token(self, token, init_word):
+        """Add token, initialized from init_word, with trainable fp32 rows; returns them (one per encoder).
+        Only these rows train: the rest of each table is untouched, bit for bit."""
+        rows = [torch.nn.Parameter(v.float()) for v in self.word_vectors(init_word)]
+        ids = self.add_token(token, rows)
+        for encoder, i, row in zip(self.encoders, ids, rows):
+            encoder.set_input_embeddings(TrainableRow(encoder.get_input_embeddings(), i, row))
+        return rows
+
     def load_embeds(self, path, token):
-        """Read learned_embeds.safetensors (keys clip_l, clip_g: (n, dim)) and add its vectors as token."""
+        """Read learned_embeds.safetensors (keys clip_l, clip_g, each (1, dim)) and add its vectors as token."""
         tensors = read_safetensors(path)
         if set(tensors) != {"clip_l", "clip_g"}:
             raise ModelError(f"{path}: expected keys clip_l and clip_g, found {sorted(tensors)}")
-        for tokenizer, encoder, key in zip(self.tokenizers, self.encoders, ("clip_l", "clip_g")):
-            vec = tensors[key].reshape(-1, tensors[key].shape[-1])
-            table = encoder.get_input_embeddings().weight
-            if vec.shape != (1, table.shape[1]):
-                raise ModelError(f"{path}: {key} has shape {tuple(vec.shape)}, this model needs (1, {table.shape[1]})")
-            tokenizer.add_tokens([token])
-            encoder.resize_token_embeddings(len(tokenizer))
-            with torch.no_grad():
-                encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)] = vec[0].to(table)
+        vectors = []
+        for encoder, key in zip(self.encoders, ("clip_l", "clip_g")):
+            dim = encoder.get_input_embeddings().weight.shape[1]
+            if tensors[key].shape != (1, dim):
+                raise ModelError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, this model needs (1, {dim})")
+            vectors.append(tensors[key][0])
+        self.add_token(token, vectors)
+
+
+class TrainableRow(torch.nn.Module):
+    """An embedding table whose row `index` is replaced by a separate (fp32, trainable) vector."""
+
+    def __init__(self, table, index, row):
+        super().__init__()
+        self.table, self.index, self.row = table, index, row
+        self.weight = table.weight
+
+    def forward(self, input_ids):
+        out = self.table(input_ids)
+        return torch.where((input_ids == self.index)[..., None], self.row.to(out.dtype), out)

@@ -83,3 +83,45 @@ def tiny_sdxl(tmp_path_factory):
     pipe = reference_tiny_sdxl(folder)
     pipe.set_progress_bar_config(disable=True)
     return folder, pipe
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script, *args, check=True):
+    """Run one of the command-line tools as a user would; returns the CompletedProcess."""
+    import subprocess
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{r.stderr[-3000:]}")
+    return r
+
+
+def write_images(folder, captions, size=(40, 48), seed=0):
+    """Smooth random images (so the VAE sees structure) with same-name .txt captions."""
+    import numpy as np
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, cap in enumerate(captions):
+        small = rng.random((4, 5, 3)) * 255
+        Image.fromarray(small.astype(np.uint8)).resize(size[::-1], Image.BICUBIC).save(os.path.join(folder, f"{i:02d}.png"))
+        with open(os.path.join(folder, f"{i:02d}.txt"), "w") as f:
+            f.write(cap)
+    return folder
+
+
+TRAIN_ARGS = ("--resolution", 32, "--rank", 4, "--lr", 1e-2, "--ti-lr", 1e-3, "--save-every", 0, "--seed", 0)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_sdxl, tmp_path_factory):
+    """A train.py output folder: DCO with a learned token on the tiny model."""
+    folder = tiny_sdxl[0]
+    tmp = tmp_path_factory.mktemp("trained")
+    data = write_images(str(tmp / "data"), ["a photo of a <dog> in the snow", "a red <dog> on the beach",
+                                            "a photo of a <dog>"])
+    out = str(tmp / "out")
+    run_script("train.py", "--model", folder, "--data", data, "--out", out, "--token", "<dog>", "--init-token", "dog",
+               "--steps", 8, *TRAIN_ARGS)
+    return out

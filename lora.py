@@ -1,0 +1,203 @@
+"""Low-rank adaptation, by hand: W x  ->  W x + scale * (alpha / rank) * B A x.
+
+A LoRALinear is an nn.Linear (same weight and bias, so the official key names stay) plus A (rank x in) and
+B (out x rank, zero at the start). Its `scale` is explicit: a float, or a per-sample tensor (B,) so that one batched
+call can run some samples with the LoRA and some without. Scale 0 is the frozen base model.
+
+On disk a LoRA is {module: (down, up)} with the alpha/rank factor folded into `up`, so the delta is exactly
+up @ down. Files are read and written in three formats:
+  - diffusers (what the official DCO code writes, and what `pipe.load_lora_weights(dir)` reads):
+      unet.<diffusers module>.lora.down.weight / .lora.up.weight   (also read: .lora_A/.lora_B, peft's names)
+  - kohya (ComfyUI, AUTOMATIC1111): lora_unet_<official module, '.' -> '_'>.lora_down.weight / .lora_up.weight / .alpha
+"""
+import contextlib
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import ModelError, read_safetensors, unet_key_map
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections the official DCO code trains
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, base: nn.Linear, rank, alpha=None, down=None, up=None):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.alpha, self.scale = rank, float(alpha or rank), 1.0
+        dev = base.weight.device
+        # peft's "gaussian" init: A ~ N(0, 1/rank^2), B = 0, so the LoRA starts as the identity.
+        self.lora_A = nn.Parameter(torch.randn(rank, self.in_features, device=dev) / rank if down is None else down)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev) if up is None else up)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if isinstance(self.scale, float) and self.scale == 0.0:
+            return y
+        delta = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * (self.alpha / self.rank)
+        scale = self.scale
+        if torch.is_tensor(scale):  # per-sample scale (B,) -> (B, 1, ..., 1)
+            scale = scale.to(delta).view(-1, *[1] * (x.ndim - 1))
+        return y + (scale * delta).to(y.dtype)
+
+    def delta(self):
+        """The weight change (out, in) this LoRA adds at scale 1."""
+        return self.lora_B @ self.lora_A * (self.alpha / self.rank)
+
+
+def lora_modules(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def targets_in(model, targets=TARGETS):
+    """Names of the nn.Linear modules whose name ends with one of the targets."""
+    return [name for name, m in model.named_modules()
+            if type(m) is nn.Linear and any(name == t or name.endswith("." + t) for t in targets)]
+
+
+def replace(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def inject(model, rank, alpha=None, targets=TARGETS):
+    """Wrap every targeted nn.Linear in a fresh, trainable LoRALinear (fp32); returns the LoRA parameters."""
+    names = targets_in(model, targets)
+    if not names:
+        raise ValueError(f"no nn.Linear module matches the LoRA targets {targets}")
+    for name in names:
+        replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
+    return [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
+
+
+def remove(model, fuse=False):
+    """Unwrap every LoRALinear back to an nn.Linear; with fuse, W <- W + scale * delta first."""
+    for name, m in lora_modules(model).items():
+        base = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        base.weight, base.bias = m.weight, m.bias
+        if fuse:
+            base.weight = nn.Parameter((m.weight.float() + float(m.scale) * m.delta()).to(m.weight.dtype),
+                                       requires_grad=m.weight.requires_grad)
+        replace(model, name, base)
+
+
+@contextlib.contextmanager
+def lora_scale(model, scale):
+    """Run the model with every LoRA at `scale` (a float, or a (B,) tensor of per-sample scales)."""
+    modules = lora_modules(model).values()
+    saved = [m.scale for m in modules]
+    for m in modules:
+        m.scale = scale
+    try:
+        yield
+    finally:
+        for m, s in zip(modules, saved):
+            m.scale = s
+
+
+# ------------------------------------------------------------------------------------- {module: (down, up)}
+
+def get_lora(model):
+    """The model's LoRA as {module: (down (r, in), up (out, r))}, alpha/rank folded into up, fp32."""
+    return {name: (m.lora_A.detach().float(), (m.lora_B * (m.alpha / m.rank)).detach().float())
+            for name, m in lora_modules(model).items()}
+
+
+def apply_lora(model, lora):
+    """Add a {module: (down, up)} LoRA to the model's linear layers, frozen, at scale 1."""
+    modules = dict(model.named_modules())
+    for name, (down, up) in lora.items():
+        base = modules.get(name)
+        if type(base) is not nn.Linear:
+            raise ModelError(f"LoRA module {name!r} matches no (unadapted) linear layer of this model")
+        if down.shape[1] != base.in_features or up.shape[0] != base.out_features:
+            raise ModelError(f"LoRA module {name!r} is {up.shape[0]}x{down.shape[1]}, the model's layer is "
+                             f"{base.out_features}x{base.in_features}: is it a LoRA for another model?")
+        dev, rank = base.weight.device, down.shape[0]
+        m = LoRALinear(base, rank, rank, nn.Parameter(down.float().to(dev), requires_grad=False),
+                       nn.Parameter(up.float().to(dev), requires_grad=False))
+        replace(model, name, m)
+    untouched = len(targets_in(model, TARGETS))
+    if untouched:
+        warnings.warn(f"the LoRA adapts {len(lora)} layers; {untouched} attention projections of the model are "
+                      "left as they are")
+
+
+def merge(loras, weights):
+    """Sum of LoRAs, exactly: concatenating ranks gives up @ down = sum_i w_i up_i @ down_i per module."""
+    out = {}
+    for name in dict.fromkeys(n for lora in loras for n in lora):
+        parts = [(lora[name], w) for lora, w in zip(loras, weights) if name in lora]
+        out[name] = (torch.cat([d for (d, _), _ in parts]), torch.cat([w * u for (_, u), w in parts], dim=1))
+    return out
+
+
+def compress(lora, rank):
+    """Best rank-r approximation of each module's delta (truncated SVD); returns (lora, relative Frobenius error)."""
+    out, err2, total2 = {}, 0.0, 0.0
+    for name, (down, up) in lora.items():
+        delta = up @ down
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, S.numel())
+        out[name] = (Vh[:r] * S[:r, None].sqrt(), U[:, :r] * S[:r].sqrt())
+        err2, total2 = err2 + S[r:].pow(2).sum().item(), total2 + S.pow(2).sum().item()
+    return out, (err2 / max(total2, 1e-30)) ** 0.5
+
+
+# ------------------------------------------------------------------------------------- file formats
+
+def to_diffusers(lora, unet_cfg):
+    names = unet_key_map(unet_cfg)  # official "<module>.weight" -> diffusers "<module>.weight"
+    out = {}
+    for name, (down, up) in lora.items():
+        module = names[name + ".weight"][: -len(".weight")]
+        out[f"unet.{module}.lora.down.weight"], out[f"unet.{module}.lora.up.weight"] = down, up
+    return out
+
+
+def to_kohya(lora):
+    out = {}
+    for name, (down, up) in lora.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = down, up
+        out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: the scale is already in up
+    return out
+
+
+SUFFIXES = {  # file key ending -> (role, format); the module name is what precedes it
+    ".lora.down.weight": "down", ".lora.up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
+    ".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+
+
+def from_file(tensors, unet_cfg, source):
+    """Read a diffusers / official DCO / peft / kohya LoRA file into {official module: (down, up)}."""
+    diffusers_to_ours = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in unet_key_map(unet_cfg).items()
+                         if k.endswith(".weight")}
+    kohya_to_ours = {"lora_unet_" + k.replace(".", "_"): k for k in diffusers_to_ours.values()}
+    parts = {}
+    for key, value in tensors.items():
+        suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            raise ModelError(f"{source}: {key!r} is not a LoRA key this reader knows")
+        stem = key[: -len(suffix)]
+        for prefix in ("unet.", "base_model.model."):
+            stem = stem[len(prefix):] if stem.startswith(prefix) else stem
+        if stem.startswith(("text_encoder", "lora_te")):
+            raise ModelError(f"{source}: {key!r} is a text-encoder LoRA, which is not supported")
+        name = kohya_to_ours.get(stem) or diffusers_to_ours.get(stem.replace(".processor.", "."))
+        if name is None:
+            raise ModelError(f"{source}: {key!r} matches no module of this UNet")
+        parts.setdefault(name, {})[SUFFIXES[suffix]] = value.float()
+    lora = {}
+    for name, p in parts.items():
+        if "down" not in p or "up" not in p:
+            raise ModelError(f"{source}: module {name!r} lacks its {'up' if 'down' in p else 'down'} matrix")
+        rank = p["down"].shape[0]
+        lora[name] = (p["down"], p["up"] * (p["alpha"].item() / rank if "alpha" in p else 1.0))
+    return lora
+
+
+def read_lora(path, unet_cfg):
+    return from_file(read_safetensors(path), unet_cfg, path)

@@ -1,0 +1,194 @@
+"""LoRA math, file formats, and interchange with diffusers/peft."""
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lora as lora_lib
+from checkpoint import ModelError, load_unet
+from unet_sdxl import UNet, UNetConfig
+
+from conftest import ROOT  # noqa: F401  (conftest puts the project on sys.path)
+
+
+def inputs(B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, 4, 8, 8, generator=g), torch.tensor([900.0, 500.0, 20.0][:B]),
+            torch.randn(B, 77, 32, generator=g), torch.randn(B, 32, generator=g),
+            torch.tensor([[64.0, 64, 0, 0, 64, 64]] * B))
+
+
+def randomize(unet, seed=1, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_lib.lora_modules(unet).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
+
+
+@torch.no_grad()
+def test_zero_lora_and_scale_zero_are_the_base_model():
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.tiny())
+    x = inputs()
+    base = unet(*x)
+    lora_lib.inject(unet, rank=4)
+    assert torch.equal(unet(*x), base)  # B = 0 at init
+    randomize(unet)
+    assert not torch.allclose(unet(*x), base)
+    with lora_lib.lora_scale(unet, 0.0):
+        assert torch.equal(unet(*x), base)
+    with lora_lib.lora_scale(unet, torch.zeros(3)):
+        assert torch.allclose(unet(*x), base, atol=1e-6)
+
+
+@torch.no_grad()
+def test_per_sample_scales_equal_separate_calls():
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.tiny())
+    lora_lib.inject(unet, rank=4)
+    randomize(unet)
+    x = inputs()
+    scales = torch.tensor([0.0, 1.0, 0.5])
+    with lora_lib.lora_scale(unet, scales):
+        batched = unet(*x)
+    for i, s in enumerate(scales.tolist()):
+        with lora_lib.lora_scale(unet, s):
+            single = unet(*(v[i:i + 1] for v in x))
+        torch.testing.assert_close(batched[i:i + 1], single, rtol=1e-5, atol=1e-5)
+
+
+def test_default_targets_are_the_attention_projections():
+    unet = UNet(UNetConfig.tiny())
+    lora_lib.inject(unet, rank=2)
+    names = list(lora_lib.lora_modules(unet))
+    blocks = sum(len(st.transformer_blocks) for st in unet.modules() if hasattr(st, "transformer_blocks"))
+    assert len(names) == blocks * 2 * 4  # attn1 and attn2, each q, k, v, out
+    assert all(n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or n.endswith("to_out.0") for n in names)
+
+
+def test_kohya_keys_use_official_module_names():
+    unet = UNet(UNetConfig.tiny())
+    lora_lib.inject(unet, rank=2)
+    keys = lora_lib.to_kohya(lora_lib.get_lora(unet))
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_middle_block_1_transformer_blocks_1_attn2_to_out_0.lora_up.weight" in keys
+    assert "lora_unet_output_blocks_2_1_transformer_blocks_0_attn2_to_k.alpha" in keys
+    assert len(keys) == 3 * len(lora_lib.lora_modules(unet))
+
+
+def test_alpha_is_folded_exactly_into_every_format(tiny_sdxl):
+    unet = load_unet(tiny_sdxl[0])
+    lora_lib.inject(unet, rank=4, alpha=2.0)
+    randomize(unet)
+    x = inputs()
+    with torch.no_grad():
+        want = unet(*x)
+    lora = lora_lib.get_lora(unet)
+    for tensors in (lora_lib.to_diffusers(lora, unet.cfg), lora_lib.to_kohya(lora)):
+        fresh = load_unet(tiny_sdxl[0])
+        lora_lib.apply_lora(fresh, lora_lib.from_file(tensors, fresh.cfg, "test"))
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(*x), want, rtol=1e-5, atol=1e-5)
+
+
+def diffusers_pipe(folder):
+    from diffusers import StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def ref_unet_out(pipe, x, scale=1.0):
+    xs, t, ctx, pooled, ids = x
+    with torch.no_grad():
+        return pipe.unet(xs, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids},
+                         cross_attention_kwargs={"scale": scale}).sample
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_our_files_load_in_diffusers(tiny_sdxl, tmp_path, fmt):
+    folder = tiny_sdxl[0]
+    unet = load_unet(folder)
+    lora_lib.inject(unet, rank=4, alpha=8.0)
+    randomize(unet)
+    lora = lora_lib.get_lora(unet)
+    tensors = lora_lib.to_diffusers(lora, unet.cfg) if fmt == "diffusers" else lora_lib.to_kohya(lora)
+    save_file(tensors, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    pipe = diffusers_pipe(folder)
+    pipe.load_lora_weights(str(tmp_path))
+    x = inputs()
+    with torch.no_grad():
+        ours = unet(*x)
+    base = ref_unet_out(pipe, x, scale=0.0)
+    assert (ours - base).abs().max() > 1e-2  # the LoRA does something, so agreement below means something
+    torch.testing.assert_close(ref_unet_out(pipe, x), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_we_read_peft_and_official_dco_files(tiny_sdxl):
+    """A LoRA trained the official way (peft on the diffusers UNet) reads into our UNet with equal outputs."""
+    from peft import LoraConfig, get_peft_model_state_dict
+    from diffusers.utils import convert_state_dict_to_diffusers
+    folder = tiny_sdxl[0]
+    pipe = diffusers_pipe(folder)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    x = inputs()
+    want = ref_unet_out(pipe, x)
+    peft_sd = get_peft_model_state_dict(pipe.unet)
+    official = {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(peft_sd).items()}  # as customize.py saves
+    assert any(k.endswith(".lora.down.weight") for k in official)
+    for tensors in (peft_sd, official):
+        unet = load_unet(folder)
+        lora_lib.apply_lora(unet, lora_lib.from_file(tensors, unet.cfg, "test"))
+        with torch.no_grad():
+            torch.testing.assert_close(unet(*x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_is_exact_and_compress_reports_its_error():
+    torch.manual_seed(0)
+    cfg = UNetConfig.tiny()
+    a, b = UNet(cfg), UNet(cfg)
+    lora_lib.inject(a, rank=4)
+    lora_lib.inject(b, rank=2, targets=("to_q", "to_v"))  # different ranks and targets
+    randomize(a, 1)
+    randomize(b, 2)
+    la, lb = lora_lib.get_lora(a), lora_lib.get_lora(b)
+    merged = lora_lib.merge([la, lb], [1.0, 0.5])
+    for name, (down, up) in merged.items():
+        want = la[name][1] @ la[name][0] + (0.5 * lb[name][1] @ lb[name][0] if name in lb else 0)
+        torch.testing.assert_close(up @ down, want, rtol=1e-5, atol=1e-6)
+    full, err = lora_lib.compress(merged, rank=6)
+    assert err < 1e-5  # rank 4 + 2 is representable exactly
+    small, err = lora_lib.compress(merged, rank=1)
+    deltas = [(u @ d, su @ sd) for (d, u), (sd, su) in zip(merged.values(), small.values())]
+    manual = (sum((x - y).pow(2).sum() for x, y in deltas) / sum(x.pow(2).sum() for x, _ in deltas)).sqrt()
+    assert 0.05 < err and abs(err - manual.item()) < 1e-4
+
+
+def test_bad_loras_are_refused_with_the_key_named(tiny_sdxl):
+    unet = load_unet(tiny_sdxl[0])
+    name = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    with pytest.raises(ModelError, match="to_q.*another model"):
+        lora_lib.apply_lora(unet, {name: (torch.zeros(4, 999), torch.zeros(64, 4))})
+    with pytest.raises(ModelError, match="no_such_block"):
+        lora_lib.from_file({"unet.no_such_block.to_q.lora.down.weight": torch.zeros(4, 64)}, unet.cfg, "x")
+    with pytest.warns(UserWarning, match=r"adapts 1 layers; \d+ attention projections"):
+        lora_lib.apply_lora(unet, {name: (torch.zeros(4, 64), torch.zeros(64, 4))})
+
+
+def test_fuse_equals_base_plus_lora():
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.tiny())
+    lora_lib.inject(unet, rank=4)
+    randomize(unet)
+    x = inputs()
+    with torch.no_grad():
+        want = unet(*x)
+        lora_lib.remove(unet, fuse=True)
+        assert not lora_lib.lora_modules(unet)
+        torch.testing.assert_close(unet(*x), want, rtol=1e-5, atol=1e-5)

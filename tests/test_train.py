@@ -1,0 +1,198 @@
+"""train.py as a user runs it, on the tiny random SDXL: outputs, interchange, resume, bad data."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import lora as lora_lib
+from conftest import ROOT, TRAIN_ARGS, run_script, write_images
+from dco import eps_mse, q_sample
+from sample import conditioning, load_pipeline
+from text import Cond, TextEncoders
+from train import TokenEmbeddings, encode_images, load_rgb, prepare_image, read_captions
+
+
+@torch.no_grad()
+def dco_margin(folder, out, data):
+    """Mean of ||eps - eps_theta||^2 - ||eps - eps_phi||^2 over fixed draws on the training images: negative means
+    the DCO loss is below its starting value ln 2."""
+    pipe = load_pipeline(folder, loras=[out])
+    items = read_captions(data, None)
+    mean, _, ids = encode_images(pipe.vae, items, 32, "cpu")
+    cond = Cond(*pipe.text.encode([c for _, c in items]), ids)
+    base = Cond(*pipe.text.encode([c.replace("<dog>", "dog") for _, c in items]), ids)
+    g, margins = torch.Generator().manual_seed(123), []
+    for _ in range(16):
+        t, noise = torch.randint(0, 1000, (len(items),), generator=g), torch.randn(mean.shape, generator=g)
+        x_t = q_sample(mean, t, noise)
+        err_theta = eps_mse(pipe.unet(x_t, t, cond.context, cond.pooled, cond.time_ids), noise)
+        with lora_lib.lora_scale(pipe.unet, 0.0):
+            err_phi = eps_mse(pipe.unet(x_t, t, base.context, base.pooled, base.time_ids), noise)
+        margins.append((err_theta - err_phi).mean().item())
+    return float(np.mean(margins))
+
+
+def test_training_lowers_the_dco_loss(tiny_sdxl, trained):
+    out = trained
+    for f in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "learned_embeds.safetensors",
+              "settings.json", "checkpoint.safetensors"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    settings = json.load(open(os.path.join(out, "settings.json")))
+    assert settings["beta"] == 1000.0 and settings["step"] == settings["steps"]
+    with safe_open(os.path.join(out, "pytorch_lora_weights.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["dco.settings"])["token"] == "<dog>"
+    assert dco_margin(tiny_sdxl[0], out, os.path.join(os.path.dirname(out), "data")) < 0
+
+
+def diffusers_image(folder, out, prompt, weight_name=None):
+    from diffusers import StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    if out:
+        pipe.load_lora_weights(out, weight_name=weight_name)
+        emb = load_file(os.path.join(out, "learned_embeds.safetensors"))
+        pipe.load_textual_inversion(emb["clip_l"], token="<dog>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(emb["clip_g"], token="<dog>", text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+    image = pipe(prompt, num_inference_steps=8, width=64, height=64, guidance_scale=5.0,
+                 generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    return np.asarray(image, dtype=int)
+
+
+def test_outputs_load_in_diffusers_and_agree_with_sample_py(tiny_sdxl, trained, tmp_path):
+    folder, prompt = tiny_sdxl[0], "a photo of a <dog> on the beach"
+    png = str(tmp_path / "ours.png")
+    run_script("sample.py", "--model", folder, "--lora", trained, "--prompt", prompt, "--steps", 8, "--width", 64,
+               "--height", 64, "--seed", 3, "--out", png, "--quiet")
+    ours = np.asarray(Image.open(png), dtype=int)
+    base = diffusers_image(folder, None, "a photo of a dog on the beach")
+    assert np.abs(ours - base).max() > 20  # LoRA and token change the image, so the comparisons below mean something
+    for weight_name in (None, "lora_kohya.safetensors"):
+        ref = diffusers_image(folder, trained, prompt, weight_name)
+        assert np.abs(ours - ref).max() <= 2, weight_name
+
+
+def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
+    folder, data = tiny_sdxl[0], os.path.join(os.path.dirname(trained), "data")
+    common = ("--model", folder, "--data", data, "--token", "<dog>", "--init-token", "dog", *TRAIN_ARGS)
+    run_script("train.py", *common, "--steps", 3, "--out", tmp_path / "r")
+    run_script("train.py", *common, "--steps", 8, "--out", tmp_path / "r", "--resume")
+    for f in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
+        a, b = load_file(os.path.join(trained, f)), load_file(str(tmp_path / "r" / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_ctrl_c_saves_a_checkpoint(tiny_sdxl, trained, tmp_path):
+    data, out = os.path.join(os.path.dirname(trained), "data"), tmp_path / "c"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--model", tiny_sdxl[0], "--data", data,
+                          "--out", str(out), "--steps", "100000", *map(str, TRAIN_ARGS)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not os.path.isdir(out) and time.time() < deadline:  # OUT appears when the loop is about to start
+        time.sleep(0.2)
+    time.sleep(2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and "continue with --resume" in err
+    with safe_open(str(out / "checkpoint.safetensors"), "pt") as f:
+        assert int(f.metadata()["step"]) > 0
+
+
+def expect_error(args, needle, out):
+    r = run_script("train.py", *args, "--out", out, check=False)
+    last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert last.startswith("error:") and needle in last, last
+    assert not os.path.exists(out)  # nothing half-written
+
+
+def test_bad_data_is_refused_in_one_line(tiny_sdxl, tmp_path):
+    folder = tiny_sdxl[0]
+    common = ("--model", folder, "--resolution", 32, "--steps", 1)
+    data = write_images(str(tmp_path / "d"), ["a photo of a <dog>"] * 2)
+    out = str(tmp_path / "out")
+    expect_error(("--data", data, "--token", "<cat>", "--init-token", "cat", *common), "00.png", out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    expect_error(("--data", empty, *common), "no images", out)
+    with open(os.path.join(data, "01.png"), "r+b") as f:  # truncate an image
+        f.truncate(60)
+    expect_error(("--data", data, *common), "01.png", out)
+    os.remove(os.path.join(data, "01.png"))
+    with open(os.path.join(data, "02.jpg"), "w") as f:
+        f.write("not an image")
+    shutil.copy(os.path.join(data, "00.txt"), os.path.join(data, "02.txt"))
+    expect_error(("--data", data, *common), "02.jpg", out)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sdxl, trained, tmp_path):
+    data, out = os.path.join(os.path.dirname(trained), "data"), str(tmp_path / "nan")
+    r = run_script("train.py", "--model", tiny_sdxl[0], "--data", data, "--out", out, "--resolution", 32,
+                   "--steps", 5, "--save-every", 1, "--sample-steps", 1, "--rank", 2, "--lr", 1e30, "--beta", 0,
+                   check=False)
+    assert r.returncode != 0 and "loss is" in r.stderr.strip().splitlines()[-1]
+    tensors = load_file(os.path.join(out, "checkpoint.safetensors"))
+    assert all(torch.isfinite(v.float()).all() for v in tensors.values())
+
+
+def test_prior_preservation_generates_class_images(tiny_sdxl, trained, tmp_path):
+    data, prior = os.path.join(os.path.dirname(trained), "data"), tmp_path / "prior"
+    run_script("train.py", "--model", tiny_sdxl[0], "--data", data, "--out", tmp_path / "p", "--resolution", 32,
+               "--steps", 2, "--beta", 0, "--prior-dir", prior, "--prior-prompt", "a photo of a dog", "--num-prior",
+               2, "--sample-steps", 2, "--rank", 2)
+    assert sorted(os.listdir(prior)) == ["class-00000.png", "class-00001.png"]
+    assert os.path.isfile(tmp_path / "p" / "pytorch_lora_weights.safetensors")
+
+
+def test_every_image_mode_becomes_upright_rgb(tmp_path):
+    base = np.zeros((40, 60, 3), np.uint8)
+    base[:10, :10] = 255  # a white top-left corner shows orientation
+    img = Image.fromarray(base)
+    cases = {"rgba.png": img.convert("RGBA"), "p.png": img.convert("P"), "l.png": img.convert("L"),
+             "cmyk.jpg": img.convert("CMYK"), "i16.png": Image.fromarray(base[..., 0].astype(np.uint16) * 257)}
+    for name, im in cases.items():
+        im.save(tmp_path / name)
+        out = np.asarray(load_rgb(str(tmp_path / name)))
+        assert out.shape == (40, 60, 3) and out[:10, :10].min() > 200 and out[20:, 20:].max() < 60, name
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    img.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "rot.jpg", exif=exif)
+    out = np.asarray(load_rgb(str(tmp_path / "rot.jpg")))
+    assert out.shape == (40, 60, 3) and out[:10, :10].min() > 200
+    x, tid = prepare_image(str(tmp_path / "rgba.png"), 32)
+    assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
+    assert tid.tolist() == [40, 60, 0, 8, 32, 32]  # original (h, w), crop (top, left), target
+    with pytest.warns(UserWarning, match="upscaling"):
+        prepare_image(str(tmp_path / "rgba.png"), 64)
+
+
+def test_textual_inversion_trains_only_the_new_rows(tiny_sdxl):
+    text = TextEncoders(tiny_sdxl[0])
+    before = [enc.get_input_embeddings().weight.detach().clone() for enc in text.encoders]
+    ti = TokenEmbeddings(text, "<dog>", "dog")
+    init = [r.detach().clone() for r in ti.rows]
+    opt = torch.optim.AdamW(ti.rows, lr=1e-2)
+    for _ in range(3):
+        context, pooled = text.encode(["a photo of a <dog>"])
+        (context.pow(2).mean() + pooled.pow(2).mean()).backward()
+        opt.step()
+        opt.zero_grad()
+        ti.retract()
+    for enc, old, row, start in zip(text.encoders, before, ti.rows, init):
+        table = enc.get_input_embeddings().weight
+        assert torch.equal(table[: old.shape[0]], old)  # every other row bit-identical
+        assert not torch.allclose(row, start)  # the new row moved
+        assert row.norm().item() == pytest.approx(start.norm().item(), rel=1e-5)  # and kept its norm
+    # The learned rows are what the encoders read for the token.
+    ids = [tok.convert_tokens_to_ids("<dog>") for tok in text.tokenizers]
+    assert all(i >= old.shape[0] for i, old in zip(ids, before))

@@ -1,0 +1,334 @@
+"""Fine-tune SDXL on a few images with LoRA and the DCO loss.
+
+    python train.py --model DIR --data ./dog --token "<dog>" --init-token dog --beta 1000 --out out/dog
+    python train.py --model DIR --data ./style --preset style --out out/style
+    python train.py --model DIR --data ./dog --beta 0 ...                   # DreamBooth-LoRA baseline
+    python train.py ... --beta 0 --prior-dir class/dog --prior-prompt "a photo of a dog"   # + prior preservation
+
+Writes OUT/pytorch_lora_weights.safetensors (diffusers format: pipe.load_lora_weights(OUT) reads it),
+OUT/lora_kohya.safetensors (ComfyUI, AUTOMATIC1111), OUT/learned_embeds.safetensors (with --token) and
+OUT/settings.json. OUT/checkpoint.safetensors holds what --resume needs.
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors import safe_open
+from tqdm import tqdm
+
+import lora as lora_lib
+from checkpoint import ModelError, read_safetensors, save_safetensors
+from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
+from sample import conditioning, initial_noise, load_sdxl, resolve_device, save_png, to_pil
+from sampler import sample
+from text import Cond, time_ids
+from vae import decode_latents, encode_latents
+
+PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict(rank=64, steps=1000, offset_noise=0.1)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="SDXL folder in the official (diffusers) layout")
+    p.add_argument("--data", required=True, help="folder of images with same-name .txt captions or metadata.jsonl")
+    p.add_argument("--out", default="out")
+    p.add_argument("--preset", choices=PRESETS, default="subject", help="official defaults for rank/steps/offset noise")
+    p.add_argument("--beta", type=float, default=1000.0, help="DCO beta; 0 is the plain loss (DreamBooth-LoRA)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--ti-lr", type=float, default=5e-6, help="learning rate of the textual-inversion embeddings")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--caption", help="one caption for every image (instead of .txt files)")
+    p.add_argument("--token", help='learned token, e.g. "<dog>"; every caption must contain it')
+    p.add_argument("--init-token", help="the word the token starts from, e.g. dog")
+    p.add_argument("--prior-dir", help="class images for prior preservation (generated if too few)")
+    p.add_argument("--prior-prompt")
+    p.add_argument("--prior-weight", type=float, default=1.0)
+    p.add_argument("--num-prior", type=int, default=100, help="class images wanted in --prior-dir")
+    p.add_argument("--offset-noise", type=float)
+    p.add_argument("--snr-gamma", type=float, help="min-SNR-gamma loss weighting (off by default, as officially)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint + sample grid every N steps (0: never)")
+    p.add_argument("--sample-steps", type=int, default=30, help="sampler steps for grids and class images")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if bool(args.token) != bool(args.init_token):
+        p.error("--token and --init-token go together")
+    if bool(args.prior_dir) != bool(args.prior_prompt):
+        p.error("--prior-dir and --prior-prompt go together")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def read_captions(folder, caption):
+    """[(image path, caption)] from same-name .txt files, metadata.jsonl, or one caption for all."""
+    if not os.path.isdir(folder):
+        raise ModelError(f"{folder}: no such data folder")
+    meta, captions = os.path.join(folder, "metadata.jsonl"), {}
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            for i, line in enumerate(l for l in f if l.strip()):
+                try:
+                    row = json.loads(line)
+                    captions[row["file_name"]] = row["text"]
+                except (json.JSONDecodeError, KeyError):
+                    raise ModelError(f"{meta}: line {i + 1} needs file_name and text") from None
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise ModelError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    items = []
+    for f in files:
+        txt = os.path.join(folder, os.path.splitext(f)[0] + ".txt")
+        text = caption or captions.get(f) or (open(txt).read().strip() if os.path.isfile(txt) else None)
+        if text is None:
+            raise ModelError(f"{os.path.join(folder, f)}: no caption (add {os.path.basename(txt)} or use --caption)")
+        items.append((os.path.join(folder, f), text))
+    return items
+
+
+def load_rgb(path):
+    """Any PIL image (RGBA, palette, grayscale, CMYK, 16-bit, EXIF-rotated) as upright 8-bit RGB."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ModelError(f"{path}: not a readable image ({e})") from None
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: scale to 8 bits, keep the contrast
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+    if im.mode in ("P", "LA", "PA") or "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":  # composite on white, not black, where the image is transparent
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im)
+    return im.convert("RGB")
+
+
+def prepare_image(path, res):
+    """Resize the short side to res and center-crop: (3, res, res) in [-1, 1] and its SDXL time ids."""
+    im = load_rgb(path)
+    w, h = im.size
+    if min(w, h) < res:
+        warnings.warn(f"{path}: {w}x{h} is smaller than the resolution {res}; upscaling")
+    s = res / min(w, h)
+    nw, nh = max(res, round(w * s)), max(res, round(h * s))
+    left, top = (nw - res) // 2, (nh - res) // 2
+    im = im.resize((nw, nh), Image.BICUBIC).crop((left, top, left + res, top + res))
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    return x, time_ids((h, w), (top, left), (res, res))
+
+
+@torch.no_grad()
+def encode_images(vae, items, res, device):
+    """Encode every image once: latent mean and std (N, 4, h, w), time ids (N, 6). Posterior samples are drawn
+    per step from these, as the official code does with latent_dist.sample()."""
+    means, stds, ids = [], [], []
+    for path, _ in tqdm(items, desc="encoding images"):
+        x, tid = prepare_image(path, res)
+        mean, std = vae.encode(x[None].to(device))
+        means.append(mean.float() * vae.cfg.scaling_factor)
+        stds.append(std.float() * vae.cfg.scaling_factor)
+        ids.append(tid)
+    return torch.cat(means), torch.cat(stds), torch.stack(ids).to(device)
+
+
+@torch.no_grad()
+def make_class_images(args, unet, vae, text, device):
+    """Prior preservation: fill --prior-dir with --num-prior images of --prior-prompt from the base model."""
+    os.makedirs(args.prior_dir, exist_ok=True)
+    have = [f for f in os.listdir(args.prior_dir) if f.lower().endswith(IMAGE_SUFFIXES)]
+    for i in tqdm(range(len(have), args.num_prior), desc="class images"):
+        cond = conditioning(text, [args.prior_prompt], args.resolution, args.resolution)
+        uncond = conditioning(text, [""], args.resolution, args.resolution, zero_empty=True)
+        noise = initial_noise(1, vae, args.resolution, args.resolution, seed=10_000 + i).to(device)
+        z = sample(unet, noise, cond, uncond, steps=args.sample_steps, progress=False)
+        to_pil(decode_latents(vae, z)).save(os.path.join(args.prior_dir, f"class-{i:05d}.png"))
+    return [(os.path.join(args.prior_dir, f), args.prior_prompt)
+            for f in sorted(os.listdir(args.prior_dir)) if f.lower().endswith(IMAGE_SUFFIXES)][: args.num_prior]
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+class TokenEmbeddings:
+    """Textual inversion: the new token's row in both embedding tables trains (in fp32, so that small updates are
+    not lost to bf16 rounding); after every step it is rescaled to the initializer's norm, as officially."""
+
+    def __init__(self, text, token, init_word):
+        self.token, self.init_word = token, init_word
+        self.rows = text.train_token(token, init_word)
+        self.norms = [r.norm().item() for r in self.rows]
+
+    @torch.no_grad()
+    def retract(self):
+        for row, norm in zip(self.rows, self.norms):
+            row.mul_(norm / row.norm())
+
+    def learned(self):
+        return {"clip_l": self.rows[0][None].detach().cpu(), "clip_g": self.rows[1][None].detach().cpu()}
+
+
+def save_checkpoint(path, step, params, optimizer, rng):
+    """Everything --resume needs, as safetensors (no pickles): LoRA and TI tensors, AdamW moments, RNG state."""
+    tensors = {f"param.{i}": p.detach().cpu() for i, p in enumerate(params)}
+    for i, p in enumerate(params):
+        for k, v in optimizer.state.get(p, {}).items():
+            tensors[f"adam.{i}.{k}"] = torch.as_tensor(v).cpu()
+    tensors["rng"] = rng.get_state()
+    save_safetensors(tensors, path, metadata={"step": str(step)})
+
+
+def load_checkpoint(path, params, optimizer, rng):
+    tensors = read_safetensors(path)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+            state = {k.split(".")[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"adam.{i}.")}
+            if state:
+                optimizer.state[p] = state
+    rng.set_state(tensors["rng"])
+    with safe_open(path, "pt") as f:
+        return int(f.metadata()["step"])
+
+
+def save_outputs(args, unet, ti, step):
+    meta = {"dco.settings": json.dumps(vars(args)), "dco.step": str(step)}
+    lora = lora_lib.get_lora(unet)
+    save_safetensors(lora_lib.to_diffusers(lora, unet.cfg), os.path.join(args.out, "pytorch_lora_weights.safetensors"),
+                     meta)
+    save_safetensors(lora_lib.to_kohya(lora), os.path.join(args.out, "lora_kohya.safetensors"), meta)
+    if ti is not None:
+        save_safetensors(ti.learned(), os.path.join(args.out, "learned_embeds.safetensors"),
+                         {"token": ti.token, "init_token": ti.init_word})
+    with open(os.path.join(args.out, "settings.json"), "w") as f:
+        json.dump({**vars(args), "step": step}, f, indent=2)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(args):
+    device, dtype = resolve_device(args.device, args.dtype)
+    items = read_captions(args.data, args.caption)
+    for path, cap in items:
+        if args.token and args.token not in cap:
+            raise ModelError(f"{path}: caption {cap!r} does not contain the token {args.token!r}")
+        load_rgb(path)  # fail on a bad image now, before anything is written
+    torch.manual_seed(args.seed)
+    unet, vae, text = load_sdxl(args.model, device, dtype)
+    unet.requires_grad_(False)
+    unet.grad_checkpointing = args.grad_checkpointing
+    res = args.resolution
+    if res % (vae.cfg.downscale * 2 ** (len(unet.cfg.channel_mult) - 1)):
+        raise ModelError(f"--resolution {res} does not fit this model's down-sampling")
+
+    # Prepare: class images, then every latent and (frozen) text embedding once, before the loop.
+    prior = make_class_images(args, unet, vae, text, device) if args.prior_dir else []
+    mean, std, ids = encode_images(vae, items + prior, res, device)
+    vae.cpu()  # needed again only to decode sample grids
+    captions = [c for _, c in items + prior]
+    base_captions = [c.replace(args.token, args.init_token) if args.token else c for c in captions]
+    with torch.no_grad():
+        base = Cond(*text.encode(base_captions), ids)  # c_base: what the frozen reference model is given
+    ti = TokenEmbeddings(text, args.token, args.init_token) if args.token else None
+    if ti is None:
+        text.cpu()  # frozen text encoders: their embeddings are cached, so they leave the GPU
+
+    params = lora_lib.inject(unet, args.rank, args.alpha)
+    trained = params + (ti.rows if ti else [])
+    groups = [{"params": params, "lr": args.lr}] + ([{"params": ti.rows, "lr": args.ti_lr}] if ti else [])
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    rng = torch.Generator("cpu").manual_seed(args.seed)  # all randomness of the loop, saved for --resume
+    a_bar = alphas_cumprod()
+    os.makedirs(args.out, exist_ok=True)
+    ckpt = os.path.join(args.out, "checkpoint.safetensors")
+    start = load_checkpoint(ckpt, trained, optimizer, rng) if args.resume and os.path.isfile(ckpt) else 0
+    n, B = len(items), args.batch_size
+
+    def save(step):
+        save_checkpoint(ckpt, step, trained, optimizer, rng)
+        save_outputs(args, unet, ti, step)
+
+    interrupted = []  # Ctrl-C finishes the current step, then saves
+    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training")
+    for step in bar:
+        # A batch of instance images, plus as many class images for prior preservation.
+        idx = torch.randint(0, n, (B,), generator=rng)
+        if prior:
+            idx = torch.cat([idx, n + torch.randint(0, len(prior), (B,), generator=rng)])
+        x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=rng).to(device)
+        noise = offset_noise(x0.shape, args.offset_noise, rng).to(device)
+        t = torch.randint(0, len(a_bar), (len(idx),), generator=rng)
+        x_t, t = q_sample(x0, t, noise, a_bar).to(dtype), t.to(device)
+        c = base[idx] if ti is None else Cond(*text.encode([captions[i] for i in idx]), ids[idx])
+        c = c.to(dtype=dtype)
+
+        err_theta = eps_mse(unet(x_t, t, c.context, c.pooled, c.time_ids), noise)  # LoRA on
+        err_phi = torch.zeros_like(err_theta[:B])
+        if args.beta > 0:  # the frozen base model on the base caption: LoRA scale 0, no graph
+            with torch.no_grad(), lora_lib.lora_scale(unet, 0.0):
+                b = base[idx[:B]].to(dtype=dtype)
+                err_phi = eps_mse(unet(x_t[:B], t[:B], b.context, b.pooled, b.time_ids), noise[:B])
+        w = min_snr_weight(t[:B], args.snr_gamma, a_bar) if args.snr_gamma else 1.0
+        loss = diffusion_loss(w * err_theta[:B], w * err_phi, args.beta).mean()
+        if prior:
+            loss = loss + args.prior_weight * err_theta[B:].mean()
+        if not torch.isfinite(loss):
+            sys.exit(f"error: the loss is {loss.item()} at step {step}; stopped, keeping the last good checkpoint")
+
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ti is not None:
+            ti.retract()
+        bar.set_postfix(loss=f"{loss.item():.4f}", margin=f"{(err_theta[:B] - err_phi).mean().item():+.2e}")
+
+        if interrupted:
+            save(step + 1)
+            sys.exit(f"interrupted: saved step {step + 1} in {args.out}; continue with --resume")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save(step + 1)
+            save_grid(args, unet, vae, text, captions[0], ids[:1], step + 1, device)
+    save(args.steps)
+    print(f"wrote {args.out}/pytorch_lora_weights.safetensors")
+
+
+@torch.no_grad()
+def save_grid(args, unet, vae, text, prompt, tid, step, device):
+    """A sample of the first caption with a fixed seed, to watch the run."""
+    cond = Cond(*text.encode([prompt]), tid.cpu()).to(device)
+    uncond = Cond(*text.encode([""], zero_empty=True), tid.cpu()).to(device)
+    noise = initial_noise(1, vae, args.resolution, args.resolution, seed=args.seed).to(device)
+    z = sample(unet, noise, cond, uncond, steps=args.sample_steps, progress=False)
+    vae.to(device)
+    image = decode_latents(vae, z)
+    vae.cpu()
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    save_png(to_pil(image), os.path.join(args.out, "samples", f"step-{step:06d}.png"), {"step": step})
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except ModelError as e:
+        sys.exit(f"error: {e}")
