@@ -1,21 +1,36 @@
-"""Generate images with SDXL: python sample.py --model DIR --prompt "a photo of a dog" --out dog.png
+"""Generate images with SDXL, optionally with LoRAs, learned tokens and consistency guidance.
 
-Seeds match diffusers: the initial latents are drawn on the CPU with torch.Generator("cpu").manual_seed(seed),
+    python sample.py --model DIR --prompt "a photo of a dog" --out dog.png
+    python sample.py --model DIR --lora out/dog --prompt "a <dog> in the snow" --w-con 0,1,2,3,4 --n 2 --out grid.png
+    python sample.py --model DIR --lora out/dog:1.0 --lora out/style:1.0 --prompt "a <dog> in flat cartoon style"
+
+Seeds match diffusers: image i starts from torch.randn(..., generator=torch.Generator("cpu").manual_seed(seed + i)),
 so the same settings give the same image as StableDiffusionXLPipeline.
 """
 import argparse
 import json
+import os
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
+from safetensors import safe_open
 
+import lora as lora_lib
 from checkpoint import ModelError, load_unet, load_vae
 from sampler import sample
 from text import Cond, TextEncoders, time_ids
 from vae import decode_latents
+
+
+def float_list(s):
+    try:
+        return [float(v) for v in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, got {s!r}") from None
 
 
 def parse_args(argv=None):
@@ -23,12 +38,17 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="SDXL folder in the official (diffusers) layout")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="", help="empty: SDXL's zero unconditional embedding")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA file or a train.py output folder (its learned tokens load too); repeatable")
+    p.add_argument("--embeds", action="append", default=[], metavar="FILE[:TOKEN[:INITWORD]]",
+                   help="learned_embeds.safetensors; TOKEN/INITWORD are needed only if the file does not name them")
+    p.add_argument("--w-con", type=float_list, help="consistency guidance scale; a comma list makes a grid")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale w_txt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=1, help="images with seeds seed, seed+1, ... (a row each in a grid)")
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--n", type=int, default=1, help="images, laid out in a row")
     p.add_argument("--out", default="out.png")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -49,6 +69,64 @@ def load_sdxl(folder, device, dtype):
     return load_unet(folder, dtype, device), load_vae(folder, torch.float32, device), TextEncoders(folder, dtype, device)
 
 
+@dataclass
+class Pipeline:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text: TextEncoders
+    tokens: dict = field(default_factory=dict)  # learned token -> its initializer word
+
+
+def split_spec(spec, n):
+    """'path:a:b' -> [path, a, b] padded with None; a colon in a Windows drive letter stays in the path."""
+    head, sep, tail = spec.partition(":") if len(spec) > 2 and spec[1] == ":" else ("", "", spec)
+    parts = tail.split(":")
+    parts[0] = head + sep + parts[0]
+    return (parts + [None] * n)[:n]
+
+
+def load_embeds(pipe, spec):
+    path, token, init = split_spec(spec, 3)
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such file")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    token, init = token or meta.get("token"), init or meta.get("init_token")
+    if not token:
+        raise ModelError(f"{path}: the file does not name its token; give it as {path}:TOKEN:INITWORD")
+    if token in pipe.tokens:
+        raise ModelError(f"{path}: the token {token!r} is already loaded from another file")
+    pipe.text.load_embeds(path, token)
+    pipe.tokens[token] = init or token
+
+
+def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto"):
+    """The base model plus LoRAs ('PATH[:SCALE]', summed exactly) and learned tokens ('FILE[:TOKEN[:INIT]]')."""
+    device, dtype = resolve_device(device, dtype)
+    pipe = Pipeline(*load_sdxl(model, device, dtype))
+    files, weights = [], []
+    for spec in loras:
+        path, scale = split_spec(spec, 2)
+        if os.path.isdir(path):  # a train.py / merge.py output folder: its learned tokens come along
+            embeds = [*embeds, *(os.path.join(path, f) for f in sorted(os.listdir(path))
+                                 if f.startswith("learned_embeds") and f.endswith(".safetensors"))]
+            path = os.path.join(path, "pytorch_lora_weights.safetensors")
+        files.append(lora_lib.read_lora(path, pipe.unet.cfg))
+        weights.append(float(scale) if scale else 1.0)
+    if files:
+        lora_lib.apply_lora(pipe.unet, lora_lib.merge(files, weights))
+    for spec in embeds:
+        load_embeds(pipe, spec)
+    return pipe
+
+
+def base_prompt(pipe, prompt):
+    """c_base: the prompt with every learned token replaced by its initializer word."""
+    for token, word in pipe.tokens.items():
+        prompt = prompt.replace(token, word)
+    return prompt
+
+
 def conditioning(text, prompts, height, width, zero_empty=False):
     """Cond for prompts at a target size, with SDXL's default micro-conditioning: uncropped, original = target."""
     context, pooled = text.encode(prompts, zero_empty=zero_empty)
@@ -63,33 +141,62 @@ def initial_noise(n, vae, height, width, seed):
                        generator=torch.Generator("cpu").manual_seed(seed))
 
 
+@torch.no_grad()
+def generate(pipe, prompt, seeds, w_con=None, cfg=5.0, steps=30, width=1024, height=1024, negative_prompt="",
+             progress=False):
+    """Images (len(seeds), 3, H, W) in [0, 1], one per seed, sampled in one batch."""
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    multiple = pipe.vae.cfg.downscale * 2 ** (len(pipe.unet.cfg.channel_mult) - 1)
+    if width % multiple or height % multiple:
+        raise ModelError(f"width and height must be multiples of {multiple} for this model")
+    n, device = len(seeds), next(pipe.unet.parameters()).device
+    cond = conditioning(pipe.text, [prompt] * n, height, width)
+    base = conditioning(pipe.text, [base_prompt(pipe, prompt)] * n, height, width)
+    uncond = conditioning(pipe.text, [negative_prompt] * n, height, width, zero_empty=True)
+    noise = torch.cat([initial_noise(1, pipe.vae, height, width, s) for s in seeds]).to(device)
+    latents = sample(pipe.unet, noise, cond, uncond, steps, cfg, w_con, base, progress)
+    return decode_latents(pipe.vae, latents)
+
+
 def to_pil(images):
     """(B, 3, H, W) in [0, 1] -> one PIL image, the batch side by side; rounding as diffusers does."""
     arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(np.concatenate(list(arr), axis=1))
 
 
+def grid(columns, labels):
+    """columns: per label, images (rows, 3, H, W) -> one image, a labelled column per label, a row per seed."""
+    rows = torch.cat([torch.cat(list(col), dim=-2)[None] for col in columns])  # (cols, 3, rows*H, W)
+    body = to_pil(rows)
+    w, top = body.width // len(columns), 14
+    out = Image.new("RGB", (body.width, body.height + top), "white")
+    out.paste(body, (0, top))
+    draw = ImageDraw.Draw(out)
+    for i, label in enumerate(labels):
+        draw.text((i * w + 2, 1), label, fill="black")
+    return out
+
+
 def save_png(image, path, settings):
     info = PngInfo()
     info.add_text("parameters", json.dumps(settings))
-    image.save(path, pnginfo=info)
+    tmp = path + ".tmp.png"
+    image.save(tmp, pnginfo=info)
+    os.replace(tmp, path)
 
 
 def main(args):
-    device, dtype = resolve_device(args.device, args.dtype)
-    unet, vae, text = load_sdxl(args.model, device, dtype)
-    multiple = vae.cfg.downscale * 2 ** (len(unet.cfg.channel_mult) - 1)
-    if args.width % multiple or args.height % multiple:
-        raise ModelError(f"--width and --height must be multiples of {multiple} for this model")
-
-    with torch.no_grad():
-        cond = conditioning(text, [args.prompt] * args.n, args.height, args.width)
-        uncond = conditioning(text, [args.negative_prompt] * args.n, args.height, args.width, zero_empty=True)
-    noise = initial_noise(args.n, vae, args.height, args.width, args.seed).to(device)
-    latents = sample(unet, noise, cond, uncond, steps=args.steps, cfg=args.cfg, progress=not args.quiet)
-    with torch.no_grad():
-        images = decode_latents(vae, latents)
-    save_png(to_pil(images), args.out, {k: v for k, v in vars(args).items() if k not in ("quiet",)})
+    pipe = load_pipeline(args.model, args.lora, args.embeds, args.device, args.dtype)
+    seeds = [args.seed + i for i in range(args.n)]
+    kw = dict(cfg=args.cfg, steps=args.steps, width=args.width, height=args.height,
+              negative_prompt=args.negative_prompt, progress=not args.quiet)
+    if args.w_con is None or len(args.w_con) == 1:
+        w = args.w_con[0] if args.w_con else None
+        image = to_pil(generate(pipe, args.prompt, seeds, w, **kw))
+    else:
+        columns = [generate(pipe, args.prompt, seeds, w, **kw) for w in args.w_con]
+        image = grid(columns, [f"w_con={w:g}" for w in args.w_con])
+    save_png(image, args.out, {k: v for k, v in vars(args).items() if k != "quiet"})
     print(f"wrote {args.out}")
 
 

@@ -5,11 +5,14 @@ In the sigma parametrisation x = x_0 + sigma * eps, with sigma_t = sqrt((1 - a_t
   - feed the UNet x / sqrt(sigma^2 + 1) (which is the DDPM x_t it was trained on),
   - step along the predicted noise: x <- x + (sigma_next - sigma) * eps_hat.
 """
+import contextlib
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod
+from lora import lora_scale
 from text import Cond
 
 
@@ -46,15 +49,28 @@ def guidance(eps_uncond, eps_base, w_txt, eps_lora=None, w_con=0.0):
 
 
 @torch.no_grad()
-def sample(unet, noise, cond: Cond, uncond: Cond, steps=30, cfg=5.0, progress=True):
-    """Denoise noise (B, 4, h, w) with classifier-free guidance; returns clean latents (B, 4, h, w), float32."""
+def sample(unet, noise, cond: Cond, uncond: Cond, steps=30, cfg=5.0, w_con=None, base: Cond = None, progress=True):
+    """Denoise noise (B, 4, h, w); returns clean latents (B, 4, h, w), float32.
+
+    w_con None: classifier-free guidance with the model as loaded (LoRA on), one batch [uncond, cond].
+    w_con a number: consistency guidance, one batch [uncond, base, cond] run with per-sample LoRA scales
+    (0, 0, 1): the frozen model on the empty and the base prompt (learned tokens replaced by their
+    initializer words), the fine-tuned model on the prompt."""
     dtype = next(unet.parameters()).dtype
+    B = noise.shape[0]
     timesteps, sigmas = euler_schedule(steps)
     x = noise.float() * (sigmas.max() ** 2 + 1) ** 0.5
-    both = Cond.cat([uncond, cond]).to(device=x.device, dtype=dtype)
-    for i in tqdm(range(steps), desc="sampling", disable=not progress):
-        x_in = scale_input(x, sigmas[i]).repeat(2, 1, 1, 1).to(dtype)
-        eps_uncond, eps_cond = unet(x_in, timesteps[i].to(x.device), both.context, both.pooled,
-                                    both.time_ids).float().chunk(2)
-        x = euler_step(x, guidance(eps_uncond, eps_cond, cfg), sigmas[i], sigmas[i + 1])
+    if w_con is None:
+        conds, scales = [uncond, cond], contextlib.nullcontext()
+    else:
+        conds = [uncond, cond if base is None else base, cond]
+        scales = lora_scale(unet, torch.tensor([0.0, 0.0, 1.0], device=x.device).repeat_interleave(B))
+    batch = Cond.cat(conds).to(device=x.device, dtype=dtype)
+    with scales:
+        for i in tqdm(range(steps), desc="sampling", disable=not progress):
+            x_in = scale_input(x, sigmas[i]).repeat(len(conds), 1, 1, 1).to(dtype)
+            eps = unet(x_in, timesteps[i].to(x.device), batch.context, batch.pooled, batch.time_ids).float()
+            eps_uncond, eps_base, *eps_lora = eps.chunk(len(conds))
+            eps_hat = guidance(eps_uncond, eps_base, cfg, *eps_lora, w_con=w_con or 0.0)
+            x = euler_step(x, eps_hat, sigmas[i], sigmas[i + 1])
     return x

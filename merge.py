@@ -1,0 +1,88 @@
+"""Merge LoRAs by plain addition (the paper's subject + style merge), or bake them into the UNet.
+
+    python merge.py out/dog out/style --out merged/                 # exact: delta = sum_i w_i B_i A_i
+    python merge.py a.safetensors b.safetensors --weights 1 0.8 --rank 64 --out m.safetensors   # SVD to rank 64
+    python merge.py out/dog --fuse --model DIR --out unet.safetensors                         # full UNet, LoRA baked in
+
+Inputs are LoRA files (diffusers, official DCO, peft or kohya format) or train.py output folders. The merged LoRA
+is written in the diffusers format (--kohya: kohya format). With a folder as --out, learned tokens of the inputs are
+carried along as learned_embeds*.safetensors, so `sample.py --lora merged/` finds them.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import lora as lora_lib
+from checkpoint import (ModelError, component_files, load_unet, read_json, save_safetensors,
+                        unet_config_from_diffusers)
+from unet_sdxl import UNetConfig
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("loras", nargs="+", help="LoRA files or train.py output folders")
+    p.add_argument("--weights", type=float, nargs="+", help="one per LoRA (default 1 each)")
+    p.add_argument("--out", required=True, help="a .safetensors file, or a folder")
+    p.add_argument("--rank", type=int, help="compress the sum to this rank by SVD (prints the error it introduces)")
+    p.add_argument("--kohya", action="store_true", help="write the kohya format (ComfyUI, AUTOMATIC1111)")
+    p.add_argument("--embeds", action="append", default=[], help="learned_embeds files to carry along")
+    p.add_argument("--model", help="the SDXL folder (needed for --fuse; else only its UNet config is read)")
+    p.add_argument("--fuse", action="store_true", help="write the whole UNet with the LoRA added to its weights")
+    args = p.parse_args(argv)
+    if args.weights and len(args.weights) != len(args.loras):
+        p.error(f"--weights needs one number per LoRA ({len(args.loras)})")
+    if args.fuse and not args.model:
+        p.error("--fuse needs --model")
+    return args
+
+
+def lora_file(path):
+    """A train.py output folder means its pytorch_lora_weights.safetensors."""
+    return os.path.join(path, "pytorch_lora_weights.safetensors") if os.path.isdir(path) else path
+
+
+def main(args):
+    cfg = UNetConfig()
+    if args.model:
+        config_path, _ = component_files(args.model, "unet")
+        cfg = unet_config_from_diffusers(read_json(config_path), config_path)
+    loras = [lora_lib.read_lora(lora_file(p), cfg) for p in args.loras]
+    merged = lora_lib.merge(loras, args.weights or [1.0] * len(loras))
+    if args.rank:
+        merged, err = lora_lib.compress(merged, args.rank)
+        print(f"rank {args.rank}: relative error of the summed delta {err:.3e} (Frobenius, over all layers)")
+
+    if args.fuse:
+        unet = load_unet(args.model)
+        lora_lib.apply_lora(unet, merged)
+        lora_lib.remove(unet, fuse=True)
+        # The official (Stability) key layout, the names our modules carry.
+        save_safetensors(unet.state_dict(), args.out, {"dco.merged_from": json.dumps(args.loras)})
+        print(f"wrote {args.out} (UNet with the LoRA fused in)")
+        return
+
+    tensors = lora_lib.to_kohya(merged) if args.kohya else lora_lib.to_diffusers(merged, cfg)
+    meta = {"dco.merged_from": json.dumps(args.loras), "dco.weights": json.dumps(args.weights)}
+    path = args.out
+    if not path.endswith(".safetensors"):
+        os.makedirs(path, exist_ok=True)
+        embeds = args.embeds + [os.path.join(p, f) for p in args.loras if os.path.isdir(p)
+                                for f in sorted(os.listdir(p)) if f.startswith("learned_embeds")]
+        for i, e in enumerate(embeds):
+            shutil.copyfile(e, os.path.join(path, "learned_embeds.safetensors" if i == 0 else
+                                            f"learned_embeds_{i}.safetensors"))
+        path = os.path.join(path, "lora_kohya.safetensors" if args.kohya else "pytorch_lora_weights.safetensors")
+    elif args.embeds:
+        raise ModelError("--embeds needs a folder as --out, to put them beside the LoRA")
+    save_safetensors(tensors, path, meta)
+    ranks = sorted({down.shape[0] for down, _ in merged.values()})
+    print(f"wrote {path}: {len(merged)} layers, rank {ranks[0]}" + (f"..{ranks[-1]}" if len(ranks) > 1 else ""))
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except ModelError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,168 @@
+"""Consistency guidance, several LoRAs at once, and merge.py."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import lora as lora_lib
+from checkpoint import load_unet
+from conftest import run_script
+from sample import base_prompt, generate, load_pipeline
+from sampler import guidance
+from unet_sdxl import UNet
+
+PROMPT = "a photo of a <dog> in the snow"
+KW = dict(steps=6, width=64, height=64, cfg=5.0)
+
+
+def test_guidance_formula():
+    u, b, l = torch.tensor(1.0), torch.tensor(3.0), torch.tensor(4.0)
+    assert guidance(u, b, 5.0).item() == 1 + 5 * 2
+    assert guidance(u, b, 5.0, l, w_con=2.0).item() == 1 + 5 * 2 + 2 * 1
+    assert guidance(u, b, 5.0, l, w_con=0.0).item() == guidance(u, b, 5.0).item()
+
+
+@torch.no_grad()
+def test_w_con_zero_is_the_base_model(tiny_sdxl, trained):
+    tuned = load_pipeline(tiny_sdxl[0], loras=[trained])
+    plain = load_pipeline(tiny_sdxl[0])
+    assert base_prompt(tuned, PROMPT) == "a photo of a dog in the snow"
+    cg0 = generate(tuned, PROMPT, [0, 1], w_con=0.0, **KW)
+    base = generate(plain, "a photo of a dog in the snow", [0, 1], **KW)
+    torch.testing.assert_close(cg0, base, rtol=0, atol=1e-4)
+    assert (generate(tuned, PROMPT, [0, 1], w_con=3.0, **KW) - base).abs().max() > 0.05  # and w_con matters
+
+
+@torch.no_grad()
+def test_one_batched_call_equals_three_calls(tiny_sdxl, trained):
+    pipe = load_pipeline(tiny_sdxl[0], loras=[trained])
+    from sample import conditioning
+    from text import Cond
+    c = Cond.cat([conditioning(pipe.text, [p], 64, 64, zero_empty=True) for p in ("", "a photo of a dog", PROMPT)])
+    x, t = torch.randn(1, 4, 32, 32).repeat(3, 1, 1, 1), torch.tensor(500.0)
+    with lora_lib.lora_scale(pipe.unet, torch.tensor([0.0, 0.0, 1.0])):
+        batched = pipe.unet(x, t, c.context, c.pooled, c.time_ids)
+    for i, s in enumerate((0.0, 0.0, 1.0)):
+        with lora_lib.lora_scale(pipe.unet, s):
+            one = pipe.unet(x[i:i + 1], t, c.context[i:i + 1], c.pooled[i:i + 1], c.time_ids[i:i + 1])
+        torch.testing.assert_close(batched[i:i + 1], one, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def reference_cg_image(folder, out, prompt, base, w_con, seed, steps, size, cfg):
+    """Consistency guidance written over diffusers' components, as the official code does it (two UNet calls)."""
+    from diffusers import StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.load_lora_weights(out)
+    emb = load_file(os.path.join(out, "learned_embeds.safetensors"))
+    pipe.load_textual_inversion(emb["clip_l"], token="<dog>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(emb["clip_g"], token="<dog>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    lora_ctx, _, lora_pooled, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
+    base_ctx, neg_ctx, base_pooled, neg_pooled = pipe.encode_prompt(base, do_classifier_free_guidance=True)
+    ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+    sched = pipe.scheduler
+    sched.set_timesteps(steps)
+    latents = torch.randn((1, 4, size // 2, size // 2), generator=torch.Generator("cpu").manual_seed(seed))
+    latents = latents * sched.init_noise_sigma
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(torch.cat([latents] * 2), t)
+        eps_u, eps_b = pipe.unet(inp, t, torch.cat([neg_ctx, base_ctx]), cross_attention_kwargs={"scale": 0.0},
+                                 added_cond_kwargs={"text_embeds": torch.cat([neg_pooled, base_pooled]),
+                                                    "time_ids": ids.repeat(2, 1)}).sample.chunk(2)
+        eps_l = pipe.unet(inp[:1], t, lora_ctx, added_cond_kwargs={"text_embeds": lora_pooled, "time_ids": ids}).sample
+        eps = eps_u + cfg * (eps_b - eps_u) + w_con * (eps_l - eps_b)
+        latents = sched.step(eps, t, latents).prev_sample
+    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return np.asarray(pipe.image_processor.postprocess(image)[0], dtype=int)
+
+
+def test_sample_py_consistency_guidance_matches_a_reference_loop(tiny_sdxl, trained, tmp_path):
+    folder = tiny_sdxl[0]
+    png = str(tmp_path / "cg.png")
+    run_script("sample.py", "--model", folder, "--lora", trained, "--prompt", PROMPT, "--w-con", 3, "--steps", 6,
+               "--width", 64, "--height", 64, "--seed", 5, "--out", png, "--quiet")
+    ours = np.asarray(Image.open(png), dtype=int)
+    ref = reference_cg_image(folder, trained, PROMPT, "a photo of a dog in the snow", 3.0, 5, 6, 64, 5.0)
+    assert np.abs(ours - ref).max() <= 2
+
+
+def test_w_con_sweep_makes_a_labelled_grid(tiny_sdxl, trained, tmp_path):
+    png = str(tmp_path / "grid.png")
+    run_script("sample.py", "--model", tiny_sdxl[0], "--lora", trained, "--prompt", PROMPT, "--w-con", "0,2,4",
+               "--n", 2, "--steps", 2, "--width", 32, "--height", 32, "--out", png, "--quiet")
+    im = Image.open(png)
+    assert im.size == (3 * 32, 2 * 32 + 14) and "w_con" in im.info["parameters"]
+    r = run_script("sample.py", "--model", tiny_sdxl[0], "--prompt", "x", "--w-con", "abc", check=False)
+    assert r.returncode == 2 and "expected a number" in r.stderr
+
+
+def random_lora_file(folder, path, seed, targets=("to_q", "to_v"), rank=2):
+    unet = load_unet(folder)
+    lora_lib.inject(unet, rank=rank, targets=targets)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_lib.lora_modules(unet).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+    save_file(lora_lib.to_diffusers(lora_lib.get_lora(unet), unet.cfg), path)
+    return path
+
+
+def unet_inputs():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([700.0, 30.0]), torch.randn(2, 77, 32, generator=g),
+            torch.randn(2, 32, generator=g), torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2))
+
+
+def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    folder = tiny_sdxl[0]
+    style = random_lora_file(folder, str(tmp_path / "style.safetensors"), seed=1)
+    run_script("merge.py", trained, style, "--weights", 1, 0.5, "--model", folder, "--out", tmp_path / "merged")
+    merged = tmp_path / "merged"
+    assert sorted(os.listdir(merged)) == ["learned_embeds.safetensors", "pytorch_lora_weights.safetensors"]
+    x, t, ctx, pooled, ids = unet_inputs()
+    ref = StableDiffusionXLPipeline.from_pretrained(folder)
+    ref.load_lora_weights(trained, adapter_name="subject")
+    ref.load_lora_weights(style, adapter_name="style")
+    ref.set_adapters(["subject", "style"], adapter_weights=[1.0, 0.5])
+    with torch.no_grad():
+        want = ref.unet(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+        ours = load_pipeline(folder, loras=[str(merged)]).unet(x, t, ctx, pooled, ids)
+        both = load_pipeline(folder, loras=[trained, style + ":0.5"]).unet(x, t, ctx, pooled, ids)
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(both, want, rtol=1e-4, atol=1e-4)
+    merged_ref = StableDiffusionXLPipeline.from_pretrained(folder)  # the merged file loads in diffusers too
+    merged_ref.load_lora_weights(str(merged))
+    with torch.no_grad():
+        again = merged_ref.unet(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    torch.testing.assert_close(again, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_unet_equals_base_plus_lora(tiny_sdxl, trained, tmp_path):
+    folder = tiny_sdxl[0]
+    run_script("merge.py", trained, "--fuse", "--model", folder, "--out", tmp_path / "unet.safetensors")
+    x = unet_inputs()
+    with torch.no_grad():
+        want = load_pipeline(folder, loras=[trained]).unet(*x)
+        fused = UNet(load_unet(folder).cfg)
+        fused.load_state_dict(load_file(str(tmp_path / "unet.safetensors")), strict=True)  # official key layout
+        torch.testing.assert_close(fused(*x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_compression_prints_its_error(tiny_sdxl, trained, tmp_path):
+    r = run_script("merge.py", trained, trained, "--model", tiny_sdxl[0], "--rank", 2, "--out", tmp_path / "m.safetensors")
+    err = float(r.stdout.split("relative error of the summed delta ")[1].split()[0])
+    assert 0 < err < 1
+    assert {v.shape[0] for k, v in load_file(str(tmp_path / "m.safetensors")).items() if "down" in k} == {2}
+
+
+def test_foreign_lora_is_refused_in_one_line(tiny_sdxl, tmp_path):
+    bad = str(tmp_path / "bad.safetensors")
+    save_file({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight": torch.zeros(2, 320),
+               "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight": torch.zeros(640, 2)}, bad)
+    r = run_script("sample.py", "--model", tiny_sdxl[0], "--lora", bad, "--prompt", "x", check=False)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and last.startswith("error:") and "input_blocks.4.1.transformer_blocks.0.attn1.to_q" in last
