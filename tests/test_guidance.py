@@ -149,14 +149,14 @@ def test_fused_unet_equals_base_plus_lora(tiny_sdxl, trained, tmp_path):
         want = load_pipeline(folder, loras=[trained]).unet(*x)
         fused = UNet(load_unet(folder).cfg)
         fused.load_state_dict(load_file(str(tmp_path / "unet.safetensors")), strict=True)  # official key layout
-        torch.testing.assert_close(fused(*x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused(*x), want, rtol=1e-4, atol=1e-4)
 
 
 def test_rank_compression_prints_its_error(tiny_sdxl, trained, tmp_path):
     r = run_script("merge.py", trained, trained, "--model", tiny_sdxl[0], "--rank", 2, "--out", tmp_path / "m.safetensors")
     err = float(r.stdout.split("relative error of the summed delta ")[1].split()[0])
     assert 0 < err < 1
-    assert {v.shape[0] for k, v in load_file(str(tmp_path / "m.safetensors")).items() if "down" in k} == {2}
+    assert {v.shape[0] for k, v in load_file(str(tmp_path / "m.safetensors")).items() if k.endswith("lora.down.weight")} == {2}
 
 
 def test_foreign_lora_is_refused_in_one_line(tiny_sdxl, tmp_path):

@@ -188,3 +188,19 @@ def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
                         "--prompt", "x"], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error:") and "nowhere" in r.stderr
+
+
+def test_gpu_parity_script_runs_on_the_tiny_config():
+    """tests/gpu_check.py is what a GPU machine runs at full size; here it runs small, so it keeps working."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu_check.py"), "--tiny"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert r.stdout.count("fp32 relative error vs diffusers") == 2  # UNet and VAE were both compared
+
+
+def test_bench_smoke_on_cpu():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--tiny", "--reference", "--iters", "1",
+                        "--warmup", "1", "--rank", "4"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for what in ("CFG step (batch 2)", "CG step", "DCO train step"):
+        assert f"ratio ours / reference (diffusers+peft), {what}:" in r.stdout

@@ -1,0 +1,189 @@
+"""Time the work DCO does on one GPU: a CFG sampling step, a consistency-guidance step, a DCO train step.
+
+    python bench.py                        # full SDXL UNet, random weights, 1024x1024, bf16 (on a GPU)
+    python bench.py --reference            # also diffusers + peft (the official stack), same weights, same run
+    python bench.py --compile              # also torch.compile (of each transformer block, see --compile-whole)
+    python bench.py --tiny                 # a CPU smoke test on the tiny config
+
+Reports the median time per step, peak memory, and for the CFG step the achieved TFLOP/s (forward FLOPs counted
+by torch.utils.flop_counter). Compare only numbers from one run on one machine.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import lora as lora_lib
+from checkpoint import load_unet, unet_config_to_diffusers, unet_key_map
+from dco import dco_loss, eps_mse
+from unet_sdxl import UNet, UNetConfig
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="an SDXL folder (default: random weights)")
+    p.add_argument("--tiny", action="store_true", help="tiny config at 64x64 (CPU smoke test)")
+    p.add_argument("--size", type=int, help="image size (default 1024, tiny 64)")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reference", action="store_true", help="also time diffusers + peft")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd UNets")
+    return p.parse_args(argv)
+
+
+def timeit(fn, iters, warmup, device):
+    """Median seconds per call and peak memory (GiB, CUDA only) after warm-up."""
+    for _ in range(warmup):
+        fn()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+    return statistics.median(times), peak
+
+
+def inputs(cfg, B, size, device, dtype):
+    h = size // 8
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(B, 4, h, h, generator=g).to(device, dtype), torch.full((B,), 500.0, device=device),
+            torch.randn(B, 77, cfg.context_dim, generator=g).to(device, dtype),
+            torch.randn(B, cfg.pooled_dim, generator=g).to(device, dtype),
+            torch.tensor([[size, size, 0, 0, size, size]] * B, dtype=dtype, device=device))
+
+
+def ours(unet, cfg, size, device, dtype):
+    """The three steps as our code runs them: (cfg_step, cg_step, train_step) closures."""
+    x2, x3, x1 = (inputs(cfg, b, size, device, dtype) for b in (2, 3, 1))
+    scales = torch.tensor([0.0, 0.0, 1.0], device=device)
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6, fused=device.type == "cuda")
+    noise = torch.randn_like(x1[0]).float()
+
+    @torch.no_grad()
+    def cfg_step():
+        with lora_lib.lora_scale(unet, 1.0):
+            unet(*x2)
+
+    @torch.no_grad()
+    def cg_step():
+        with lora_lib.lora_scale(unet, scales):
+            unet(*x3)
+
+    def train_step():
+        err_theta = eps_mse(unet(*x1), noise)
+        with torch.no_grad(), lora_lib.lora_scale(unet, 0.0):
+            err_phi = eps_mse(unet(*x1), noise)
+        dco_loss(err_theta, err_phi, 1000.0).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {"CFG step (batch 2)": cfg_step, "CG step": cg_step, "DCO train step": train_step}
+
+
+def reference(unet, cfg, size, device, dtype, rank):
+    """The same steps on diffusers' UNet2DConditionModel + peft LoRA, as the official DCO code runs them."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    ref = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(cfg).items() if k != "_class_name"})
+    mapping = unet_key_map(cfg)
+    base = {k: v for k, v in unet.state_dict().items() if "lora_" not in k}
+    ref.load_state_dict({mapping[k]: v for k, v in base.items()}, strict=True)
+    ref = ref.to(device, dtype).requires_grad_(False)
+    ref.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                               target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    x2, x1 = (inputs(cfg, b, size, device, dtype) for b in (2, 1))
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    noise = torch.randn_like(x1[0]).float()
+
+    def call(x, **kw):
+        return ref(x[0], x[1], x[2], added_cond_kwargs={"text_embeds": x[3], "time_ids": x[4]}, **kw).sample
+
+    @torch.no_grad()
+    def cfg_step():
+        call(x2)
+
+    @torch.no_grad()
+    def cg_step():  # the official pipeline: a batch-2 base call at LoRA scale 0, then a batch-1 LoRA call
+        call(x2, cross_attention_kwargs={"scale": 0.0})
+        call(x1)
+
+    def train_step():
+        err_theta = eps_mse(call(x1), noise)
+        with torch.no_grad():
+            err_phi = eps_mse(call(x1, cross_attention_kwargs={"scale": 0.0}), noise)
+        dco_loss(err_theta, err_phi, 1000.0).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return ref, {"CFG step (batch 2)": cfg_step, "CG step": cg_step, "DCO train step": train_step}
+
+
+def forward_flops(unet, cfg, size, device, dtype):
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(*inputs(cfg, 1, size, device, dtype))
+    return counter.get_total_flops()
+
+
+def main(args):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    size = args.size or (64 if args.tiny else 1024)
+    if args.model:
+        unet = load_unet(args.model, dtype, device)
+    else:
+        torch.manual_seed(0)
+        unet = UNet(UNetConfig.tiny() if args.tiny else UNetConfig()).to(device, dtype)
+    cfg = unet.cfg
+    unet.requires_grad_(False)
+    lora_lib.inject(unet, args.rank)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    flops = forward_flops(unet, cfg, size, device, dtype)
+    print(f"{name}, {size}x{size}, {dtype}, LoRA rank {args.rank}; UNet forward (batch 1): {flops / 1e9:.2f} GFLOP")
+
+    results = {}  # (label, step) -> seconds
+
+    def measure(label, steps):
+        for what, fn in steps.items():
+            sec, peak = timeit(fn, args.iters, args.warmup, device)
+            results[label, what] = sec
+            rate = f"{2 * flops / sec / 1e12:7.1f} TFLOP/s" if what.startswith("CFG") else ""
+            print(f"{label:30s} {what:20s} {sec * 1e3:9.2f} ms  peak {peak:6.2f} GiB  {rate}")
+
+    train_only = ["DCO train step"]
+    measure("ours", ours(unet, cfg, size, device, dtype))
+    unet.grad_checkpointing = True
+    measure("ours, grad checkpointing", {k: v for k, v in ours(unet, cfg, size, device, dtype).items() if k in train_only})
+    unet.grad_checkpointing = False
+    if args.compile:
+        for block in (*unet.input_blocks, unet.middle_block, *unet.output_blocks):
+            block.compile()  # one compiled graph per block, not the whole UNet: compile time stays short
+        steps = ours(unet, cfg, size, device, dtype)
+        t0 = time.perf_counter()
+        for fn in steps.values():
+            fn()
+        print(f"compile time (every UNet block, all three steps): {time.perf_counter() - t0:.1f} s")
+        measure("ours, compiled", steps)
+    if args.reference:
+        ref, steps = reference(unet, cfg, size, device, dtype, args.rank)
+        measure("reference (diffusers+peft)", steps)
+        ref.enable_gradient_checkpointing()
+        measure("reference, grad checkpointing", {k: v for k, v in steps.items() if k in train_only})
+        for (label, what), sec in list(results.items()):
+            ref_label = label.replace("ours", "reference (diffusers+peft)" if label == "ours" else "reference")
+            if label.startswith("ours") and (ref_label, what) in results:
+                print(f"ratio {label} / {ref_label}, {what}: {sec / results[ref_label, what]:.2f}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
