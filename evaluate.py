@@ -1,0 +1,388 @@
+"""The paper's metrics and its Pareto sweep over the consistency-guidance scale w_con:
+
+    python evaluate.py --model sdxl/ --lora out_dco/ --lora out_db/ --ref-images dog/ \\
+        --prompts prompts/dreambooth_live.txt --subject "<dog>" --dino dinov2-large/ --siglip siglip/ --out results/
+
+For every method (a --lora, or a --subject-lora/--style-lora pair), prompt, seed and w_con it generates one image and
+scores it with two kinds of similarity:
+
+    image similarity  mean over the reference images of cos(DINOv2(generated), DINOv2(reference)), where the DINOv2
+                      embedding is the CLS token of the last layer, after the final LayerNorm
+    text similarity   cos(SigLIP image embedding, SigLIP text embedding of the base prompt), the base prompt being the
+                      prompt with learned tokens replaced by their initializer words; the same with CLIP if --clip
+
+Each (method, w_con) gets the mean and standard error (sample std / sqrt(n), n = prompts x seeds) of each score in
+results.csv and results.md, per-image scores in scores.csv, and pareto.png (image vs text similarity, one curve per
+method, points labelled by w_con). w_con "cfg" is plain CFG with the fine-tuned model; 0 is the base model's CFG.
+Merge mode (--subject-lora A --style-lora B --style-images DIR) loads both LoRAs at once and scores subject similarity
+(DINOv2 to --ref-images), style similarity (DINOv2 to --style-images) and text similarity: the paper's merge table.
+
+Preprocessing is each checkpoint's own preprocessor_config.json, applied by transformers. For the official checkpoints:
+DINOv2 (facebook/dinov2-*) resizes the short side to 256 (bicubic), center-crops 224, ImageNet mean/std; SigLIP resizes
+to its square input (bicubic, no crop: 384 for siglip-so400m-patch14-384, 224 for siglip-base-patch16-224), mean = std =
+0.5; CLIP resizes the short side to 224 (bicubic), center-crops 224, CLIP mean/std. Text is padded to the text model's
+full length (64 for SigLIP, which was trained that way and pools the last position; 77 for CLIP) and given no attention
+mask, as SigLIP's processor gives none. SigLIP's tokenizer needs the sentencepiece package.
+
+The metric folders are local transformers checkpoints (model.safetensors), e.g. facebook/dinov2-large,
+google/siglip-so400m-patch14-384, openai/clip-vit-large-patch14. The paper scores with a DINOv2 ViT and a SigLIP ViT;
+numbers compare only between runs that used the same checkpoints, so report which ones you used.
+
+Images are cached in OUT/images/ (a short hash of method, prompt, seed, w_con and sampling settings as the file name, an
+index.json beside them), so a rerun, or a run resumed after an interruption, generates only the missing images.
+"""
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, Dinov2Model, SiglipModel
+
+import sample
+from checkpoint import ModelError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+BATCH = 16
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="SDXL folder in the official (diffusers) layout")
+    p.add_argument("--lora", action="append", default=[], help="PATH[:SCALE], a file or a training output folder; "
+                   "repeat for one curve per LoRA")
+    p.add_argument("--subject-lora", action="append", default=[], help="merge mode: subject LoRA (repeatable)")
+    p.add_argument("--style-lora", action="append", default=[], help="merge mode: style LoRA, paired in order")
+    p.add_argument("--style-images", help="merge mode: folder of style reference images")
+    p.add_argument("--ref-images", required=True, help="folder of subject (or style) reference images")
+    p.add_argument("--prompts", required=True, help="text file, one prompt a line; {} is replaced by --subject")
+    p.add_argument("--subject", help="phrase that fills {} in the prompts, e.g. '<dog>' or 'sks dog'")
+    p.add_argument("--suffix", default="", help="appended to every prompt, e.g. ' in watercolor painting style'")
+    p.add_argument("--w-con", default="0,1,2,3,4,5", help="consistency-guidance scales; 'cfg': plain CFG")
+    p.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 for every prompt")
+    p.add_argument("--dino", required=True, help="local DINOv2 checkpoint folder (transformers, safetensors)")
+    p.add_argument("--siglip", help="local SigLIP checkpoint folder")
+    p.add_argument("--clip", help="local CLIP checkpoint folder")
+    p.add_argument("--out", default="results")
+    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale w_txt")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    return p.parse_args(argv)
+
+
+class InputError(Exception):
+    """Bad user input: reported as one line."""
+
+
+def read_prompts(path, subject, suffix):
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such prompts file")
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise InputError(f"{path}: no prompts (one a line; lines starting with # are comments)")
+    if subject is None and any("{}" in line for line in lines):
+        raise InputError(f"{path}: the prompts have a {{}} placeholder; give the subject phrase with --subject")
+    return [line.replace("{}", subject or "") + suffix for line in lines]
+
+
+def list_images(folder, flag):
+    if not folder or not os.path.isdir(folder):
+        raise InputError(f"{flag} {folder}: no such folder")
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+    if not paths:
+        raise InputError(f"{flag} {folder}: no images ({', '.join(IMAGE_EXTS)})")
+    return paths
+
+
+def parse_w_con(text):
+    try:
+        return [None if w.strip() == "cfg" else float(w) for w in text.split(",")]
+    except ValueError:
+        raise InputError(f"--w-con {text!r}: expected numbers or 'cfg', comma separated") from None
+
+
+def w_label(w):
+    return "cfg" if w is None else f"{w:g}"
+
+
+def weights_digest(spec):
+    """sha1 of the files a LoRA spec loads, so that retraining into the same folder invalidates its cached images."""
+    path = sample.split_spec(spec, 2)[0]  # PATH[:SCALE], parsed as load_pipeline parses it
+    if not os.path.exists(path):
+        raise InputError(f"LoRA {path}: not found")
+    if os.path.isfile(path):
+        files = [path]
+    else:  # the files load_pipeline reads from a training output folder
+        files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f == "pytorch_lora_weights.safetensors"
+                 or (f.startswith("learned_embeds") and f.endswith(".safetensors"))]
+    h = hashlib.sha1()
+    for file in files:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# --- metric models ---
+
+class Embedder:
+    """One metric model, DINOv2 (images only), SigLIP or CLIP; embeddings come out L2-normalised. It loads on the CPU,
+    so that a bad folder fails before generation starts without taking GPU memory from SDXL; .to(device) to score."""
+
+    def __init__(self, kind, folder):
+        if not os.path.isfile(os.path.join(str(folder), "model.safetensors")):
+            raise InputError(f"--{kind} {folder}: no model.safetensors there (a local transformers checkpoint folder)")
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+            self.tokenizer = None if kind == "dino" else AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            cls = {"dino": Dinov2Model, "siglip": SiglipModel, "clip": CLIPModel}[kind]
+            self.model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
+        except (OSError, ValueError, ImportError) as e:
+            raise InputError(f"--{kind} {folder}: cannot load: {str(e).splitlines()[0]}") from None
+        self.kind, self.device = kind, "cpu"
+
+    def to(self, device):
+        self.model.to(device)
+        self.device = device
+        return self
+
+    @staticmethod
+    def pooled(out):
+        return out if torch.is_tensor(out) else out.pooler_output  # transformers 5 returns a model output
+
+    @torch.no_grad()
+    def images(self, paths):
+        out = []
+        for i in range(0, len(paths), BATCH):
+            images = [Image.open(p).convert("RGB") for p in paths[i:i + BATCH]]
+            pixels = self.processor(images=images, return_tensors="pt").pixel_values.to(self.device)
+            if self.kind == "dino":
+                emb = self.model(pixel_values=pixels).last_hidden_state[:, 0]  # CLS token
+            else:
+                emb = self.pooled(self.model.get_image_features(pixel_values=pixels))
+            out.append(F.normalize(emb.float(), dim=-1).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def texts(self, texts):
+        length = self.model.config.text_config.max_position_embeddings
+        ids = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True,
+                             return_tensors="pt").input_ids.to(self.device)
+        return F.normalize(self.pooled(self.model.get_text_features(input_ids=ids)).float(), dim=-1).cpu()
+
+
+def score(entries, metrics, refs):
+    """Per-image scores: {name: (N,) cosine similarities}. refs: {name: reference image paths} for DINOv2 scores."""
+    paths = [e["path"] for e in entries]
+    scores = {}
+    dino = metrics["dino"].images(paths)
+    for name, ref_paths in refs.items():
+        scores[name] = (dino @ metrics["dino"].images(ref_paths).T).mean(dim=1)  # mean over reference images
+    texts = sorted({e["base_prompt"] for e in entries})
+    for kind in ("siglip", "clip"):
+        if kind in metrics:
+            text_emb = dict(zip(texts, metrics[kind].texts(texts)))
+            img = metrics[kind].images(paths)
+            scores[f"text_{kind}"] = (img * torch.stack([text_emb[e["base_prompt"]] for e in entries])).sum(dim=1)
+    return {name: s.numpy().astype(np.float64) for name, s in scores.items()}
+
+
+def summarize(entries, scores):
+    """Mean and standard error of every score per (method, w_con), in the order first seen."""
+    groups = defaultdict(list)
+    for i, e in enumerate(entries):
+        groups[(e["method"], e["w_con"])].append(i)
+    rows = []
+    for (method, w), idx in groups.items():
+        row = {"method": method, "w_con": w_label(w), "n": len(idx)}
+        for name, s in scores.items():
+            v = s[idx]
+            row[f"{name}_mean"] = float(v.mean())
+            row[f"{name}_se"] = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+        rows.append(row)
+    return rows
+
+
+# --- image cache and generation ---
+
+class ImageCache:
+    """PNG files named by a hash of their key, and index.json mapping each hash to what made it. Both are written
+    atomically, image first, so an interruption loses at most the image being generated."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        self.index_path = os.path.join(folder, "index.json")
+        self.index = {}
+        if os.path.exists(self.index_path):
+            with open(self.index_path) as f:
+                self.index = json.load(f)
+
+    @staticmethod
+    def key(method_id, prompt, seed, w_con):
+        return hashlib.sha1(json.dumps([method_id, prompt, seed, w_con], sort_keys=True).encode()).hexdigest()[:16]
+
+    def get(self, key):
+        entry = self.index.get(key)
+        if entry and os.path.exists(os.path.join(self.folder, entry["file"])):
+            return dict(entry, path=os.path.join(self.folder, entry["file"]))
+        return None
+
+    def put(self, key, image, entry):
+        path = os.path.join(self.folder, f"{key}.png")
+        image.save(path + ".tmp", format="PNG")
+        os.replace(path + ".tmp", path)
+        self.index[key] = dict(entry, file=f"{key}.png")
+        with open(self.index_path + ".tmp", "w") as f:
+            json.dump(self.index, f, indent=1)
+        os.replace(self.index_path + ".tmp", self.index_path)
+
+
+def make_generator(args, loras):
+    """Load SDXL with loras applied together -> (draw(prompt, seed, w_con) -> PIL image, base(prompt) -> str)."""
+    pipe = sample.load_pipeline(args.model, loras=loras, device=args.device, dtype=args.dtype)
+
+    def draw(prompt, seed, w_con):
+        images = sample.generate(pipe, prompt, seed, w_con=w_con, cfg=args.cfg, steps=args.steps, width=args.width,
+                                 height=args.height, negative_prompt=args.negative_prompt)
+        return sample.to_pil(images)
+
+    return draw, lambda prompt: sample.base_prompt(pipe, prompt)
+
+
+def sweep(args, methods, prompts, seeds, w_cons, cache, make_generator):
+    """Every method x w_con x prompt x seed, from the cache or generated -> list of cache entries."""
+    settings = {k: getattr(args, k) for k in ("model", "cfg", "steps", "width", "height", "negative_prompt")}
+    entries = []
+    for label, loras in methods:
+        method_id = dict(settings, loras=loras, weights=[weights_digest(spec) for spec in loras])
+        jobs = [(cache.key(method_id, p, s, w), p, s, w) for w in w_cons for p in prompts for s in seeds]
+        missing = [job for job in jobs if cache.get(job[0]) is None]
+        if missing:
+            draw, base = make_generator(args, loras)
+            for key, prompt, seed, w in tqdm(missing, desc=f"generating {label}"):
+                cache.put(key, draw(prompt, seed, w), dict(method=label, loras=loras, prompt=prompt,
+                                                          base_prompt=base(prompt), seed=seed, w_con=w))
+            del draw, base  # frees this method's pipeline before the next one loads
+        entries += [dict(cache.get(key), method=label) for key, *_ in jobs]
+    return entries
+
+
+# --- outputs ---
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w", newline="") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def to_csv(rows):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def to_markdown(rows, names):
+    head = ["method", "w_con", "n"] + names
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], r["w_con"], str(r["n"])] + [f"{r[f'{n}_mean']:.4f} ± {r[f'{n}_se']:.4f}" for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def plot_pareto(rows, x_name, y_name, path, size=(900, 650), margin=80):
+    """Mean image similarity (y) against mean text similarity (x) with +-1 SE bars; one curve per method through its
+    numeric w_con in the order given, the 'cfg' point unconnected."""
+    W, H, m = *size, margin
+    xs, ys = [r[f"{x_name}_mean"] for r in rows], [r[f"{y_name}_mean"] for r in rows]
+    (x0, x1), (y0, y1) = [(min(v) - 0.1 * (max(v) - min(v) + 1e-3), max(v) + 0.1 * (max(v) - min(v) + 1e-3))
+                          for v in (xs, ys)]
+
+    def to_px(x, y):
+        return m + (x - x0) / (x1 - x0) * (W - 2 * m), H - m - (y - y0) / (y1 - y0) * (H - 2 * m)
+    img = Image.new("RGB", size, "white")
+    d, font = ImageDraw.Draw(img), ImageFont.load_default()
+    d.rectangle([m, m, W - m, H - m], outline="black")
+    for i in range(6):
+        x, y = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+        d.text((to_px(x, y0)[0] - 15, H - m + 8), f"{x:.3f}", fill="black", font=font)
+        d.text((m - 45, to_px(x0, y)[1] - 6), f"{y:.3f}", fill="black", font=font)
+    d.text((W / 2 - 60, H - m + 30), f"{x_name} (text similarity)", fill="black", font=font)
+    d.text((m, m - 25), f"{y_name} (image similarity)", fill="black", font=font)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for k, method in enumerate(methods):
+        color, pts = COLORS[k % len(COLORS)], [r for r in rows if r["method"] == method]
+        curve = [to_px(r[f"{x_name}_mean"], r[f"{y_name}_mean"]) for r in pts if r["w_con"] != "cfg"]
+        if len(curve) > 1:
+            d.line(curve, fill=color, width=2)
+        for r in pts:
+            (x, xe), (y, ye) = [(r[f"{n}_mean"], r[f"{n}_se"]) for n in (x_name, y_name)]
+            px, py = to_px(x, y)
+            if np.isfinite(xe) and np.isfinite(ye):
+                d.line([to_px(x - xe, y), to_px(x + xe, y)], fill=color)
+                d.line([to_px(x, y - ye), to_px(x, y + ye)], fill=color)
+            d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=color)
+            d.text((px + 6, py - 14), r["w_con"], fill=color, font=font)
+        d.rectangle([W - m - 190, m + 10 + 16 * k, W - m - 180, m + 20 + 16 * k], fill=color)
+        d.text((W - m - 175, m + 8 + 16 * k), method[:30], fill=color, font=font)
+    img.save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
+
+
+def main(args, make_generator=make_generator):
+    merge = bool(args.subject_lora or args.style_lora)
+    if merge and (len(args.subject_lora) != len(args.style_lora) or not args.style_images or args.lora):
+        raise InputError("merge mode needs as many --subject-lora as --style-lora, --style-images, and no --lora")
+    if not merge and not args.lora:
+        raise InputError("give at least one --lora (or --subject-lora with --style-lora)")
+    if not (args.siglip or args.clip):
+        raise InputError("give --siglip and/or --clip for the text similarity")
+    methods = ([(f"{a} + {b}", [a, b]) for a, b in zip(args.subject_lora, args.style_lora)] if merge
+               else [(spec, [spec]) for spec in args.lora])
+    prompts, w_cons = read_prompts(args.prompts, args.subject, args.suffix), parse_w_con(args.w_con)
+    refs = {"subject_dino": list_images(args.ref_images, "--ref-images"),
+            "style_dino": list_images(args.style_images, "--style-images")} if merge \
+        else {"image_dino": list_images(args.ref_images, "--ref-images")}
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    metrics = {k: Embedder(k, getattr(args, k)) for k in ("dino", "siglip", "clip") if getattr(args, k)}
+
+    cache = ImageCache(os.path.join(args.out, "images"))
+    entries = sweep(args, methods, prompts, list(range(args.seeds)), w_cons, cache, make_generator)
+    scores = score(entries, {k: m.to(device) for k, m in metrics.items()}, refs)
+    rows = summarize(entries, scores)
+
+    per_image = [{"method": e["method"], "w_con": w_label(e["w_con"]), "seed": e["seed"], "prompt": e["prompt"],
+                  "file": e["file"], **{n: float(s[i]) for n, s in scores.items()}} for i, e in enumerate(entries)]
+    write_atomic(os.path.join(args.out, "scores.csv"), to_csv(per_image))
+    write_atomic(os.path.join(args.out, "results.csv"), to_csv(rows))
+    write_atomic(os.path.join(args.out, "results.md"), to_markdown(rows, list(scores)))
+    text_name = "text_siglip" if "siglip" in metrics else "text_clip"
+    plot_pareto(rows, text_name, next(iter(refs)), os.path.join(args.out, "pareto.png"))
+    print(to_markdown(rows, list(scores)) + f"wrote {args.out}/results.csv, results.md, scores.csv, pareto.png")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (InputError, ModelError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,323 @@
+"""evaluate.py on tiny random DINOv2 / SigLIP / CLIP checkpoints saved as local folders, with a fake image generator
+(deterministic random images) in place of SDXL."""
+import csv
+import inspect
+import json
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import sample
+from conftest import run_script, write_tokenizer
+from evaluate import Embedder, InputError
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+@pytest.fixture(scope="module")
+def metric_models(tmp_path_factory):
+    """{kind: folder} of tiny random checkpoints, with preprocessor configs shaped like the official ones."""
+    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, SiglipConfig, SiglipModel
+    root = tmp_path_factory.mktemp("metrics")
+    folders = {k: str(root / k) for k in ("dino", "siglip", "clip")}
+    torch.manual_seed(0)
+    vision = dict(TINY, image_size=28, patch_size=14)
+    Dinov2Model(Dinov2Config(**vision)).save_pretrained(folders["dino"])
+    write_json(os.path.join(folders["dino"], "preprocessor_config.json"), dict(
+        image_processor_type="BitImageProcessor", do_resize=True, size={"shortest_edge": 32}, resample=3,
+        do_center_crop=True, crop_size={"height": 28, "width": 28}, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_convert_rgb=True))
+    for kind, length in (("siglip", 64), ("clip", 77)):
+        tok = write_tokenizer(folders[kind], "<|endoftext|>")
+        text = dict(TINY, vocab_size=len(tok), max_position_embeddings=length, bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        if kind == "siglip":
+            SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(folders[kind])
+            processor = dict(image_processor_type="SiglipImageProcessor", size={"height": 28, "width": 28},
+                             image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        else:
+            model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+            model.save_pretrained(folders[kind])
+            processor = dict(image_processor_type="CLIPImageProcessor", size={"shortest_edge": 28},
+                             do_center_crop=True, crop_size={"height": 28, "width": 28},
+                             image_mean=[0.4815, 0.4578, 0.4082], image_std=[0.2686, 0.2613, 0.2758])
+        write_json(os.path.join(folders[kind], "preprocessor_config.json"), dict(
+            processor, do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+            do_convert_rgb=True))
+    return folders
+
+
+def random_image(key, size=(48, 64)):
+    rng = np.random.default_rng(zlib.crc32(json.dumps(key).encode()))
+    return Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+class FakeGenerator:
+    """Stands in for make_generator: records pipeline loads and draws; optionally interrupts at the n-th draw."""
+
+    def __init__(self, interrupt_at=None, image=None):
+        self.loads, self.drawn, self.interrupt_at, self.image = [], [], interrupt_at, image
+
+    def __call__(self, args, loras):
+        self.loads.append(list(loras))
+
+        def draw(prompt, seed, w_con):
+            if len(self.drawn) == self.interrupt_at:
+                raise KeyboardInterrupt
+            self.drawn.append((tuple(loras), prompt, seed, w_con))
+            return Image.open(self.image).copy() if self.image else random_image([loras, prompt, seed, w_con])
+
+        return draw, lambda prompt: prompt.replace("<dog>", "dog")
+
+
+@pytest.fixture
+def setup(tmp_path, metric_models):
+    """A prompts file, reference images, two LoRA files and an argv builder."""
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "style").mkdir()
+    for i in range(3):
+        random_image(["ref", i], (40 + 8 * i, 56)).save(tmp_path / "refs" / f"{i}.jpg", quality=95)
+        random_image(["style", i]).save(tmp_path / "style" / f"{i}.png")
+    (tmp_path / "prompts.txt").write_text("# comment\na {} in the snow\n\na {} on the beach, at noon\na red {}\n")
+    for name in ("dco", "db", "sty"):
+        (tmp_path / f"{name}.safetensors").write_bytes(name.encode() * 10)
+
+    def argv(*extra, loras=("dco", "db"), metrics=("dino", "siglip", "clip")):
+        out = ["--model", str(tmp_path / "sdxl"), "--ref-images", str(tmp_path / "refs"), "--prompts",
+               str(tmp_path / "prompts.txt"), "--subject", "<dog>", "--seeds", "2", "--w-con", "cfg,0,2",
+               "--out", str(tmp_path / "out"), "--device", "cpu"]
+        out += [a for name in loras for a in ("--lora", str(tmp_path / f"{name}.safetensors"))]
+        out += [a for kind in metrics for a in (f"--{kind}", metric_models[kind])]
+        return evaluate.parse_args(out + list(extra))
+
+    return tmp_path, argv
+
+
+def test_similarity_of_an_image_with_itself_is_one(setup, metric_models):
+    tmp, _ = setup
+    a, b = str(tmp / "refs" / "0.jpg"), str(tmp / "refs" / "1.jpg")
+    for kind, folder in metric_models.items():
+        emb = Embedder(kind, folder).images([a, a, b])
+        cos = emb @ emb.T
+        assert abs(cos[0, 1].item() - 1) < 1e-5 and abs(cos[0, 0].item() - 1) < 1e-5, kind
+        assert cos[0, 2].item() < 0.9999, f"{kind}: different images should not score 1"
+
+
+def test_generated_copy_of_the_reference_scores_one(setup):
+    tmp, argv = setup
+    rows = evaluate.main(argv(), make_generator=FakeGenerator(image=tmp / "refs" / "0.jpg"))
+    # mean over the 3 references: 1 for the reference itself plus its similarity to the two others
+    emb = Embedder("dino", argv().dino).images([str(tmp / "refs" / f"{i}.jpg") for i in range(3)])
+    expected = (emb[0] @ emb.T).mean().item()
+    for r in rows:
+        assert abs(r["image_dino_mean"] - expected) < 1e-5 and r["image_dino_se"] < 1e-6
+
+
+def direct_scores(images, base_prompts, refs, folders):
+    """Per-image scores computed straight from the transformers models' forward passes."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, Dinov2Model, SiglipModel
+    out = {}
+    with torch.no_grad():
+        proc = AutoImageProcessor.from_pretrained(folders["dino"])
+        dino = Dinov2Model.from_pretrained(folders["dino"])
+        g = dino(pixel_values=proc(images=images, return_tensors="pt").pixel_values).pooler_output
+        r = dino(pixel_values=proc(images=refs, return_tensors="pt").pixel_values).pooler_output
+        out["image_dino"] = torch.nn.functional.cosine_similarity(g[:, None], r[None], dim=-1).mean(1)
+        for kind, cls, length in (("siglip", SiglipModel, 64), ("clip", CLIPModel, 77)):
+            proc, tok = AutoImageProcessor.from_pretrained(folders[kind]), AutoTokenizer.from_pretrained(folders[kind])
+            model = cls.from_pretrained(folders[kind])
+            t = tok(base_prompts, padding="max_length", max_length=length, return_tensors="pt")
+            # SigLIP's processor gives no attention mask; CLIP's does, and it must not matter (causal, EOS-pooled)
+            mask = t.attention_mask if kind == "clip" else None
+            o = model(input_ids=t.input_ids, attention_mask=mask,
+                      pixel_values=proc(images=images, return_tensors="pt").pixel_values)
+            out[f"text_{kind}"] = (o.image_embeds * o.text_embeds).sum(-1)
+    return {k: v.numpy().astype(np.float64) for k, v in out.items()}
+
+
+def test_numbers_equal_a_direct_computation(setup, metric_models):
+    tmp, argv = setup
+    rows = evaluate.main(argv(), make_generator=FakeGenerator())
+    prompts = ["a <dog> in the snow", "a <dog> on the beach, at noon", "a red <dog>"]
+    refs = [Image.open(tmp / "refs" / f"{i}.jpg").convert("RGB") for i in range(3)]
+    assert len(rows) == 2 * 3
+    keys = [([r["method"]], p, s, None if r["w_con"] == "cfg" else float(r["w_con"]))
+            for r in rows for p in prompts for s in (0, 1)]
+    expected = direct_scores([random_image(list(k)) for k in keys], [k[1].replace("<dog>", "dog") for k in keys],
+                             refs, metric_models)
+    for i, r in enumerate(rows):
+        assert r["n"] == 6
+        for name, v in expected.items():
+            v = v[6 * i:6 * (i + 1)]
+            assert abs(r[f"{name}_mean"] - v.mean()) < 1e-5, name
+            assert abs(r[f"{name}_se"] - v.std(ddof=1) / np.sqrt(len(v))) < 1e-5, name
+
+
+def test_csv_table_and_plot_are_written(setup):
+    tmp, argv = setup
+    rows = evaluate.main(argv(metrics=("dino", "siglip")), make_generator=FakeGenerator())
+    out = tmp / "out"
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(t["method"], t["w_con"]) for t in table] == [(m, w) for m in (str(tmp / "dco.safetensors"),
+                                                                           str(tmp / "db.safetensors"))
+                                                          for w in ("cfg", "0", "2")]
+    assert set(table[0]) == {"method", "w_con", "n", "image_dino_mean", "image_dino_se", "text_siglip_mean",
+                             "text_siglip_se"}
+    assert float(table[3]["text_siglip_mean"]) == pytest.approx(rows[3]["text_siglip_mean"])
+    with open(out / "scores.csv") as f:
+        scores = list(csv.DictReader(f))
+    assert len(scores) == 2 * 3 * 3 * 2 and scores[1]["prompt"] == "a <dog> in the snow" and scores[1]["seed"] == "1"
+    md = (out / "results.md").read_text().splitlines()
+    assert md[0].startswith("| method | w_con | n | image_dino | text_siglip |") and len(md) == 2 + 6
+    assert "±" in md[2]
+    plot = np.asarray(Image.open(out / "pareto.png").convert("RGB"))
+    assert plot.shape == (650, 900, 3)
+    for color in evaluate.COLORS[:2]:  # one curve per LoRA
+        assert (plot == color).all(-1).sum() > 50
+    assert not (plot == evaluate.COLORS[2]).all(-1).any()
+
+
+def test_plot_puts_each_point_at_its_values(tmp_path):
+    """Method A has the lower text and higher image similarity: its marker must be top-left, B's bottom-right."""
+    rows = [dict(method=m, w_con="cfg", n=4, t_mean=x, t_se=0.01, i_mean=y, i_se=0.01)
+            for m, x, y in (("A", 0.2, 0.8), ("B", 0.3, 0.5))]
+    evaluate.plot_pareto(rows, "t", "i", str(tmp_path / "p.png"))
+    plot = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    h, w = plot.shape[0] // 2, plot.shape[1] // 2
+    a, b = [(plot == color).all(-1) for color in evaluate.COLORS[:2]]
+    assert a[:h, :w].sum() > 30 and not a[h:, w:].any()  # the legend is top-right, outside both quadrants
+    assert b[h:, w:].sum() > 30 and not b[:h, :w].any()
+
+
+def test_interrupted_run_resumes_without_recomputing(setup):
+    tmp, argv = setup
+    first = FakeGenerator(interrupt_at=5)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(argv(), make_generator=first)
+    images = tmp / "out" / "images"
+    assert sorted(os.listdir(images)) == sorted([f"{k}.png" for k in json.loads((images / "index.json").read_text())]
+                                                + ["index.json"])
+    assert len(os.listdir(images)) == 5 + 1  # five finished images and the index, nothing half-written
+
+    second = FakeGenerator()
+    evaluate.main(argv(), make_generator=second)
+    total = 2 * 3 * 3 * 2
+    assert len(second.drawn) == total - 5 and not set(first.drawn) & set(second.drawn)
+
+    third = FakeGenerator()
+    evaluate.main(argv(), make_generator=third)
+    assert third.loads == [] and third.drawn == []  # everything cached: SDXL is not even loaded
+
+    (tmp / "db.safetensors").write_bytes(b"retrained")
+    fourth = FakeGenerator()
+    evaluate.main(argv("--cfg", "7.5", loras=("dco",)), make_generator=fourth)
+    assert len(fourth.drawn) == total // 2  # new sampling settings: nothing reused
+    fifth = FakeGenerator()
+    evaluate.main(argv(), make_generator=fifth)
+    assert {d[0] for d in fifth.drawn} == {(str(tmp / "db.safetensors"),)}  # only the changed LoRA
+    assert len(fifth.drawn) == total // 2
+
+
+def test_merge_mode_scores_subject_and_style(setup):
+    tmp, argv = setup
+    fake = FakeGenerator(image=tmp / "style" / "0.png")
+    subject, style = str(tmp / "dco.safetensors"), str(tmp / "sty.safetensors")
+    rows = evaluate.main(argv("--subject-lora", subject, "--style-lora", style + ":0.8", "--style-images",
+                              str(tmp / "style"), loras=()), make_generator=fake)
+    assert fake.loads == [[subject, style + ":0.8"]]  # both LoRAs applied at once
+    emb = Embedder("dino", argv().dino).images([str(tmp / "style" / f"{i}.png") for i in range(3)])
+    for r in rows:
+        assert r["method"] == f"{subject} + {style}:0.8"
+        assert abs(r["style_dino_mean"] - (emb[0] @ emb.T).mean().item()) < 1e-5
+        assert r["subject_dino_mean"] < r["style_dino_mean"]
+        assert {"text_siglip_mean", "text_clip_mean"} <= set(r)
+    assert (tmp / "out" / "pareto.png").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t, a: setattr(a, "dino", str(t / "nowhere")), "--dino .*nowhere: no model.safetensors"),
+    (lambda t, a: setattr(a, "siglip", str(t / "refs")), "--siglip .*refs: no model.safetensors"),
+    (lambda t, a: (t / "prompts.txt").write_text("# only a comment\n\n"), "prompts.txt: no prompts"),
+    (lambda t, a: setattr(a, "subject", None), "give the subject phrase with --subject"),
+    (lambda t, a: setattr(a, "ref_images", str(t / "style" / "none")), "--ref-images .*none: no such folder"),
+    (lambda t, a: setattr(a, "lora", [str(t / "missing.safetensors")]), "missing.safetensors: not found"),
+    (lambda t, a: setattr(a, "w_con", "1,x"), "--w-con"),
+    (lambda t, a: setattr(a, "style_lora", ["x"]), "merge mode needs"),
+])
+def test_bad_input_is_one_clear_error(setup, change, message):
+    tmp, argv = setup
+    args = argv()
+    change(tmp, args)
+    with pytest.raises(InputError, match=message):
+        evaluate.main(args, make_generator=FakeGenerator())
+
+
+def test_cli_reports_bad_input_in_one_line(setup, metric_models):
+    tmp, _ = setup
+    (tmp / "empty").mkdir()
+    (tmp / "empty" / "notes.txt").write_text("not an image")
+    r = run_script("evaluate.py", "--model", tmp, "--lora", tmp / "dco.safetensors", "--ref-images", tmp / "empty",
+                   "--prompts", tmp / "prompts.txt", "--subject", "dog", "--dino", metric_models["dino"],
+                   "--siglip", metric_models["siglip"], check=False)
+    assert r.returncode != 0
+    message = f"error: --ref-images {tmp / 'empty'}: no images (.jpg, .jpeg, .png, .webp)"
+    assert r.stderr.strip().splitlines() == [message]
+
+
+def test_make_generator_calls_the_sampling_api(monkeypatch):
+    """make_generator's calls to sample.py, recorded, and bound to the real functions' signatures."""
+    calls = {}
+
+    def record(name, result):
+        signature = inspect.signature(getattr(sample, name))
+
+        def fake(*a, **kw):
+            signature.bind(*a, **kw)
+            calls[name] = (a, kw)
+            return result
+        monkeypatch.setattr(sample, name, fake)
+
+    record("load_pipeline", "PIPE")
+    record("generate", torch.full((1, 3, 8, 8), 0.5))
+    record("base_prompt", "a dog")
+    args = evaluate.parse_args(["--model", "sdxl", "--lora", "x", "--ref-images", "r", "--prompts", "p", "--dino", "d",
+                                "--cfg", "7", "--steps", "12", "--width", "768", "--height", "512",
+                                "--dtype", "float16"])
+    draw, base = evaluate.make_generator(args, ["subject/", "style.safetensors:0.5"])
+    assert calls["load_pipeline"] == (("sdxl",), dict(loras=["subject/", "style.safetensors:0.5"], device="auto",
+                                                      dtype="float16"))
+    image = draw("a <dog>", 3, 2.0)
+    assert calls["generate"] == (("PIPE", "a <dog>", 3), dict(w_con=2.0, cfg=7.0, steps=12, width=768, height=512,
+                                                              negative_prompt=""))
+    assert image.size == (8, 8) and image.getpixel((0, 0)) == (128, 128, 128)
+    assert base("a <dog>") == "a dog" and calls["base_prompt"] == (("PIPE", "a <dog>"), {})
+
+
+def test_cli_end_to_end_with_the_tiny_sdxl(tiny_sdxl, trained, metric_models, tmp_path):
+    """The real generator: a train.py output folder (LoRA + learned <dog> token) on the tiny SDXL, through the CLI."""
+    (tmp_path / "refs").mkdir()
+    random_image(["ref"]).save(tmp_path / "refs" / "0.png")
+    (tmp_path / "prompts.txt").write_text("a red {}\n")
+    out = tmp_path / "out"
+    run_script("evaluate.py", "--model", tiny_sdxl[0], "--lora", trained, "--ref-images", tmp_path / "refs",
+               "--prompts", tmp_path / "prompts.txt", "--subject", "<dog>", "--seeds", 1, "--w-con", "cfg,0",
+               "--steps", 2, "--width", 32, "--height", 32, "--dino", metric_models["dino"],
+               "--siglip", metric_models["siglip"], "--out", out, "--device", "cpu")
+    with open(out / "results.csv") as f:
+        assert [(t["w_con"], t["n"]) for t in csv.DictReader(f)] == [("cfg", "1"), ("0", "1")]
+    index = {e["w_con"]: e for e in json.loads((out / "images" / "index.json").read_text()).values()}
+    assert index[None]["base_prompt"] == "a red dog"  # the learned token came with the output folder
+    pixels = {w: np.asarray(Image.open(out / "images" / index[w]["file"])).astype(int) for w in (None, 0.0)}
+    assert pixels[None].shape == (32, 32, 3)
+    assert np.abs(pixels[None] - pixels[0.0]).max() > 0  # fine-tuned CFG differs from the base model's
