@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="UNet and text encoders; auto: bfloat16 on GPU, float32 on CPU. The VAE stays float32.")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet's repeated blocks (GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -180,13 +181,15 @@ def grid(columns, labels):
 def save_png(image, path, settings):
     info = PngInfo()
     info.add_text("parameters", json.dumps(settings))
-    tmp = path + ".tmp.png"
-    image.save(tmp, pnginfo=info)
+    tmp = path + ".tmp"
+    image.save(tmp, format="PNG", pnginfo=info)
     os.replace(tmp, path)
 
 
 def main(args):
     pipe = load_pipeline(args.model, args.lora, args.embeds, args.device, args.dtype)
+    if args.compile:
+        pipe.unet.compile_blocks()
     seeds = [args.seed + i for i in range(args.n)]
     kw = dict(cfg=args.cfg, steps=args.steps, width=args.width, height=args.height,
               negative_prompt=args.negative_prompt, progress=not args.quiet)
@@ -196,7 +199,7 @@ def main(args):
     else:
         columns = [generate(pipe, args.prompt, seeds, w, **kw) for w in args.w_con]
         image = grid(columns, [f"w_con={w:g}" for w in args.w_con])
-    save_png(image, args.out, {k: v for k, v in vars(args).items() if k != "quiet"})
+    save_png(image, args.out, {k: v for k, v in vars(args).items() if k not in ("quiet", "compile")})
     print(f"wrote {args.out}")
 
 

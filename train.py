@@ -63,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, default=30, help="sampler steps for grids and class images")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet's repeated blocks (GPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
@@ -162,7 +163,8 @@ def make_class_images(args, unet, vae, text, device):
         uncond = conditioning(text, [""], args.resolution, args.resolution, zero_empty=True)
         noise = initial_noise(1, vae, args.resolution, args.resolution, seed=10_000 + i).to(device)
         z = sample(unet, noise, cond, uncond, steps=args.sample_steps, progress=False)
-        to_pil(decode_latents(vae, z)).save(os.path.join(args.prior_dir, f"class-{i:05d}.png"))
+        save_png(to_pil(decode_latents(vae, z)), os.path.join(args.prior_dir, f"class-{i:05d}.png"),
+                 {"prompt": args.prior_prompt, "seed": 10_000 + i})
     return [(os.path.join(args.prior_dir, f), args.prior_prompt)
             for f in sorted(os.listdir(args.prior_dir)) if f.lower().endswith(IMAGE_SUFFIXES)][: args.num_prior]
 
@@ -199,6 +201,9 @@ def save_checkpoint(path, step, params, optimizer, rng):
 
 def load_checkpoint(path, params, optimizer, rng):
     tensors = read_safetensors(path)
+    shapes = [tuple(tensors[f"param.{i}"].shape) if f"param.{i}" in tensors else None for i in range(len(params))]
+    if shapes != [tuple(p.shape) for p in params] or f"param.{len(params)}" in tensors:
+        raise ModelError(f"{path}: made by a run with other settings (rank, targets or --token); cannot resume it")
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
@@ -219,8 +224,9 @@ def save_outputs(args, unet, ti, step):
     if ti is not None:
         save_safetensors(ti.learned(), os.path.join(args.out, "learned_embeds.safetensors"),
                          {"token": ti.token, "init_token": ti.init_word})
-    with open(os.path.join(args.out, "settings.json"), "w") as f:
+    with open(os.path.join(args.out, "settings.json.tmp"), "w") as f:
         json.dump({**vars(args), "step": step}, f, indent=2)
+    os.replace(os.path.join(args.out, "settings.json.tmp"), os.path.join(args.out, "settings.json"))
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -236,6 +242,8 @@ def main(args):
     unet, vae, text = load_sdxl(args.model, device, dtype)
     unet.requires_grad_(False)
     unet.grad_checkpointing = args.grad_checkpointing
+    if args.compile:
+        unet.compile_blocks()
     res = args.resolution
     if res % (vae.cfg.downscale * 2 ** (len(unet.cfg.channel_mult) - 1)):
         raise ModelError(f"--resolution {res} does not fit this model's down-sampling")
@@ -260,7 +268,11 @@ def main(args):
     a_bar = alphas_cumprod()
     os.makedirs(args.out, exist_ok=True)
     ckpt = os.path.join(args.out, "checkpoint.safetensors")
-    start = load_checkpoint(ckpt, trained, optimizer, rng) if args.resume and os.path.isfile(ckpt) else 0
+    start = 0
+    if args.resume:
+        if not os.path.isfile(ckpt):
+            raise ModelError(f"{ckpt}: no checkpoint to resume from")
+        start = load_checkpoint(ckpt, trained, optimizer, rng)
     n, B = len(items), args.batch_size
 
     def save(step):

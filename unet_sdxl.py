@@ -217,6 +217,15 @@ class UNet(nn.Module):
         t_emb = timestep_embedding(t, self.cfg.model_channels).to(pooled.dtype)
         return self.time_embed(t_emb) + self.label_emb(y)
 
+    def compile_blocks(self):
+        """torch.compile the repeated units (ResBlocks and transformer blocks) rather than the whole UNet: blocks of
+        one shape share a compiled graph, so compiling takes seconds, not minutes."""
+        # One graph per distinct (block structure, input shape, LoRA scale kind): more than dynamo's default of 8.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for m in self.modules():
+            if isinstance(m, (ResBlock, TransformerBlock)):
+                m.compile()
+
     def run(self, block, x, emb, context):
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, emb, context, use_reentrant=False)

@@ -91,6 +91,8 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     for f in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
         a, b = load_file(os.path.join(trained, f)), load_file(str(tmp_path / "r" / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    r = run_script("train.py", *common, "--steps", 9, "--rank", 8, "--out", tmp_path / "r", "--resume", check=False)
+    assert r.returncode != 0 and "cannot resume" in r.stderr.strip().splitlines()[-1]
 
 
 def test_ctrl_c_saves_a_checkpoint(tiny_sdxl, trained, tmp_path):
