@@ -36,11 +36,13 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if isinstance(self.scale, float) and self.scale == 0.0:
             return y
-        delta = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * (self.alpha / self.rank)
+        # The parameters stay fp32; like autocast, the product runs in the activations' dtype (bf16 on a GPU).
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        delta = F.linear(F.linear(x, A), B) * (self.alpha / self.rank)
         scale = self.scale
         if torch.is_tensor(scale):  # per-sample scale (B,) -> (B, 1, ..., 1)
             scale = scale.to(delta).view(-1, *[1] * (x.ndim - 1))
-        return y + (scale * delta).to(y.dtype)
+        return y + scale * delta
 
     def delta(self):
         """The weight change (out, in) this LoRA adds at scale 1."""
@@ -166,7 +168,7 @@ def to_kohya(lora):
     return out
 
 
-SUFFIXES = {  # file key ending -> (role, format); the module name is what precedes it
+SUFFIXES = {  # key ending -> which matrix it holds; the module name is what precedes it
     ".lora.down.weight": "down", ".lora.up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
     ".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 
@@ -186,7 +188,7 @@ def from_file(tensors, unet_cfg, source):
             stem = stem[len(prefix):] if stem.startswith(prefix) else stem
         if stem.startswith(("text_encoder", "lora_te")):
             raise ModelError(f"{source}: {key!r} is a text-encoder LoRA, which is not supported")
-        name = kohya_to_ours.get(stem) or diffusers_to_ours.get(stem.replace(".processor.", "."))
+        name = kohya_to_ours.get(stem) or diffusers_to_ours.get(stem)
         if name is None:
             raise ModelError(f"{source}: {key!r} matches no module of this UNet")
         parts.setdefault(name, {})[SUFFIXES[suffix]] = value.float()
