@@ -1,0 +1,192 @@
+"""The toy world: its metrics read the renderer's ground truth back, and its pretraining makes a real SDXL folder."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import toy
+from checkpoint import load_unet, load_vae
+from text import TextEncoders
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = toy.Budget(images=16, vae_steps=4, vae_batch=2, unet_steps=6, unet_batch=2)
+
+
+def test_every_world_word_is_one_token(tmp_path):
+    tok = toy.write_tokenizer(str(tmp_path / "tokenizer"), "<|endoftext|>")
+    tok2 = toy.write_tokenizer(str(tmp_path / "tokenizer_2"), "!")
+    vocab = tok.get_vocab()
+    for word in toy.WORDS:
+        assert tok(word, add_special_tokens=False).input_ids == [vocab[word + "</w>"]], word
+    assert tok.eos_token_id == max(vocab.values())  # CLIP pools the end token by taking the largest id
+    pieces = tok.convert_ids_to_tokens(tok("a big <sub0> star", add_special_tokens=False).input_ids)
+    assert pieces[:2] == ["a</w>", "big</w>"] and pieces[-1] == "star</w>" and len(pieces) > 4  # unknown: characters
+    padded = tok2("a star", padding="max_length", max_length=77).input_ids
+    assert tok2.convert_ids_to_tokens(padded[-1]) == "!" and len(padded) == 77
+
+
+def rendered(n, seed, styles):
+    rng = np.random.default_rng(seed)
+    scenes = [toy.random_scene(rng, styles) for _ in range(n)]
+    return scenes, [toy.render(s, rng) for s in scenes]
+
+
+def test_attribute_checks_agree_with_the_renderer():
+    scenes, images = rendered(150, 1, toy.STYLES[:1] * 2 + toy.STYLES[1:] + tuple(toy.HELD_OUT_STYLES))
+    agree, total = {}, {}
+    for scene, image in zip(scenes, images):
+        read = toy.analyze(image)
+        agree["background"] = agree.get("background", 0) + (read["background"] == scene.background)
+        agree["count"] = agree.get("count", 0) + (len(read["objects"]) == len(scene.objects))
+        for style, score in read["style_scores"].items():
+            agree["style"] = agree.get("style", 0) + ((score > 0.5) == (scene.style == style)) / 4
+        for obj in scene.objects:
+            found = [o for o in read["objects"] if o["position"] == obj.position]
+            for a in toy.identity(obj) + ("size", "position"):
+                agree[a] = agree.get(a, 0) + bool(found and found[0][a] == getattr(obj, a))
+                total[a] = total.get(a, 0) + 1
+    rates = {a: agree[a] / total.get(a, len(scenes)) for a in agree}
+    assert min(rates.values()) >= 0.95, rates
+
+
+def test_prompt_fidelity_is_high_on_ground_truth_and_low_on_other_images():
+    scenes, images = rendered(60, 2, toy.STYLES)
+    own = np.mean([toy.prompt_fidelity(im, s) for im, s in zip(images, scenes)])
+    other = np.mean([toy.prompt_fidelity(im, s) for im, s in zip(images[1:] + images[:1], scenes)])
+    assert own >= 0.97 and other <= 0.5, (own, other)
+    # One attribute wrong costs exactly its share: a red circle asked for as a blue one.
+    scene = toy.Scene((toy.Obj("circle", "red", size="big", position="left"),), "sand")
+    image = toy.render(scene, np.random.default_rng(0))
+    asked_blue = toy.Scene((replace(scene.objects[0], color="blue"),), "sand")
+    assert toy.prompt_fidelity(image, scene) == 1.0
+    # asked: background, and shape, color, pattern, size, position; one of six is wrong
+    assert toy.prompt_fidelity(image, asked_blue) == pytest.approx(1 - 1 / 6)
+
+
+def test_subject_scores_high_and_other_objects_low():
+    rng = np.random.default_rng(3)
+    for subject in toy.SUBJECTS:
+        index = toy.SUBJECTS.index(subject)
+        own = [toy.subject_fidelity(toy.render(s, rng), subject) for s in toy.subject_scenes(index, 5)]
+        assert min(own) == 1.0, own
+        others = [toy.subject_fidelity(toy.render(s, rng), subject) for s in rendered(40, 4, ("none",))[0]]
+        assert np.mean(others) <= 0.4, np.mean(others)
+        plain = toy.Scene((replace(subject, pattern="plain", token=""),), "night")
+        assert toy.subject_fidelity(toy.render(plain, rng), subject) == 0.5  # shape and color, not the pattern
+        in_style = toy.eval_scenes(subject, style="vignette", n=1)[0]
+        assert toy.subject_fidelity(toy.render(in_style, rng), subject) == 1.0
+    assert toy.subject_fidelity(toy.render(toy.Scene((), "sky"), rng), toy.SUBJECTS[0]) == 0.0
+
+
+def test_style_fidelity_separates_held_out_styles():
+    for style in toy.HELD_OUT_STYLES:
+        scenes = toy.eval_scenes(style=style, n=8)
+        rng = np.random.default_rng(5)
+        styled = [toy.style_fidelity(toy.render(s, rng), style) for s in scenes]
+        plain = [toy.style_fidelity(toy.render(replace(s, style="none"), rng), style) for s in scenes]
+        assert min(styled) >= 0.8 and max(plain) <= 0.1, (style, styled, plain)
+
+
+def test_held_out_subjects_and_styles_never_appear_in_pretraining():
+    _, captions = toy.render_dataset(200, 0)
+    scenes = [toy.random_scene(np.random.default_rng(6)) for _ in range(500)]
+    assert not any(toy.is_held_out(o) for s in scenes for o in s.objects)
+    assert not any("<" in c for c in captions) and {s.style for s in scenes} <= set(toy.STYLES)
+    metrics = toy.toy_metrics([toy.render(s, np.random.default_rng(0)) for s in toy.eval_scenes(toy.SUBJECTS[0],
+                                                                                                "frame", 2)],
+                              toy.eval_scenes(toy.SUBJECTS[0], "frame", 2)[0])
+    assert set(metrics) == {"prompt", "subject", "style"} and all(0 <= v <= 1 for v in metrics.values())
+
+
+def test_data_command_writes_a_training_folder(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "toy.py"), "data", "--subject", "0", "--out",
+                        str(tmp_path / "sub0")], capture_output=True, text=True, check=True)
+    assert "<sub0>" in r.stdout and "'star'" in r.stdout
+    names = sorted(os.listdir(tmp_path / "sub0"))
+    assert names == ["00.png", "00.txt", "01.png", "01.txt", "02.png", "02.txt", "03.png", "03.txt"]
+    assert all("<sub0> star" in (tmp_path / "sub0" / n).read_text() for n in names if n.endswith(".txt"))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "toy.py"), "data", "--style", "9", "--out",
+                        str(tmp_path / "x")], capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def quick_model(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("toy") / "toy-sdxl")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "toy.py"), "--quick", "--out", folder],
+                       capture_output=True, text=True, check=True)
+    return folder, r.stdout
+
+
+def test_quick_pretraining_makes_an_sdxl_folder(quick_model):
+    folder, stdout = quick_model
+    assert "prompt fidelity of base samples" in stdout
+    assert not os.path.exists(os.path.join(folder, "pretrain_state.safetensors"))
+    unet, vae, text = load_unet(folder), load_vae(folder), TextEncoders(folder)
+    context, pooled = text.encode(["a big red star at the left on a sand background", ""], zero_empty=True)
+    assert context.shape == (2, 77, unet.cfg.context_dim) and pooled.shape == (2, unet.cfg.pooled_dim)
+    assert context[1].abs().max() == 0
+    scheduler = json.load(open(os.path.join(folder, "scheduler", "scheduler_config.json")))
+    assert (scheduler["beta_schedule"], scheduler["timestep_spacing"], scheduler["steps_offset"]) == \
+        ("scaled_linear", "leading", 1)
+    assert 0.05 < vae.cfg.scaling_factor < 5
+
+
+def test_quick_model_loads_in_diffusers_and_agrees(quick_model):
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = quick_model[0]
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    unet = load_unet(folder)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, unet.cfg.context_dim, generator=g)
+    pooled, ids = torch.randn(2, unet.cfg.pooled_dim, generator=g), torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
+    with torch.no_grad():
+        ours = unet(x, torch.tensor([500.0, 20.0]), ctx, pooled, ids)
+        ref = pipe.unet(x, torch.tensor([500.0, 20.0]), ctx, added_cond_kwargs={"text_embeds": pooled,
+                                                                                "time_ids": ids}).sample
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    image = pipe("a big red star at the left on a sand background", num_inference_steps=2, width=64, height=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def weights(folder):
+    return {f"{sub}/{k}": v for sub, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                                              ("text_encoder", "model"), ("text_encoder_2", "model"))
+            for k, v in load_file(os.path.join(folder, sub, name + ".safetensors")).items()}
+
+
+def test_pretraining_is_deterministic_and_resumes_exactly(tmp_path, monkeypatch):
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    toy.pretrain(a, seed=0, budget=TINY)
+    toy.pretrain(b, seed=0, budget=TINY)
+    first, second = weights(a), weights(b)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+    monkeypatch.setattr(toy, "SAVE_EVERY_S", 0)  # save the state after every step
+    real_loss, calls = toy.unet_loss, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(toy, "unet_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        toy.pretrain(c, seed=0, budget=TINY)
+    assert not os.path.exists(os.path.join(c, "unet"))
+    monkeypatch.setattr(toy, "unet_loss", real_loss)
+    toy.pretrain(c, seed=0, budget=TINY)  # continues from step 3
+    resumed = weights(c)
+    assert all(torch.equal(first[k], resumed[k]) for k in first)
+    toy.pretrain(str(tmp_path / "d"), seed=1, budget=TINY)
+    other = weights(str(tmp_path / "d"))
+    assert not torch.equal(first["unet/conv_in.weight"], other["unet/conv_in.weight"])
