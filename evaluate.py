@@ -310,12 +310,14 @@ COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
 
 
 def plot_pareto(rows, x_name, y_name, path, size=(900, 650), margin=80):
-    """Mean image similarity (y) against mean text similarity (x) with +-1 SE bars; one curve per method through its
-    numeric w_con in the order given, the 'cfg' point unconnected."""
+    """Mean y_name (e.g. image similarity) against mean x_name (e.g. text similarity) with +-1 SE bars; one curve per
+    method through its numeric w_con in the order given, the 'cfg' point unconnected."""
     W, H, m = *size, margin
-    xs, ys = [r[f"{x_name}_mean"] for r in rows], [r[f"{y_name}_mean"] for r in rows]
+    def extent(name):  # the means with their error bars, so that every bar fits
+        se = [r[f"{name}_se"] if np.isfinite(r[f"{name}_se"]) else 0.0 for r in rows]
+        return [r[f"{name}_mean"] - e for r, e in zip(rows, se)] + [r[f"{name}_mean"] + e for r, e in zip(rows, se)]
     (x0, x1), (y0, y1) = [(min(v) - 0.1 * (max(v) - min(v) + 1e-3), max(v) + 0.1 * (max(v) - min(v) + 1e-3))
-                          for v in (xs, ys)]
+                          for v in (extent(x_name), extent(y_name))]
 
     def to_px(x, y):
         return m + (x - x0) / (x1 - x0) * (W - 2 * m), H - m - (y - y0) / (y1 - y0) * (H - 2 * m)
@@ -326,8 +328,8 @@ def plot_pareto(rows, x_name, y_name, path, size=(900, 650), margin=80):
         x, y = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
         d.text((to_px(x, y0)[0] - 15, H - m + 8), f"{x:.3f}", fill="black", font=font)
         d.text((m - 45, to_px(x0, y)[1] - 6), f"{y:.3f}", fill="black", font=font)
-    d.text((W / 2 - 60, H - m + 30), f"{x_name} (text similarity)", fill="black", font=font)
-    d.text((m, m - 25), f"{y_name} (image similarity)", fill="black", font=font)
+    d.text((W / 2 - 60, H - m + 30), x_name, fill="black", font=font)
+    d.text((m, m - 25), y_name, fill="black", font=font)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for k, method in enumerate(methods):
         color, pts = COLORS[k % len(COLORS)], [r for r in rows if r["method"] == method]

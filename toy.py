@@ -3,6 +3,7 @@
     python toy.py [--out toy-sdxl] [--seed 0] [--quick]      pretrain (resumable) and save in the SDXL layout
     python toy.py data --subject 0 --out data/sub0           a held-out subject's training folder (NAME.png + NAME.txt)
     python toy.py data --style 0 --out data/sty0             a held-out style's single training image
+    python toy.py compare [--model toy-sdxl] [--quick]       DreamBooth vs prior preservation vs DCO, in miniature
 
 The world: 64x64 images of one or two objects (shape, color, pattern, size, position) on a background, optionally
 in a whole-image style. Held out of pretraining are a few personal subjects (a shape + color + pattern combination
@@ -12,14 +13,29 @@ The metrics read the same attributes back from any image, so subject, style and 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass, replace
+from itertools import permutations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
+from safetensors import safe_open
 from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+import evaluate
+from checkpoint import load_vae, save_component, save_safetensors
+from dco import alphas_cumprod, eps_mse, min_snr_weight, q_sample
+from sample import conditioning, initial_noise, load_sdxl
+from sampler import sample
+from text import TextEncoders, time_ids
+from unet_sdxl import UNet, UNetConfig
+from vae import AutoencoderKL, VAEConfig, decode_latents
 
 SIZE = 64  # image side in pixels
 
@@ -332,8 +348,6 @@ def prompt_fidelity(image, scene):
     """The fraction of the attributes the prompt (caption(scene)) states in words that the image satisfies:
     background, a pretraining style, and each object's attributes; objects are paired with detected ones in the
     way that satisfies the most. A subject's identity and a held-out style are scored by the functions above."""
-    from itertools import permutations
-
     read = analyze(image)
     found = read["objects"][:4] + [None] * len(scene.objects)
     score, total = float(read["background"] == scene.background), 1
@@ -381,25 +395,21 @@ def learned_token(index=None, style=None):
 
 
 def eval_scenes(subject=None, style=None, n=8, seed=0):
-    """Evaluation prompts as scenes (the prompt is caption(scene), the scene its ground truth): the subject (if any)
-    in new places, sizes and backgrounds, half of them beside another object, some in a pretraining style; with a
-    held-out style, all in that style."""
+    """Evaluation prompts as scenes (the prompt is caption(scene), the scene its ground truth): the subject (or a
+    world object) at every place and both sizes on every background, every other pair beside a small world object,
+    in the pretraining styles, or all in a held-out style when one is given."""
     rng = np.random.default_rng([seed, 7])
     scenes = []
     for i in range(n):
-        pair = PAIRS[i % 2]
-        main = random_object(rng, ("big", "small")[i % 2], str(list(POSITIONS)[i % 5]))
-        if subject is not None:
-            main = replace(subject, size=main.size, position=main.position)
-        objects = (main,)
-        if i % 4 >= 2:  # beside another object
-            main = replace(main, size="big" if i % 8 >= 4 else "small", position=pair[0])
-            other = random_object(rng, "small", pair[1])
-            while other.color == main.color:
-                other = random_object(rng, "small", pair[1])
-            objects = (main, other)
-        look = style if style is not None else ("none", "none", "shadow", "outline")[(i // 2) % 4]
-        scenes.append(Scene(objects, list(BACKGROUNDS)[(i + i // 5) % 5], look))
+        size, places = ("big", "small")[i % 2], (list(POSITIONS)[i % 5],) if i % 4 < 2 else PAIRS[i % 2]
+        main = random_object(rng, size, places[0]) if subject is None else replace(subject, size=size,
+                                                                                    position=places[0])
+        objects = [main]
+        while len(objects) < len(places):
+            other = random_object(rng, "small", places[1])
+            objects += [other] if other.color != main.color else []
+        look = style or ("none", "none", "shadow", "outline")[(i // 2) % 4]
+        scenes.append(Scene(tuple(objects), list(BACKGROUNDS)[(i + i // 5) % 5], look))
     return scenes
 
 
@@ -436,8 +446,6 @@ def bpe(word, merges):
 def write_tokenizer(folder, pad_token):
     """A word-level CLIP BPE tokenizer: every world word is one token; any other word (e.g. "<sub0>") falls back to
     single characters. Merges are appended last-first until BPE joins each word, so earlier words keep theirs."""
-    from transformers import CLIPTokenizer
-
     vocab, merges = list(CHARS) + [c + "</w>" for c in CHARS], []
     for word in WORDS:
         while len(pieces := bpe(word, merges)) > 1:
@@ -456,8 +464,6 @@ def write_tokenizer(folder, pad_token):
 
 def text_encoder_configs(tokenizer):
     """Two tiny CLIP text encoders, shaped like SDXL's pair: CLIP-L (quick_gelu) and bigG with a projection."""
-    from transformers import CLIPTextConfig
-
     common = dict(vocab_size=len(tokenizer), intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                   max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -469,9 +475,6 @@ def model_configs():
     """SDXL's architecture, shrunk. The autoencoder halves each side (SDXL's divides by 8): at 64x64 that keeps
     dots and stripes in the latents and trains in minutes. One norm group: with few channels, per-group
     normalization would erase the flat colors this world is made of."""
-    from unet_sdxl import UNetConfig
-    from vae import VAEConfig
-
     vae = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_groups=1)  # (3, 64, 64) <-> (4, 32, 32)
     unet = UNetConfig(model_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, transformer_depth=(0, 0, 1, 1),
                       head_dim=16, context_dim=32 + 64, pooled_dim=64, time_id_dim=16, norm_groups=4)
@@ -497,12 +500,12 @@ LR = {"vae": 1e-2, "unet": 2e-3}
 TRAIN_TEXT_ENCODERS = True  # jointly with the UNet (see the report in the docstring of pretrain)
 CAPTION_DROPOUT = 0.1  # the empty prompt's zero embedding is trained too, so classifier-free guidance works
 KL_WEIGHT = 1e-4
+LAYOUT_NOISE = 0.3  # see layout_noise
 SAVE_EVERY_S = 60
 
 
 def render_dataset(n, seed, styles=STYLES):
     """n world scenes (never a held-out subject): images (n, 3, 64, 64) uint8 and captions."""
-    import torch
     rng = np.random.default_rng(seed)
     scenes = [random_scene(rng, styles) for _ in range(n)]
     images = np.stack([np.asarray(render(s, rng)) for s in tqdm(scenes, desc="rendering", leave=False)])
@@ -520,7 +523,6 @@ def lr_at(step, steps, lr):
 def vae_loss(vae, images, batch, g):
     """L2 + L1 reconstruction of random 32x32 crops from a posterior sample, plus a small KL to N(0, 1).
     The autoencoder is convolutional: crops teach it the whole image at a quarter of the cost."""
-    import torch
     x = images[torch.randint(0, len(images), (batch,), generator=g)].float() / 127.5 - 1
     top, left = (torch.randint(0, 5, (2,), generator=g) * 8).tolist()  # aligned with the latent grid; 2 in 5 at an edge
     x = x[:, :, top:top + 32, left:left + 32]
@@ -530,18 +532,29 @@ def vae_loss(vae, images, batch, g):
     return (recon - x).pow(2).mean() + 0.5 * (recon - x).abs().mean() + KL_WEIGHT * kl
 
 
+def layout_noise(shape, g, strength=None):
+    """White noise plus coarse noise: noise drawn at 1/8, 1/16 and 1/32 of the latent size (4x4, 2x2 and 1x1 cells
+    at 32x32, the last one being offset noise), upsampled, times strength, then scaled back to unit variance.
+    Why: the schedule's last step (sqrt(a_999) = 0.07) still leaks the layout of a 32x32 latent, where the object
+    is and the background's color, through white noise; a model trained on white noise learns to read the layout
+    from the noise and to ignore "at the left" or "on a sand background". Sampling still starts from white noise."""
+    strength = LAYOUT_NOISE if strength is None else strength
+    B, C, H, W = shape
+    noise = torch.randn(shape, generator=g)
+    for factor in (8, 16, 32):
+        coarse = torch.randn(B, C, max(H // factor, 1), max(W // factor, 1), generator=g)
+        noise += strength * F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
+    return noise / noise.std()
+
+
 def unet_loss(unet, text, latents, captions, batch, g):
     """The denoising loss on a posterior sample of the latents, weighted by min-SNR-5; captions are dropped to the
     empty prompt (zero embedding, as SDXL's empty negative prompt) with probability CAPTION_DROPOUT."""
-    import torch
-    from dco import alphas_cumprod, eps_mse, min_snr_weight, q_sample
-    from text import time_ids
-
     mean, std = latents
     idx = torch.randint(0, len(mean), (batch,), generator=g)
     x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
-    noise = torch.randn(x0.shape, generator=g)
+    noise = layout_noise(x0.shape, g)
     keep = torch.rand(batch, generator=g) >= CAPTION_DROPOUT
     prompts = [captions[i] if k else "" for i, k in zip(idx.tolist(), keep.tolist())]
     context, pooled = text.encode(prompts, zero_empty=True)
@@ -553,9 +566,6 @@ def unet_loss(unet, text, latents, captions, batch, g):
 
 def save_state(path, phase, step, modules, opt, g, run):
     """Everything a phase needs to continue exactly: weights, AdamW moments, the generator, the step."""
-    import torch
-    from checkpoint import save_safetensors
-
     tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
     opt_state = opt.state_dict()
     tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for i, s in opt_state["state"].items() for k, v in s.items()})
@@ -566,8 +576,6 @@ def save_state(path, phase, step, modules, opt, g, run):
 
 def load_state(path, phase, modules, opt, g, run):
     """Restore a phase saved by save_state; returns the step to continue from (0 when there is nothing to resume)."""
-    from safetensors import safe_open
-
     if not os.path.exists(path):
         return 0
     with safe_open(path, "pt") as f:
@@ -591,8 +599,6 @@ def load_state(path, phase, modules, opt, g, run):
 def train_phase(phase, modules, loss_fn, steps, lr, state_path, seed, run):
     """steps AdamW steps on loss_fn(g), resumable: the state is saved atomically every SAVE_EVERY_S and at the end,
     and every random draw comes from one generator that is saved with it, so a resumed run equals an unbroken one."""
-    import torch
-
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -602,12 +608,12 @@ def train_phase(phase, modules, loss_fn, steps, lr, state_path, seed, run):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr)
         loss = loss_fn(g)
+        if not torch.isfinite(loss):
+            sys.exit(f"error: the {phase} loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if not torch.isfinite(loss):
-            sys.exit(f"error: the {phase} loss is {loss.item()} at step {step}")
         if time.time() - last_save > SAVE_EVERY_S:
             save_state(state_path, phase, step + 1, modules, opt, g, run)
             last_save = time.time()
@@ -640,14 +646,6 @@ def pretrain(out, seed=0, budget=FULL):
     Phases: tokenizers and random text encoders; the autoencoder (it sees every style, held-out ones included: like
     SDXL's, it is a generic image codec, and what is held out is held out of the UNet and text encoders); then the
     UNet, with the text encoders trained jointly when TRAIN_TEXT_ENCODERS."""
-    import torch
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from checkpoint import load_vae, save_component
-    from text import TextEncoders
-    from unet_sdxl import UNet
-    from vae import AutoencoderKL
-
     if os.path.exists(os.path.join(out, "model_index.json")):
         print(f"{out} is already pretrained; delete it to pretrain again")
         return False
@@ -704,11 +702,6 @@ def pretrain(out, seed=0, budget=FULL):
 
 def generate(folder, scenes, seed=0, steps=30, cfg=5.0):
     """Images the model in folder makes for caption(scene) of each scene, as sample.py makes them."""
-    import torch
-    from sample import conditioning, initial_noise, load_sdxl
-    from sampler import sample
-    from vae import decode_latents
-
     unet, vae, text = load_sdxl(folder, torch.device("cpu"), torch.float32)
     prompts = [caption(s) for s in scenes]
     with torch.no_grad():
@@ -738,6 +731,111 @@ def report(folder, n=40, seed=1):
     return model, chance, oracle
 
 
+# ---------------------------------------------------------------------------------------------- the paper's experiments
+
+@dataclass(frozen=True)
+class Plan:
+    subjects: tuple  # indices into SUBJECTS
+    styles: tuple  # names in HELD_OUT_STYLES
+    merges: tuple  # (subject index, style name): the two LoRAs loaded together
+    steps: int  # fine-tuning steps, the same for every method
+    prompts: int  # evaluation prompts (eval_scenes) per subject, style or merge
+    seeds: int
+    w_cons: tuple  # None: plain CFG with the fine-tuned model
+    merge_w_cons: tuple
+    num_prior: int  # class images for prior preservation
+    sample_steps: int
+
+
+COMPARE = Plan(subjects=(0, 1, 2), styles=tuple(HELD_OUT_STYLES), merges=((0, "frame"), (1, "vignette")), steps=400,
+               prompts=8, seeds=2, w_cons=(None, 0.0, 1.0, 2.0, 3.0, 5.0), merge_w_cons=(None, 2.0, 3.0),
+               num_prior=20, sample_steps=30)
+QUICK_COMPARE = Plan(subjects=(0,), styles=("frame",), merges=((0, "frame"),), steps=10, prompts=2, seeds=1,
+                     w_cons=(None, 2.0), merge_w_cons=(2.0,), num_prior=2, sample_steps=8)
+METHODS = {"DreamBooth": dict(beta=0.0, prior=False), "DreamBooth + prior": dict(beta=0.0, prior=True),
+           "DCO": dict(beta=1000.0, prior=False)}
+FINE_TUNE = ["--rank", "8", "--lr", "1e-3", "--ti-lr", "1e-3", "--resolution", str(SIZE), "--save-every", "0"]
+
+
+def targets(plan):
+    """(name, training scenes, token, initializer word, class prompt) for every subject and style of the plan. The
+    class prompt (prior preservation's) is the first caption with the subject's token or the style removed."""
+    found = []
+    for i in plan.subjects:
+        scenes, (token, init) = subject_scenes(i), learned_token(i)
+        found.append((f"sub{i}", scenes, token, init, caption(scenes[0]).replace(token + " ", "")))
+    for name in plan.styles:
+        scenes, (token, init) = style_scenes(name), learned_token(style=name)
+        found.append((name, scenes, token, init, caption(replace(scenes[0], style="none"))))
+    return found
+
+
+def fine_tune(model, out, target, method, plan):
+    """train.py on one target with one method, as a user runs it; skipped when out/ already holds the finished run."""
+    name, scenes, token, init, class_prompt = target
+    run = os.path.join(out, "runs", f"{name}-{method.replace(' + ', '-')}")
+    settings = os.path.join(run, "settings.json")
+    if os.path.exists(settings) and json.load(open(settings))["step"] == plan.steps:
+        return run
+    data = os.path.join(out, "data", name)
+    write_training_folder(scenes, data)
+    argv = ["--model", model, "--data", data, "--out", run, "--token", token, "--init-token", init,
+            "--beta", str(METHODS[method]["beta"]), "--steps", str(plan.steps), "--sample-steps", str(plan.sample_steps),
+            *FINE_TUNE]
+    if METHODS[method]["prior"]:
+        argv += ["--prior-dir", os.path.join(out, "prior", name), "--prior-prompt", class_prompt,
+                 "--num-prior", str(plan.num_prior)]
+    if os.path.exists(os.path.join(run, "checkpoint.safetensors")):
+        argv.append("--resume")  # an interrupted run continues where it stopped
+    print(f"fine-tuning {name} with {method}")
+    train = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    if subprocess.run([sys.executable, train, *argv]).returncode:
+        sys.exit(f"error: train.py stopped on {name} with {method} (its message is above); rerun to continue")
+    return run
+
+
+def score_table(model, out, title, jobs, w_cons, plan, axes):
+    """Sample every job (label, LoRA folders, evaluation scenes) at every w_con, prompt and seed through evaluate.py's
+    cached sweep, score each image with toy_metrics against its scene; write the table as csv and the Pareto plot
+    (axes: the x and y metric), and return the table in markdown. Jobs with the same label are summarized together."""
+    settings = argparse.Namespace(model=model, cfg=5.0, steps=plan.sample_steps, width=SIZE, height=SIZE,
+                                  negative_prompt="", device="cpu", dtype="float32")
+    cache, entries = evaluate.ImageCache(os.path.join(out, "images")), []
+    for label, loras, scenes in jobs:
+        by_prompt = {caption(s): s for s in scenes}
+        found = evaluate.sweep(settings, [(label, loras)], list(by_prompt), list(range(plan.seeds)), list(w_cons),
+                               cache, evaluate.make_generator)
+        for e in found:
+            e["metrics"] = toy_metrics([Image.open(e["path"]).convert("RGB")], by_prompt[e["prompt"]])
+        entries += found
+    names = list(entries[0]["metrics"])
+    rows = evaluate.summarize(entries, {n: np.array([e["metrics"][n] for e in entries]) for n in names})
+    slug = title.split(":")[0].lower()
+    evaluate.plot_pareto(rows, *axes, os.path.join(out, f"pareto_{slug}.png"))
+    evaluate.write_atomic(os.path.join(out, f"{slug}.csv"), evaluate.to_csv(rows))
+    return f"### {title}\n\n" + evaluate.to_markdown(rows, names)
+
+
+def compare(model, out, plan):
+    """DreamBooth, DreamBooth + prior preservation and DCO on every subject and style of the plan (same steps and
+    learning rate), a w_con sweep over evaluation prompts, and per method the merge of a subject and a style LoRA.
+    Writes out/results.md (three tables), out/*.csv and out/pareto_*.png; a rerun reuses finished runs and images."""
+    runs = {(t[0], m): fine_tune(model, out, t, m, plan) for t in targets(plan) for m in METHODS}
+    subjects = [([f"sub{i}"], eval_scenes(SUBJECTS[i], n=plan.prompts)) for i in plan.subjects]
+    styles = [([s], eval_scenes(style=s, n=plan.prompts)) for s in plan.styles]
+    merges = [([f"sub{i}", s], eval_scenes(SUBJECTS[i], style=s, n=plan.prompts)) for i, s in plan.merges]
+    tables = [("Subjects: subject fidelity and prompt fidelity", subjects, METHODS, plan.w_cons, ("prompt", "subject")),
+              ("Styles: style fidelity and prompt fidelity", styles, METHODS, plan.w_cons, ("prompt", "style")),
+              ("Merges: a subject LoRA and a style LoRA loaded together", merges, ("DreamBooth", "DCO"),
+               plan.merge_w_cons, ("prompt", "subject"))]
+    text = "\n".join(score_table(model, out, title, [(m, [runs[(n, m)] for n in names], scenes)
+                                                     for m in methods for names, scenes in sets], w_cons, plan, axes)
+                     for title, sets, methods, w_cons, axes in tables)
+    evaluate.write_atomic(os.path.join(out, "results.md"), text)
+    print(text + f"\nwrote {out}/results.md, the tables as csv and the Pareto plots")
+    return text
+
+
 # ---------------------------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
@@ -754,8 +852,12 @@ def parse_args(argv=None):
     data.add_argument("--out", required=True)
     data.add_argument("--n", type=int, default=4, help="images of a subject (a style has one)")
     data.add_argument("--seed", type=int, default=0)
+    cmp = commands.add_parser("compare", help="DreamBooth vs DreamBooth + prior vs DCO: Pareto and merge tables")
+    cmp.add_argument("--model", default="toy-sdxl", help="pretrained first if the folder holds no model")
+    cmp.add_argument("--out", default="toy-compare")
+    cmp.add_argument("--quick", action="store_true", help="one subject and style, a few steps: minutes, not results")
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in ("pretrain", "data", "-h", "--help"):
+    if not argv or argv[0] not in ("pretrain", "data", "compare", "-h", "--help"):
         argv = ["pretrain", *argv]
     return p.parse_args(argv)
 
@@ -773,6 +875,13 @@ def main(args):
             scenes, (token, init) = style_scenes(name, args.seed), learned_token(style=name)
         write_training_folder(scenes, args.out, args.seed)
         print(f"wrote {len(scenes)} images to {args.out}; token {token}, initializer word {init!r}")
+        return
+    if args.command == "compare":
+        if not os.path.exists(os.path.join(args.model, "model_index.json")):
+            pretrain(args.model, 0, QUICK if args.quick else FULL)
+        start = time.time()
+        compare(args.model, args.out, QUICK_COMPARE if args.quick else COMPARE)
+        print(f"compared in {time.time() - start:.0f} s")
         return
     start = time.time()
     if pretrain(args.out, args.seed, QUICK if args.quick else FULL):

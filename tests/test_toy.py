@@ -1,4 +1,5 @@
 """The toy world: its metrics read the renderer's ground truth back, and its pretraining makes a real SDXL folder."""
+import csv
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import toy
@@ -190,3 +192,43 @@ def test_pretraining_is_deterministic_and_resumes_exactly(tmp_path, monkeypatch)
     toy.pretrain(str(tmp_path / "d"), seed=1, budget=TINY)
     other = weights(str(tmp_path / "d"))
     assert not torch.equal(first["unet/conv_in.weight"], other["unet/conv_in.weight"])
+
+
+def test_compare_quick_runs_the_experiments_end_to_end(quick_model, tmp_path):
+    out = tmp_path / "compare"
+    command = [sys.executable, os.path.join(ROOT, "toy.py"), "compare", "--quick", "--model", quick_model[0],
+               "--out", str(out)]
+    r = subprocess.run(command, capture_output=True, text=True, check=True)
+    text = (out / "results.md").read_text()
+    assert text in r.stdout and all(f"### {t}" in text for t in ("Subjects", "Styles", "Merges"))
+    tables = {name: list(csv.DictReader(open(out / f"{name}.csv"))) for name in ("subjects", "styles", "merges")}
+    plan = toy.QUICK_COMPARE
+    assert [(row["method"], row["w_con"]) for row in tables["subjects"]] == \
+        [(m, "cfg" if w is None else f"{w:g}") for m in toy.METHODS for w in plan.w_cons]
+    assert {row["method"] for row in tables["merges"]} == {"DreamBooth", "DCO"}
+    assert all(0 <= float(row[f"{k}_mean"]) <= 1 for row in tables["merges"] for k in ("prompt", "subject", "style"))
+    for name in ("subjects", "styles", "merges"):
+        assert (out / f"pareto_{name}.png").stat().st_size > 1000
+
+    # The runs are train.py's: the DCO and DreamBooth LoRAs differ, prior preservation made its class images.
+    dco, db = (load_file(str(out / "runs" / f"sub0-{m}" / "pytorch_lora_weights.safetensors"))
+               for m in ("DCO", "DreamBooth"))
+    assert dco.keys() == db.keys() and any(not torch.equal(dco[k], db[k]) for k in dco)
+    assert len([f for f in os.listdir(out / "prior" / "sub0") if f.endswith(".png")]) == plan.num_prior
+
+    # Each table entry is the mean of the toy metrics of its cached images, scored against the prompt's scene.
+    index = json.load(open(out / "images" / "index.json"))
+    scenes = {toy.caption(s): s for s in toy.eval_scenes(toy.SUBJECTS[0], n=plan.prompts)}
+    for row in tables["subjects"]:
+        w = None if row["w_con"] == "cfg" else float(row["w_con"])
+        entries = [e for e in index.values() if e["method"] == row["method"] and e["w_con"] == w
+                   and e["prompt"] in scenes]
+        assert len(entries) == int(row["n"]) == plan.prompts * plan.seeds
+        images = [Image.open(out / "images" / e["file"]).convert("RGB") for e in entries]
+        for key in ("subject", "prompt"):
+            expected = np.mean([toy.toy_metrics([im], scenes[e["prompt"]])[key] for im, e in zip(images, entries)])
+            assert float(row[f"{key}_mean"]) == pytest.approx(expected)
+
+    again = subprocess.run(command, capture_output=True, text=True, check=True)  # nothing left to train or draw
+    assert "fine-tuning" not in again.stdout and "generating" not in again.stderr
+    assert (out / "results.md").read_text() == text
