@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import toy
+import toyworld
 from checkpoint import load_unet, load_vae
 from text import TextEncoders
 
@@ -24,7 +25,7 @@ def test_every_world_word_is_one_token(tmp_path):
     tok = toy.write_tokenizer(str(tmp_path / "tokenizer"), "<|endoftext|>")
     tok2 = toy.write_tokenizer(str(tmp_path / "tokenizer_2"), "!")
     vocab = tok.get_vocab()
-    for word in toy.WORDS:
+    for word in toyworld.WORDS:
         assert tok(word, add_special_tokens=False).input_ids == [vocab[word + "</w>"]], word
     assert tok.eos_token_id == max(vocab.values())  # CLIP pools the end token by taking the largest id
     pieces = tok.convert_ids_to_tokens(tok("a big <sub0> star", add_special_tokens=False).input_ids)
@@ -35,22 +36,22 @@ def test_every_world_word_is_one_token(tmp_path):
 
 def rendered(n, seed, styles):
     rng = np.random.default_rng(seed)
-    scenes = [toy.random_scene(rng, styles) for _ in range(n)]
-    return scenes, [toy.render(s, rng) for s in scenes]
+    scenes = [toyworld.random_scene(rng, styles) for _ in range(n)]
+    return scenes, [toyworld.render(s, rng) for s in scenes]
 
 
 def test_attribute_checks_agree_with_the_renderer():
-    scenes, images = rendered(150, 1, toy.STYLES[:1] * 2 + toy.STYLES[1:] + tuple(toy.HELD_OUT_STYLES))
+    scenes, images = rendered(150, 1, toyworld.STYLES[:1] * 2 + toyworld.STYLES[1:] + tuple(toyworld.HELD_OUT_STYLES))
     agree, total = {}, {}
     for scene, image in zip(scenes, images):
-        read = toy.analyze(image)
+        read = toyworld.analyze(image)
         agree["background"] = agree.get("background", 0) + (read["background"] == scene.background)
         agree["count"] = agree.get("count", 0) + (len(read["objects"]) == len(scene.objects))
         for style, score in read["style_scores"].items():
             agree["style"] = agree.get("style", 0) + ((score > 0.5) == (scene.style == style)) / 4
         for obj in scene.objects:
             found = [o for o in read["objects"] if o["position"] == obj.position]
-            for a in toy.identity(obj) + ("size", "position"):
+            for a in toyworld.identity(obj) + ("size", "position"):
                 agree[a] = agree.get(a, 0) + bool(found and found[0][a] == getattr(obj, a))
                 total[a] = total.get(a, 0) + 1
     rates = {a: agree[a] / total.get(a, len(scenes)) for a in agree}
@@ -58,51 +59,51 @@ def test_attribute_checks_agree_with_the_renderer():
 
 
 def test_prompt_fidelity_is_high_on_ground_truth_and_low_on_other_images():
-    scenes, images = rendered(60, 2, toy.STYLES)
-    own = np.mean([toy.prompt_fidelity(im, s) for im, s in zip(images, scenes)])
-    other = np.mean([toy.prompt_fidelity(im, s) for im, s in zip(images[1:] + images[:1], scenes)])
+    scenes, images = rendered(60, 2, toyworld.STYLES)
+    own = np.mean([toyworld.prompt_fidelity(im, s) for im, s in zip(images, scenes)])
+    other = np.mean([toyworld.prompt_fidelity(im, s) for im, s in zip(images[1:] + images[:1], scenes)])
     assert own >= 0.97 and other <= 0.5, (own, other)
     # One attribute wrong costs exactly its share: a red circle asked for as a blue one.
-    scene = toy.Scene((toy.Obj("circle", "red", size="big", position="left"),), "sand")
-    image = toy.render(scene, np.random.default_rng(0))
-    asked_blue = toy.Scene((replace(scene.objects[0], color="blue"),), "sand")
-    assert toy.prompt_fidelity(image, scene) == 1.0
+    scene = toyworld.Scene((toyworld.Obj("circle", "red", size="big", position="left"),), "sand")
+    image = toyworld.render(scene, np.random.default_rng(0))
+    asked_blue = toyworld.Scene((replace(scene.objects[0], color="blue"),), "sand")
+    assert toyworld.prompt_fidelity(image, scene) == 1.0
     # asked: background, and shape, color, pattern, size, position; one of six is wrong
-    assert toy.prompt_fidelity(image, asked_blue) == pytest.approx(1 - 1 / 6)
+    assert toyworld.prompt_fidelity(image, asked_blue) == pytest.approx(1 - 1 / 6)
 
 
 def test_subject_scores_high_and_other_objects_low():
     rng = np.random.default_rng(3)
-    for subject in toy.SUBJECTS:
-        index = toy.SUBJECTS.index(subject)
-        own = [toy.subject_fidelity(toy.render(s, rng), subject) for s in toy.subject_scenes(index, 5)]
+    for subject in toyworld.SUBJECTS:
+        index = toyworld.SUBJECTS.index(subject)
+        own = [toyworld.subject_fidelity(toyworld.render(s, rng), subject) for s in toyworld.subject_scenes(index, 5)]
         assert min(own) == 1.0, own
-        others = [toy.subject_fidelity(toy.render(s, rng), subject) for s in rendered(40, 4, ("none",))[0]]
+        others = [toyworld.subject_fidelity(toyworld.render(s, rng), subject) for s in rendered(40, 4, ("none",))[0]]
         assert np.mean(others) <= 0.4, np.mean(others)
-        plain = toy.Scene((replace(subject, pattern="plain", token=""),), "night")
-        assert toy.subject_fidelity(toy.render(plain, rng), subject) == 0.5  # shape and color, not the pattern
-        in_style = toy.eval_scenes(subject, style="vignette", n=1)[0]
-        assert toy.subject_fidelity(toy.render(in_style, rng), subject) == 1.0
-    assert toy.subject_fidelity(toy.render(toy.Scene((), "sky"), rng), toy.SUBJECTS[0]) == 0.0
+        plain = toyworld.Scene((replace(subject, pattern="plain", token=""),), "night")
+        assert toyworld.subject_fidelity(toyworld.render(plain, rng), subject) == 0.5  # shape and color, not the pattern
+        in_style = toyworld.eval_scenes(subject, style="vignette", n=1)[0]
+        assert toyworld.subject_fidelity(toyworld.render(in_style, rng), subject) == 1.0
+    assert toyworld.subject_fidelity(toyworld.render(toyworld.Scene((), "sky"), rng), toyworld.SUBJECTS[0]) == 0.0
 
 
 def test_style_fidelity_separates_held_out_styles():
-    for style in toy.HELD_OUT_STYLES:
-        scenes = toy.eval_scenes(style=style, n=8)
+    for style in toyworld.HELD_OUT_STYLES:
+        scenes = toyworld.eval_scenes(style=style, n=8)
         rng = np.random.default_rng(5)
-        styled = [toy.style_fidelity(toy.render(s, rng), style) for s in scenes]
-        plain = [toy.style_fidelity(toy.render(replace(s, style="none"), rng), style) for s in scenes]
+        styled = [toyworld.style_fidelity(toyworld.render(s, rng), style) for s in scenes]
+        plain = [toyworld.style_fidelity(toyworld.render(replace(s, style="none"), rng), style) for s in scenes]
         assert min(styled) >= 0.8 and max(plain) <= 0.1, (style, styled, plain)
 
 
 def test_held_out_subjects_and_styles_never_appear_in_pretraining():
     _, captions = toy.render_dataset(200, 0)
-    scenes = [toy.random_scene(np.random.default_rng(6)) for _ in range(500)]
-    assert not any(toy.is_held_out(o) for s in scenes for o in s.objects)
-    assert not any("<" in c for c in captions) and {s.style for s in scenes} <= set(toy.STYLES)
-    metrics = toy.toy_metrics([toy.render(s, np.random.default_rng(0)) for s in toy.eval_scenes(toy.SUBJECTS[0],
+    scenes = [toyworld.random_scene(np.random.default_rng(6)) for _ in range(500)]
+    assert not any(toyworld.is_held_out(o) for s in scenes for o in s.objects)
+    assert not any("<" in c for c in captions) and {s.style for s in scenes} <= set(toyworld.STYLES)
+    metrics = toyworld.toy_metrics([toyworld.render(s, np.random.default_rng(0)) for s in toyworld.eval_scenes(toyworld.SUBJECTS[0],
                                                                                                 "frame", 2)],
-                              toy.eval_scenes(toy.SUBJECTS[0], "frame", 2)[0])
+                              toyworld.eval_scenes(toyworld.SUBJECTS[0], "frame", 2)[0])
     assert set(metrics) == {"prompt", "subject", "style"} and all(0 <= v <= 1 for v in metrics.values())
 
 
@@ -218,7 +219,7 @@ def test_compare_quick_runs_the_experiments_end_to_end(quick_model, tmp_path):
 
     # Each table entry is the mean of the toy metrics of its cached images, scored against the prompt's scene.
     index = json.load(open(out / "images" / "index.json"))
-    scenes = {toy.caption(s): s for s in toy.eval_scenes(toy.SUBJECTS[0], n=plan.prompts)}
+    scenes = {toyworld.caption(s): s for s in toyworld.eval_scenes(toyworld.SUBJECTS[0], n=plan.prompts)}
     for row in tables["subjects"]:
         w = None if row["w_con"] == "cfg" else float(row["w_con"])
         entries = [e for e in index.values() if e["method"] == row["method"] and e["w_con"] == w
@@ -226,7 +227,7 @@ def test_compare_quick_runs_the_experiments_end_to_end(quick_model, tmp_path):
         assert len(entries) == int(row["n"]) == plan.prompts * plan.seeds
         images = [Image.open(out / "images" / e["file"]).convert("RGB") for e in entries]
         for key in ("subject", "prompt"):
-            expected = np.mean([toy.toy_metrics([im], scenes[e["prompt"]])[key] for im, e in zip(images, entries)])
+            expected = np.mean([toyworld.toy_metrics([im], scenes[e["prompt"]])[key] for im, e in zip(images, entries)])
             assert float(row[f"{key}_mean"]) == pytest.approx(expected)
 
     again = subprocess.run(command, capture_output=True, text=True, check=True)  # nothing left to train or draw
