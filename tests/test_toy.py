@@ -233,3 +233,5 @@ def test_compare_quick_runs_the_experiments_end_to_end(quick_model, tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, check=True)  # nothing left to train or draw
     assert "fine-tuning" not in again.stdout and "generating" not in again.stderr
     assert (out / "results.md").read_text() == text
+    other_beta = subprocess.run(command + ["--beta", "100"], capture_output=True, text=True)
+    assert other_beta.returncode != 0 and "another --out" in other_beta.stderr and "Traceback" not in other_beta.stderr
