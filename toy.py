@@ -91,8 +91,6 @@ def model_configs():
     return vae, unet
 
 
-
-
 # ---------------------------------------------------------------------------------------------- pretraining
 
 @dataclass(frozen=True)
@@ -107,7 +105,7 @@ class Budget:
 FULL = Budget(images=10000, vae_steps=1500, vae_batch=16, unet_steps=1500, unet_batch=32)
 QUICK = Budget(images=128, vae_steps=60, vae_batch=4, unet_steps=200, unet_batch=4)
 LR = {"vae": 1e-2, "unet": 2e-3}
-TRAIN_TEXT_ENCODERS = True  # jointly with the UNet (see the report in the docstring of pretrain)
+TRAIN_TEXT_ENCODERS = True  # jointly with the UNet: the tiny encoders start from random weights
 CAPTION_DROPOUT = 0.1  # the empty prompt's zero embedding is trained too, so classifier-free guidance works
 KL_WEIGHT = 1e-4
 LAYOUT_NOISE = 0.3  # see layout_noise
