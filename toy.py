@@ -27,6 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 import evaluate
 import toyworld as world
+import train
 from checkpoint import load_vae, save_component, save_safetensors
 from dco import alphas_cumprod, eps_mse, min_snr_weight, q_sample
 from sample import conditioning, initial_noise, load_sdxl
@@ -382,28 +383,28 @@ def targets(plan):
 
 def fine_tune(model, out, target, method, plan, beta):
     """train.py on one target with one method (DCO with this beta, the others with beta 0), as a user runs it.
-    A finished run in out/ is reused and an interrupted one resumed."""
+    A finished run in out/ with the same settings is reused, an interrupted one resumed."""
     name, scenes, token, init, class_prompt = target
-    run = os.path.join(out, "runs", f"{name}-{method.replace(' + ', '-')}")
-    beta = beta if METHODS[method]["dco"] else 0.0
-    done = json.load(open(os.path.join(run, "settings.json"))) if os.path.exists(os.path.join(run, "settings.json")) \
-        else None
-    if done and done["beta"] != beta:
-        sys.exit(f"error: {run} was trained with --beta {done['beta']:g}, not {beta:g}; give compare another --out")
-    if done and done["step"] == plan.steps:
-        return run
-    data = os.path.join(out, "data", name)
-    world.write_training_folder(scenes, data)
-    argv = ["--model", model, "--data", data, "--out", run, "--token", token, "--init-token", init, "--beta", str(beta),
-            "--steps", str(plan.steps), "--sample-steps", str(plan.sample_steps), *FINE_TUNE]
+    run, data = os.path.join(out, "runs", f"{name}-{method.replace(' + ', '-')}"), os.path.join(out, "data", name)
+    argv = ["--model", model, "--data", data, "--out", run, "--token", token, "--init-token", init,
+            "--beta", str(beta if METHODS[method]["dco"] else 0.0), "--steps", str(plan.steps),
+            "--sample-steps", str(plan.sample_steps), *FINE_TUNE]
     if METHODS[method]["prior"]:
         argv += ["--prior-dir", os.path.join(out, "prior", name), "--prior-prompt", class_prompt,
                  "--num-prior", str(plan.num_prior)]
-    if done:
-        argv.append("--resume")  # an interrupted run continues where it stopped
+    settings = os.path.join(run, "settings.json")
+    if os.path.exists(settings):  # train.py's record of its arguments and the step it reached
+        done, wanted = json.load(open(settings)), vars(train.parse_args(argv))
+        other = sorted(k for k in wanted if k != "resume" and done.get(k) != wanted[k])
+        if other:
+            sys.exit(f"error: {run} was trained with other settings ({', '.join(other)}); give compare another --out")
+        if done["step"] == plan.steps:
+            return run
+        argv.append("--resume")
+    world.write_training_folder(scenes, data)
     print(f"fine-tuning {name} with {method}")
-    train = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    if subprocess.run([sys.executable, train, *argv]).returncode:
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    if subprocess.run([sys.executable, script, *argv]).returncode:
         sys.exit(f"error: train.py stopped on {name} with {method} (its message is above); rerun to continue")
     return run
 
@@ -468,8 +469,8 @@ def parse_args(argv=None):
     data.add_argument("--n", type=int, default=4, help="images of a subject (a style has one)")
     data.add_argument("--seed", type=int, default=0)
     cmp = commands.add_parser("compare", help="DreamBooth vs DreamBooth + prior vs DCO: Pareto and merge tables")
-    cmp.add_argument("--model", default="toy-sdxl", help="pretrained first if the folder holds no model")
-    cmp.add_argument("--out", default="toy-compare")
+    cmp.add_argument("--model", help="default toy-sdxl (toy-sdxl-quick with --quick); pretrained first if missing")
+    cmp.add_argument("--out", help="default toy-compare (toy-compare-quick with --quick)")
     cmp.add_argument("--quick", action="store_true", help="one subject and style, a few steps: minutes, not results")
     cmp.add_argument("--beta", type=float, default=1000.0, help="DCO's beta (the paper's 1000)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -494,10 +495,12 @@ def main(args):
         print(f"wrote {len(scenes)} images to {args.out}; token {token}, initializer word {init!r}")
         return
     if args.command == "compare":
-        if not os.path.exists(os.path.join(args.model, "model_index.json")):
-            pretrain(args.model, 0, QUICK if args.quick else FULL)
+        suffix = "-quick" if args.quick else ""
+        model, out = args.model or f"toy-sdxl{suffix}", args.out or f"toy-compare{suffix}"
+        if not os.path.exists(os.path.join(model, "model_index.json")):
+            pretrain(model, 0, QUICK if args.quick else FULL)
         start = time.time()
-        compare(args.model, args.out, QUICK_COMPARE if args.quick else COMPARE, args.beta)
+        compare(model, out, QUICK_COMPARE if args.quick else COMPARE, args.beta)
         print(f"compared in {time.time() - start:.0f} s")
         return
     start = time.time()
