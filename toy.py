@@ -30,7 +30,7 @@ import toyworld as world
 import train
 from checkpoint import load_vae, save_component, save_safetensors
 from dco import alphas_cumprod, eps_mse, min_snr_weight, q_sample
-from sample import conditioning, initial_noise, load_sdxl
+from sample import conditioning, initial_noise, load_sdxl, to_pil
 from sampler import sample
 from text import TextEncoders, time_ids
 from unet_sdxl import UNet, UNetConfig
@@ -319,8 +319,7 @@ def generate(folder, scenes, seed=0, steps=30, cfg=5.0):
         noise = initial_noise(len(prompts), vae, world.SIZE, world.SIZE, seed)
         latents = sample(unet, noise, cond, uncond, steps, cfg)
         images = decode_latents(vae, latents)
-    arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
+    return [to_pil(image[None]) for image in images]
 
 
 def report(folder, n=40, seed=1):
