@@ -2,17 +2,19 @@
 
     python bench.py                        # full SDXL UNet, random weights, 1024x1024, bf16 (on a GPU)
     python bench.py --reference            # also diffusers + peft (the official stack), same weights, same run
-    python bench.py --compile              # also our UNet with its repeated blocks torch.compile'd
+    python bench.py --compile              # also both UNets with their repeated blocks torch.compile'd
     python bench.py --tiny                 # a CPU smoke test on the tiny config
 
-Reports the median time per step, peak memory, and for the CFG step the achieved TFLOP/s (forward FLOPs counted
-by torch.utils.flop_counter). Compare only numbers from one run on one machine.
+Reports the median time per step, peak memory, for the CFG step the achieved TFLOP/s (forward FLOPs counted by
+torch.utils.flop_counter) against a large matmul's in the same run, the compile time of each step (its first
+call), and with --reference the ratios and the speed targets below. Compare only numbers from one run on one machine.
 """
 import argparse
 import statistics
 import time
 
 import torch
+from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
 import lora as lora_lib
@@ -54,6 +56,13 @@ def timeit(fn, iters, warmup, device):
     return statistics.median(times), peak
 
 
+def matmul_tflops(device, dtype, n):
+    """Achieved TFLOP/s of one n x n matmul: the practical ceiling the UNet's rate is compared with."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sec, _ = timeit(lambda: a @ b, iters=20, warmup=5, device=device)
+    return 2 * n ** 3 / sec / 1e12
+
+
 def inputs(cfg, B, size, device, dtype):
     h = size // 8
     g = torch.Generator().manual_seed(0)
@@ -87,7 +96,7 @@ def ours(unet, cfg, size, device, dtype):
         dco_loss(err_theta, err_phi, 1000.0).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return {"CFG step (batch 2)": cfg_step, "CG step": cg_step, "DCO train step": train_step}
+    return {"DCO train step": train_step, "CFG step (batch 2)": cfg_step, "CG step": cg_step}
 
 
 def reference(unet, cfg, size, device, dtype, rank):
@@ -125,13 +134,44 @@ def reference(unet, cfg, size, device, dtype, rank):
         dco_loss(err_theta, err_phi, 1000.0).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return ref, {"CFG step (batch 2)": cfg_step, "CG step": cg_step, "DCO train step": train_step}
+    return ref, {"DCO train step": train_step, "CFG step (batch 2)": cfg_step, "CG step": cg_step}
 
 
 def forward_flops(unet, cfg, size, device, dtype):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet(*inputs(cfg, 1, size, device, dtype))
     return counter.get_total_flops()
+
+
+# The speed targets, as ratios to the reference measured in the same run:
+# (our stack, the reference's stack, step, max time ratio, max peak-memory ratio or None).
+TARGETS = [("ours", "reference", "DCO train step", 0.5, 1.0),
+           ("ours, checkpointing", "reference, checkpointing", "DCO train step", 0.6, 1.0),
+           ("ours", "reference", "CG step", 0.5, None),
+           ("ours", "reference", "CFG step (batch 2)", 1.0, None),
+           ("ours, compiled", "reference, compiled", "DCO train step", 0.5, None)]
+MIN_ROOFLINE_SHARE = 0.55  # compiled CFG step, of the matmul rate
+MAX_COMPILE_S = 60.0  # first compiled DCO train step
+
+
+def check_targets(rows, compile_s, cfg_rate, roofline):
+    """Print each speed target with its measured value: PASS or MISS."""
+    checks = []  # (what, value, bound, value must be at most the bound)
+    for mine, theirs, step, max_time, max_mem in TARGETS:
+        if (mine, step) in rows and (theirs, step) in rows:
+            (t, m), (t_ref, m_ref) = rows[mine, step], rows[theirs, step]
+            checks.append((f"{mine} / {theirs}, {step}: time", t / t_ref, max_time, True))
+            if max_mem is not None and m_ref == m_ref:  # peak memory is NaN off CUDA
+                checks.append((f"{mine} / {theirs}, {step}: peak memory", m / m_ref, max_mem, True))
+    if "ours, compiled" in cfg_rate:
+        checks.append(("ours, compiled, CFG step: share of the matmul rate", cfg_rate["ours, compiled"] / roofline,
+                       MIN_ROOFLINE_SHARE, False))
+    if ("ours, compiled", "DCO train step") in compile_s:
+        checks.append(("ours, compiled, DCO train step: compile time (s)",
+                       compile_s["ours, compiled", "DCO train step"], MAX_COMPILE_S, True))
+    for what, value, bound, at_most in checks:
+        ok = value <= bound if at_most else value >= bound
+        print(f"target {what:70s} {value:8.2f}  ({'<=' if at_most else '>='} {bound})  {'PASS' if ok else 'MISS'}")
 
 
 def main(args):
@@ -149,39 +189,52 @@ def main(args):
     lora_lib.inject(unet, args.rank)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     flops = forward_flops(unet, cfg, size, device, dtype)
-    print(f"{name}, {size}x{size}, {dtype}, LoRA rank {args.rank}; UNet forward (batch 1): {flops / 1e9:.2f} GFLOP")
+    roofline = matmul_tflops(device, dtype, 8192 if device.type == "cuda" else 1024)
+    print(f"{name}, {size}x{size}, {dtype}, LoRA rank {args.rank}; UNet forward (batch 1): {flops / 1e9:.2f} GFLOP; "
+          f"{dtype} matmul: {roofline:.1f} TFLOP/s")
 
-    results = {}  # (label, step) -> seconds
+    rows, compile_s, cfg_rate = {}, {}, {}  # (stack, step) -> (s, GiB); (stack, step) -> s; stack -> TFLOP/s
 
-    def measure(label, steps):
+    def measure(stack, steps, first_call=False):
         for what, fn in steps.items():
+            if first_call:  # the first call of a compiled step is its compile time
+                graphs = counters["stats"]["unique_graphs"]
+                sec, _ = timeit(fn, iters=1, warmup=0, device=device)
+                compile_s[stack, what] = sec
+                graphs = counters["stats"]["unique_graphs"] - graphs
+                print(f"{stack:28s} {what:20s} first call {sec:.1f} s (graphs compiled: {graphs})")
             sec, peak = timeit(fn, args.iters, args.warmup, device)
-            results[label, what] = sec
-            rate = f"{2 * flops / sec / 1e12:7.1f} TFLOP/s" if what.startswith("CFG") else ""
-            print(f"{label:30s} {what:20s} {sec * 1e3:9.2f} ms  peak {peak:6.2f} GiB  {rate}")
+            rows[stack, what] = sec, peak
+            rate = ""
+            if what.startswith("CFG"):
+                cfg_rate[stack] = 2 * flops / sec / 1e12
+                rate = f"{cfg_rate[stack]:7.1f} TFLOP/s ({cfg_rate[stack] / roofline:.0%} of matmul)"
+            print(f"{stack:28s} {what:20s} {sec * 1e3:9.2f} ms  peak {peak:6.2f} GiB  {rate}")
 
     train_only = ["DCO train step"]
     measure("ours", ours(unet, cfg, size, device, dtype))
     unet.grad_checkpointing = True
-    measure("ours, grad checkpointing", {k: v for k, v in ours(unet, cfg, size, device, dtype).items() if k in train_only})
+    measure("ours, checkpointing", {k: v for k, v in ours(unet, cfg, size, device, dtype).items() if k in train_only})
     unet.grad_checkpointing = False
     if args.compile:
         unet.compile_blocks()
-        steps = ours(unet, cfg, size, device, dtype)
-        t0 = time.perf_counter()
-        for fn in steps.values():
-            fn()
-        print(f"compile time (ResBlocks and transformer blocks, all three steps): {time.perf_counter() - t0:.1f} s")
-        measure("ours, compiled", steps)
+        measure("ours, compiled", ours(unet, cfg, size, device, dtype), first_call=True)
     if args.reference:
         ref, steps = reference(unet, cfg, size, device, dtype, args.rank)
-        measure("reference (diffusers+peft)", steps)
+        unet.cpu()  # so that the reference's peak memory counts its own model only
+        torch.cuda.empty_cache()
+        measure("reference", steps)
         ref.enable_gradient_checkpointing()
-        measure("reference, grad checkpointing", {k: v for k, v in steps.items() if k in train_only})
-        for (label, what), sec in list(results.items()):
-            ref_label = label.replace("ours", "reference (diffusers+peft)" if label == "ours" else "reference")
-            if label.startswith("ours") and (ref_label, what) in results:
-                print(f"ratio {label} / {ref_label}, {what}: {sec / results[ref_label, what]:.2f}")
+        measure("reference, checkpointing", {k: v for k, v in steps.items() if k in train_only})
+        ref.disable_gradient_checkpointing()
+        if args.compile:
+            ref.compile_repeated_blocks()  # diffusers' own regional compile (its transformer blocks)
+            measure("reference, compiled", steps, first_call=True)
+        for (stack, what), (sec, _) in rows.items():
+            theirs = stack.replace("ours", "reference")
+            if stack.startswith("ours") and (theirs, what) in rows:
+                print(f"ratio {stack} / {theirs}, {what}: {sec / rows[theirs, what][0]:.2f}")
+        check_targets(rows, compile_s, cfg_rate, roofline)
 
 
 if __name__ == "__main__":
