@@ -11,11 +11,14 @@ up @ down. Files are read and written in three formats:
   - kohya (ComfyUI, AUTOMATIC1111): lora_unet_<official module, '.' -> '_'>.lora_down.weight / .lora_up.weight / .alpha
 """
 import contextlib
+import json
+import re
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from checkpoint import ModelError, read_safetensors, unet_key_map
 
@@ -202,4 +205,17 @@ def from_file(tensors, unet_cfg, source):
 
 
 def read_lora(path, unet_cfg):
-    return from_file(read_safetensors(path), unet_cfg, path)
+    """A LoRA file; newer diffusers files state peft's lora_alpha in their header, and alpha / rank scales `up`."""
+    lora = from_file(read_safetensors(path), unet_cfg, path)
+    with safe_open(path, "pt") as f:
+        config = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
+    if "unet.lora_alpha" not in config:  # no header: alpha = rank, the files the official code writes
+        return lora
+    diffusers_name = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in unet_key_map(unet_cfg).items()
+                      if k.endswith(".weight")}
+    patterns = config.get("unet.alpha_pattern") or {}
+    for name, (down, up) in lora.items():
+        alpha = next((a for p, a in patterns.items() if re.fullmatch(rf"(.*\.)?{p}", diffusers_name[name])),
+                     config["unet.lora_alpha"])
+        lora[name] = (down, up * (alpha / down.shape[0]))
+    return lora
