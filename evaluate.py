@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--clip", help="local CLIP checkpoint folder")
     p.add_argument("--out", default="results")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale w_txt")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--negative-prompt", default="")

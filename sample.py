@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--embeds", action="append", default=[], metavar="FILE[:TOKEN[:INITWORD]]",
                    help="learned_embeds.safetensors; TOKEN/INITWORD are needed only if the file does not name them")
     p.add_argument("--w-con", type=float_list, help="consistency guidance scale; a comma list makes a grid")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale w_txt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=int, default=1, help="images with seeds seed, seed+1, ... (a row each in a grid)")
@@ -75,7 +75,7 @@ class Pipeline:
     unet: torch.nn.Module
     vae: torch.nn.Module
     text: TextEncoders
-    tokens: dict = field(default_factory=dict)  # learned token -> its initializer word
+    tokens: dict = field(default_factory=dict)  # learned token -> its initializer word (or None)
 
 
 def split_spec(spec, n):
@@ -98,7 +98,7 @@ def load_embeds(pipe, spec):
     if token in pipe.tokens:
         raise ModelError(f"{path}: the token {token!r} is already loaded from another file")
     pipe.text.load_embeds(path, token)
-    pipe.tokens[token] = init or token
+    pipe.tokens[token] = init  # None if unknown: then the token has no base prompt
 
 
 def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto"):
@@ -124,7 +124,9 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto"):
 def base_prompt(pipe, prompt):
     """c_base: the prompt with every learned token replaced by its initializer word."""
     for token, word in pipe.tokens.items():
-        prompt = prompt.replace(token, word)
+        if token in prompt and word is None:  # the base model must not see the learned embedding
+            raise ModelError(f"{token!r} has no initializer word for the base prompt; load it as FILE:{token}:WORD")
+        prompt = prompt.replace(token, word or token)
     return prompt
 
 
@@ -143,7 +145,7 @@ def initial_noise(n, vae, height, width, seed):
 
 
 @torch.no_grad()
-def generate(pipe, prompt, seeds, w_con=None, cfg=5.0, steps=30, width=1024, height=1024, negative_prompt="",
+def generate(pipe, prompt, seeds, w_con=None, cfg=5.0, steps=50, width=1024, height=1024, negative_prompt="",
              progress=False):
     """Images (len(seeds), 3, H, W) in [0, 1], one per seed, sampled in one batch."""
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
@@ -152,7 +154,7 @@ def generate(pipe, prompt, seeds, w_con=None, cfg=5.0, steps=30, width=1024, hei
         raise ModelError(f"width and height must be multiples of {multiple} for this model")
     n, device = len(seeds), next(pipe.unet.parameters()).device
     cond = conditioning(pipe.text, [prompt] * n, height, width)
-    base = conditioning(pipe.text, [base_prompt(pipe, prompt)] * n, height, width)
+    base = None if w_con is None else conditioning(pipe.text, [base_prompt(pipe, prompt)] * n, height, width)
     uncond = conditioning(pipe.text, [negative_prompt] * n, height, width, zero_empty=True)
     noise = torch.cat([initial_noise(1, pipe.vae, height, width, s) for s in seeds]).to(device)
     latents = sample(pipe.unet, noise, cond, uncond, steps, cfg, w_con, base, progress)

@@ -36,6 +36,22 @@ def test_w_con_zero_is_the_base_model(tiny_sdxl, trained):
     assert (generate(tuned, PROMPT, [0, 1], w_con=3.0, **KW) - base).abs().max() > 0.05  # and w_con matters
 
 
+def test_a_token_without_its_initializer_word_refuses_consistency_guidance(tiny_sdxl, trained, tmp_path):
+    # The official code saves learned_embeds with no token name; given only FILE:TOKEN, the base prompt is unknown.
+    emb = str(tmp_path / "learned_embeds.safetensors")
+    save_file(load_file(os.path.join(trained, "learned_embeds.safetensors")), emb)
+
+    def sample_py(embeds, *more, check=True):
+        return run_script("sample.py", "--model", tiny_sdxl[0], "--lora",
+                          os.path.join(trained, "pytorch_lora_weights.safetensors"), "--embeds", embeds, "--prompt",
+                          PROMPT, "--steps", 2, "--width", 64, "--height", 64, "--quiet", *more, check=check)
+    sample_py(emb + ":<dog>", "--out", tmp_path / "cfg.png")  # plain sampling needs no base prompt
+    r = sample_py(emb + ":<dog>", "--w-con", 2, "--out", tmp_path / "cg.png", check=False)
+    assert r.returncode != 0 and "initializer word" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "cg.png")
+    sample_py(emb + ":<dog>:dog", "--w-con", 2, "--out", tmp_path / "cg.png")
+
+
 @torch.no_grad()
 def test_one_batched_call_equals_three_calls(tiny_sdxl, trained):
     pipe = load_pipeline(tiny_sdxl[0], loras=[trained])
