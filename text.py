@@ -24,8 +24,9 @@ class Cond:
     pooled: torch.Tensor  # (B, pooled_dim)
     time_ids: torch.Tensor  # (B, 6)
 
-    def to(self, *args, **kw):
-        return Cond(self.context.to(*args, **kw), self.pooled.to(*args, **kw), self.time_ids.to(*args, **kw))
+    def to(self, device=None, dtype=None):
+        """The time ids keep float32: bfloat16 would round an original size of 780 to 776."""
+        return Cond(self.context.to(device, dtype), self.pooled.to(device, dtype), self.time_ids.to(device))
 
     def __getitem__(self, i):
         return Cond(self.context[i], self.pooled[i], self.time_ids[i])
@@ -92,7 +93,7 @@ class TextEncoders(torch.nn.Module):
         ids = []
         for tokenizer, encoder, vec in zip(self.tokenizers, self.encoders, vectors):
             if tokenizer.add_tokens([token]) != 1:
-                raise ValueError(f"token {token!r} is already in the vocabulary; choose another")
+                raise ModelError(f"the token {token!r} is already in the vocabulary; choose another")
             encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             ids.append(tokenizer.convert_tokens_to_ids(token))
             with torch.no_grad():
@@ -105,7 +106,7 @@ class TextEncoders(torch.nn.Module):
         for tokenizer, encoder in zip(self.tokenizers, self.encoders):
             ids = tokenizer(word, add_special_tokens=False).input_ids
             if len(ids) != 1:
-                raise ValueError(f"{word!r} must be a single token to initialize from; it is {len(ids)}")
+                raise ModelError(f"--init-token {word!r} must be a single token; it is {len(ids)}")
             rows.append(encoder.get_input_embeddings().weight[ids[0]].detach().clone())
         return rows
 

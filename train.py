@@ -126,7 +126,7 @@ def load_rgb(path):
 
 
 def prepare_image(path, res):
-    """Resize the short side to res and center-crop: (3, res, res) in [-1, 1] and its SDXL time ids."""
+    """Resize the short side to res and center-crop: (3, res, res) in [-1, 1]."""
     im = load_rgb(path)
     w, h = im.size
     if min(w, h) < res:
@@ -135,22 +135,19 @@ def prepare_image(path, res):
     nw, nh = max(res, round(w * s)), max(res, round(h * s))
     left, top = (nw - res) // 2, (nh - res) // 2
     im = im.resize((nw, nh), Image.BICUBIC).crop((left, top, left + res, top + res))
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-    return x, time_ids((h, w), (top, left), (res, res))
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
 
 @torch.no_grad()
 def encode_images(vae, items, res, device):
-    """Encode every image once: latent mean and std (N, 4, h, w), time ids (N, 6). Posterior samples are drawn
-    per step from these, as the official code does with latent_dist.sample()."""
-    means, stds, ids = [], [], []
+    """Encode every image once: latent mean and std (N, 4, h, w). Posterior samples are drawn per step from these,
+    as the official code does with latent_dist.sample()."""
+    means, stds = [], []
     for path, _ in tqdm(items, desc="encoding images"):
-        x, tid = prepare_image(path, res)
-        mean, std = vae.encode(x[None].to(device))
+        mean, std = vae.encode(prepare_image(path, res)[None].to(device))
         means.append(mean.float() * vae.cfg.scaling_factor)
         stds.append(std.float() * vae.cfg.scaling_factor)
-        ids.append(tid)
-    return torch.cat(means), torch.cat(stds), torch.stack(ids).to(device)
+    return torch.cat(means), torch.cat(stds)
 
 
 @torch.no_grad()
@@ -215,6 +212,24 @@ def load_checkpoint(path, params, optimizer, rng):
         return int(f.metadata()["step"])
 
 
+# What a resumed run may change: none of it alters what is trained.
+RESUMABLE = {"steps", "save_every", "sample_steps", "resume", "grad_checkpointing", "compile", "device"}
+
+
+def check_resume(args):
+    """Refuse to continue a run with other settings than it was started with (OUT/settings.json)."""
+    path = os.path.join(args.out, "settings.json")
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: missing; nothing to resume")
+    with open(path) as f:
+        before = json.load(f)
+    changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {v}" for k, v in vars(args).items()
+               if k not in RESUMABLE and before.get(k) != v]
+    if changed:
+        raise ModelError(f"{args.out} was trained with other settings ({'; '.join(changed)}); "
+                         "resume with the same ones, or train into another --out")
+
+
 def save_outputs(args, unet, ti, step):
     meta = {"dco.settings": json.dumps(vars(args)), "dco.step": str(step)}
     lora = lora_lib.get_lora(unet)
@@ -238,8 +253,11 @@ def main(args):
         if args.token and args.token not in cap:
             raise ModelError(f"{path}: caption {cap!r} does not contain the token {args.token!r}")
         load_rgb(path)  # fail on a bad image now, before anything is written
+    if args.resume:
+        check_resume(args)
     torch.manual_seed(args.seed)
     unet, vae, text = load_sdxl(args.model, device, dtype)
+    ti = TokenEmbeddings(text, args.token, args.init_token) if args.token else None  # a bad token fails now
     unet.requires_grad_(False)
     unet.grad_checkpointing = args.grad_checkpointing
     if args.compile:
@@ -250,13 +268,15 @@ def main(args):
 
     # Prepare: class images, then every latent and (frozen) text embedding once, before the loop.
     prior = make_class_images(args, unet, vae, text, device) if args.prior_dir else []
-    mean, std, ids = encode_images(vae, items + prior, res, device)
+    mean, std = encode_images(vae, items + prior, res, device)
+    # SDXL's size conditioning as the official code sets it: every image an uncropped res x res original, which is
+    # also what the sampler uses.
+    ids = time_ids((res, res), (0, 0), (res, res)).expand(len(mean), 6).to(device)
     vae.cpu()  # needed again only to decode sample grids
     captions = [c for _, c in items + prior]
     base_captions = [c.replace(args.token, args.init_token) if args.token else c for c in captions]
     with torch.no_grad():
         base = Cond(*text.encode(base_captions), ids)  # c_base: what the frozen reference model is given
-    ti = TokenEmbeddings(text, args.token, args.init_token) if args.token else None
     if ti is None:
         text.cpu()  # frozen text encoders: their embeddings are cached, so they leave the GPU
 

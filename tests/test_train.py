@@ -19,7 +19,7 @@ import lora as lora_lib
 from conftest import ROOT, TRAIN_ARGS, run_script, write_images
 from dco import eps_mse, q_sample
 from sample import conditioning, load_pipeline
-from text import Cond, TextEncoders
+from text import Cond, TextEncoders, time_ids
 from train import TokenEmbeddings, encode_images, load_rgb, prepare_image, read_captions
 
 
@@ -29,7 +29,8 @@ def dco_margin(folder, out, data):
     the DCO loss is below its starting value ln 2."""
     pipe = load_pipeline(folder, loras=[out])
     items = read_captions(data, None)
-    mean, _, ids = encode_images(pipe.vae, items, 32, "cpu")
+    mean, _ = encode_images(pipe.vae, items, 32, "cpu")
+    ids = time_ids((32, 32), (0, 0), (32, 32)).expand(len(items), 6)
     cond = Cond(*pipe.text.encode([c for _, c in items]), ids)
     base = Cond(*pipe.text.encode([c.replace("<dog>", "dog") for _, c in items]), ids)
     g, margins = torch.Generator().manual_seed(123), []
@@ -91,8 +92,10 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     for f in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
         a, b = load_file(os.path.join(trained, f)), load_file(str(tmp_path / "r" / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
-    r = run_script("train.py", *common, "--steps", 9, "--rank", 8, "--out", tmp_path / "r", "--resume", check=False)
-    assert r.returncode != 0 and "cannot resume" in r.stderr.strip().splitlines()[-1]
+    for changed, needle in ((("--rank", 8), "--rank 4 -> 8"), (("--lr", 1e-3), "--lr")):  # a changed recipe
+        r = run_script("train.py", *common, "--steps", 9, *changed, "--out", tmp_path / "r", "--resume", check=False)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode != 0 and "other settings" in last and needle in last, last
 
 
 def test_ctrl_c_saves_a_checkpoint(tiny_sdxl, trained, tmp_path):
@@ -124,6 +127,7 @@ def test_bad_data_is_refused_in_one_line(tiny_sdxl, tmp_path):
     data = write_images(str(tmp_path / "d"), ["a photo of a <dog>"] * 2)
     out = str(tmp_path / "out")
     expect_error(("--data", data, "--token", "<cat>", "--init-token", "cat", *common), "00.png", out)
+    expect_error(("--data", data, "--token", "<dog>", "--init-token", "big dog", *common), "single token", out)
     empty = tmp_path / "empty"
     empty.mkdir()
     expect_error(("--data", empty, *common), "no images", out)
@@ -171,9 +175,8 @@ def test_every_image_mode_becomes_upright_rgb(tmp_path):
     img.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "rot.jpg", exif=exif)
     out = np.asarray(load_rgb(str(tmp_path / "rot.jpg")))
     assert out.shape == (40, 60, 3) and out[:10, :10].min() > 200
-    x, tid = prepare_image(str(tmp_path / "rgba.png"), 32)
+    x = prepare_image(str(tmp_path / "rgba.png"), 32)
     assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
-    assert tid.tolist() == [40, 60, 0, 8, 32, 32]  # original (h, w), crop (top, left), target
     with pytest.warns(UserWarning, match="upscaling"):
         prepare_image(str(tmp_path / "rgba.png"), 64)
 
