@@ -28,7 +28,7 @@ from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_
 from sample import conditioning, initial_noise, load_sdxl, resolve_device, save_png, to_pil
 from sampler import sample
 from text import Cond, time_ids
-from vae import decode_latents, encode_latents
+from vae import decode_latents
 
 PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict(rank=64, steps=1000, offset_noise=0.1)}
 
