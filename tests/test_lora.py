@@ -1,9 +1,8 @@
 """LoRA math, file formats, and interchange with diffusers/peft."""
-import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import lora as lora_lib
 from checkpoint import ModelError, load_unet

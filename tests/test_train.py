@@ -1,6 +1,5 @@
 """train.py as a user runs it, on the tiny random SDXL: outputs, interchange, resume, bad data."""
 import json
-import math
 import os
 import shutil
 import signal
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 import lora as lora_lib
 from conftest import ROOT, TRAIN_ARGS, run_script, write_images
 from dco import eps_mse, q_sample
-from sample import conditioning, load_pipeline
+from sample import load_pipeline
 from text import Cond, TextEncoders, time_ids
 from train import TokenEmbeddings, encode_images, load_rgb, prepare_image, read_captions
 
