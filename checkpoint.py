@@ -4,6 +4,8 @@ A model folder is the diffusers layout of the official download:
     unet/  config.json + diffusion_pytorch_model[.fp16].safetensors
     vae/   config.json + diffusion_pytorch_model[.fp16].safetensors
     text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/   (read by transformers, see text.py)
+The official single file (sd_xl_base_1.0.safetensors) holds all four models under prefixes; `read_single_file`
+splits it, and a folder of that layout then supplies only the configs and tokenizers.
 Our modules carry the official (Stability) names; `unet_key_map` / `vae_key_map` give, for a config, the
 diffusers name of every one of our parameters. Loading is strict: a missing, unexpected or mis-shaped key is an
 error naming the key. Only safetensors are read: pickles (.bin, .ckpt, .pt) can run code when loaded.
@@ -45,7 +47,7 @@ def save_safetensors(tensors, path, metadata=None):
     os.replace(tmp, path)
 
 
-def component_files(folder, sub):
+def component_files(folder, sub, weights=True):
     """The config and weights of one component folder (unet/ or vae/), preferring full precision."""
     d = os.path.join(folder, sub)
     if not os.path.isdir(d):
@@ -53,6 +55,8 @@ def component_files(folder, sub):
     config = os.path.join(d, "config.json")
     if not os.path.isfile(config):
         raise ModelError(f"{config}: missing")
+    if not weights:
+        return config, None
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
         if os.path.isfile(os.path.join(d, name)):
             return config, os.path.join(d, name)
@@ -239,21 +243,26 @@ COMPONENTS = {  # folder -> (model class, config from diffusers, config to diffu
 }
 
 
-def load_component(folder, sub, dtype=torch.float32, device="cpu"):
-    """Build unet/ or vae/ from its config.json and load its safetensors strictly."""
+def load_component(folder, sub, dtype=torch.float32, device="cpu", tensors=None):
+    """Build unet/ or vae/ from its config.json and load its weights strictly: the folder's safetensors (diffusers
+    names), or `tensors` under our (official) names, as read from the single-file checkpoint."""
     cls, from_diffusers, _, key_map = COMPONENTS[sub]
-    config_path, weights_path = component_files(folder, sub)
+    config_path, weights_path = component_files(folder, sub, weights=tensors is None)
     try:
         cfg = from_diffusers(read_json(config_path), config_path)
     except (KeyError, TypeError, ZeroDivisionError) as e:
         raise ModelError(f"{config_path}: not a valid {sub} config ({e!r})") from None
     with torch.device("meta"):
         model = cls(cfg)
-    mapping = key_map(cfg)  # ours -> diffusers
-    shapes = {mapping[k]: v.shape for k, v in model.state_dict().items()}
-    theirs = read_safetensors(weights_path)
-    check_keys(shapes, theirs, weights_path)
-    model.load_state_dict({k: theirs[mapping[k]] for k in mapping}, strict=True, assign=True)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if tensors is None:
+        mapping = key_map(cfg)  # ours -> diffusers
+        theirs = read_safetensors(weights_path)
+        check_keys({mapping[k]: shape for k, shape in shapes.items()}, theirs, weights_path)
+        tensors = {k: theirs[mapping[k]] for k in mapping}
+    else:
+        check_keys(shapes, tensors, f"the single file's {sub}")
+    model.load_state_dict(tensors, strict=True, assign=True)
     return model.to(device=device, dtype=dtype)
 
 
@@ -269,9 +278,66 @@ def save_component(model, folder, sub):
         json.dump(to_diffusers(model.cfg), f, indent=2)
 
 
-def load_unet(folder, dtype=torch.float32, device="cpu"):
-    return load_component(folder, "unet", dtype, device)
+def load_unet(folder, dtype=torch.float32, device="cpu", tensors=None):
+    return load_component(folder, "unet", dtype, device, tensors)
 
 
-def load_vae(folder, dtype=torch.float32, device="cpu"):
-    return load_component(folder, "vae", dtype, device)
+def load_vae(folder, dtype=torch.float32, device="cpu", tensors=None):
+    return load_component(folder, "vae", dtype, device, tensors)
+
+
+# ---------------------------------------------------------------------------------------------- the single file
+
+SINGLE_FILE = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+               "text_encoder": "conditioner.embedders.0.transformer.",
+               "text_encoder_2": "conditioner.embedders.1.model."}
+UNUSED = {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids",  # a buffer transformers rebuilds
+          "conditioner.embedders.1.model.logit_scale",  # CLIP's image-text temperature
+          "denoiser.sigmas"}  # a noise schedule, which some tools save; the sampler computes its own
+
+
+def read_single_file(path):
+    """The official single file (sd_xl_base_1.0.safetensors) -> {component: tensors}: the UNet and the VAE under our
+    names (the official ones), the text encoders under transformers' names."""
+    parts = {name: {} for name in SINGLE_FILE}
+    for key, value in read_safetensors(path).items():
+        if key in UNUSED:
+            continue
+        name = next((n for n, prefix in SINGLE_FILE.items() if key.startswith(prefix)), None)
+        if name is None:
+            raise ModelError(f"{path}: unexpected key {key!r}; is this the SDXL base checkpoint?")
+        parts[name][key[len(SINGLE_FILE[name]):]] = value
+    # The autoencoder's attention projections are 1x1 convolutions there and linear layers here: (C, C, 1, 1) -> (C, C).
+    parts["vae"] = {k: v[:, :, 0, 0] if ".attn_1." in k and v.ndim == 4 else v for k, v in parts["vae"].items()}
+    try:
+        parts["text_encoder_2"] = openclip_to_transformers(parts["text_encoder_2"])
+    except KeyError as e:
+        raise ModelError(f"{path}: the OpenCLIP text encoder's keys are not SDXL's ({e})") from None
+    return parts
+
+
+OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                  "attn.out_proj": "self_attn.out_proj"}
+
+
+def openclip_to_transformers(t):
+    """OpenCLIP's text tower (resblocks with fused q/k/v, a (width, dim) projection) -> CLIPTextModelWithProjection."""
+    t = dict(t)
+    out = {"text_model.embeddings.token_embedding.weight": t.pop("token_embedding.weight"),
+           "text_model.embeddings.position_embedding.weight": t.pop("positional_embedding"),
+           "text_model.final_layer_norm.weight": t.pop("ln_final.weight"),
+           "text_model.final_layer_norm.bias": t.pop("ln_final.bias"),
+           "text_projection.weight": t.pop("text_projection").T}  # x @ P there, a Linear (P^T) here
+    for key, value in t.items():
+        if not key.startswith("transformer.resblocks."):
+            raise KeyError(f"unexpected {key}")
+        layer, _, rest = key[len("transformer.resblocks."):].partition(".")
+        prefix = f"text_model.encoder.layers.{layer}."
+        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):  # (3 width, ...) -> q, k, v
+            kind = rest.rsplit("_", 1)[1]
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
+                out[f"{prefix}self_attn.{proj}.{kind}"] = part
+        else:
+            module, _, kind = rest.rpartition(".")
+            out[f"{prefix}{OPENCLIP_LAYER[module]}.{kind}"] = value
+    return out

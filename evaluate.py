@@ -56,7 +56,8 @@ BATCH = 16
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="SDXL folder in the official (diffusers) layout")
+    p.add_argument("--model", required=True, help="SDXL folder in the official (diffusers) layout, or the single file")
+    p.add_argument("--config", help="with a single-file --model: a folder with the SDXL configs and tokenizers")
     p.add_argument("--lora", action="append", default=[], help="PATH[:SCALE], a file or a training output folder; "
                    "repeat for one curve per LoRA")
     p.add_argument("--subject-lora", action="append", default=[], help="merge mode: subject LoRA (repeatable)")
@@ -253,7 +254,7 @@ class ImageCache:
 
 def make_generator(args, loras):
     """Load SDXL with loras applied together -> (draw(prompt, seed, w_con) -> PIL image, base(prompt) -> str)."""
-    pipe = sample.load_pipeline(args.model, loras=loras, device=args.device, dtype=args.dtype)
+    pipe = sample.load_pipeline(args.model, loras=loras, device=args.device, dtype=args.dtype, config=args.config)
 
     def draw(prompt, seed, w_con):
         images = sample.generate(pipe, prompt, seed, w_con=w_con, cfg=args.cfg, steps=args.steps, width=args.width,

@@ -45,6 +45,8 @@ def lora_file(path):
 
 def main(args):
     cfg = UNetConfig()
+    if args.model and os.path.isfile(args.model):
+        raise ModelError(f"{args.model}: merge.py reads the UNet from an SDXL folder, not from the single file")
     if args.model:
         config_path, _ = component_files(args.model, "unet")
         cfg = unet_config_from_diffusers(read_json(config_path), config_path)

@@ -20,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
 
 import lora as lora_lib
-from checkpoint import ModelError, load_unet, load_vae
+from checkpoint import ModelError, load_unet, load_vae, read_single_file
 from sampler import sample
 from text import Cond, TextEncoders, time_ids
 from vae import decode_latents
@@ -35,7 +35,8 @@ def float_list(s):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="SDXL folder in the official (diffusers) layout")
+    p.add_argument("--model", required=True, help="SDXL folder in the official (diffusers) layout, or the single file")
+    p.add_argument("--config", help="with a single-file --model: a folder with the SDXL configs and tokenizers")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="", help="empty: SDXL's zero unconditional embedding")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
@@ -65,9 +66,18 @@ def resolve_device(device, dtype):
     return torch.device(device), getattr(torch, dtype)
 
 
-def load_sdxl(folder, device, dtype):
-    """UNet and text encoders in dtype; the VAE in float32 (SDXL's VAE overflows in float16)."""
-    return load_unet(folder, dtype, device), load_vae(folder, torch.float32, device), TextEncoders(folder, dtype, device)
+def load_sdxl(model, device, dtype, config=None):
+    """UNet and text encoders in dtype; the VAE in float32 (SDXL's VAE overflows in float16). model: a folder in the
+    diffusers layout, or the official single file with config, a folder with that layout's configs and tokenizers."""
+    if not os.path.isfile(model):
+        return (load_unet(model, dtype, device), load_vae(model, torch.float32, device),
+                TextEncoders(model, dtype, device))
+    if not config:
+        raise ModelError(f"{model}: a single-file checkpoint needs --config DIR, a folder with the diffusers layout's "
+                         "configs and tokenizers (its weights are not needed)")
+    parts = read_single_file(model)
+    return (load_unet(config, dtype, device, parts["unet"]), load_vae(config, torch.float32, device, parts["vae"]),
+            TextEncoders(config, dtype, device, parts))
 
 
 @dataclass
@@ -101,10 +111,10 @@ def load_embeds(pipe, spec):
     pipe.tokens[token] = init  # None if unknown: then the token has no base prompt
 
 
-def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto"):
+def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", config=None):
     """The base model plus LoRAs ('PATH[:SCALE]', summed exactly) and learned tokens ('FILE[:TOKEN[:INIT]]')."""
     device, dtype = resolve_device(device, dtype)
-    pipe = Pipeline(*load_sdxl(model, device, dtype))
+    pipe = Pipeline(*load_sdxl(model, device, dtype, config))
     files, weights = [], []
     for spec in loras:
         path, scale = split_spec(spec, 2)
@@ -189,7 +199,7 @@ def save_png(image, path, settings):
 
 
 def main(args):
-    pipe = load_pipeline(args.model, args.lora, args.embeds, args.device, args.dtype)
+    pipe = load_pipeline(args.model, args.lora, args.embeds, args.device, args.dtype, args.config)
     if args.compile:
         pipe.unet.compile_blocks()
     seeds = [args.seed + i for i in range(args.n)]

@@ -11,10 +11,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
-from checkpoint import ModelError, read_safetensors
+from checkpoint import ModelError, check_keys, read_safetensors
 
 
 @dataclass
@@ -36,28 +36,45 @@ class Cond:
         return Cond(*(torch.cat(parts) for parts in zip(*((c.context, c.pooled, c.time_ids) for c in conds))))
 
 
+def encoder_from_tensors(cls, config_dir, tensors):
+    """A transformers CLIP text model from its config.json and a state dict, loaded strictly."""
+    model = cls(CLIPTextConfig.from_pretrained(config_dir, local_files_only=True))
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if not any(k.startswith("text_model.") for k in expected):  # newer transformers drop this prefix in CLIPTextModel
+        tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}
+    check_keys(expected, tensors, f"the single file's {os.path.basename(config_dir)}")
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
 def time_ids(original_size, crop, target_size):
     """SDXL's micro-conditioning: original image size (h, w), crop top-left (top, left), target size (h, w)."""
     return torch.tensor([*original_size, *crop, *target_size], dtype=torch.float32)
 
 
 class TextEncoders(torch.nn.Module):
-    def __init__(self, folder, dtype=torch.float32, device="cpu"):
+    def __init__(self, folder, dtype=torch.float32, device="cpu", tensors=None):
+        """The folder's tokenizers and encoders; with tensors ({"text_encoder": state dict, "text_encoder_2": ...},
+        from the single-file checkpoint), the weights come from there and only the configs from the folder."""
         super().__init__()
         transformers_logging.disable_progress_bar()  # a bar per small file is noise
         parts = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
         for p in parts:
             if not os.path.isdir(os.path.join(folder, p)):
                 raise ModelError(f"{os.path.join(folder, p)}: missing (expected the SDXL folder layout)")
-        for p in parts[2:]:
+        for p in parts[2:] if tensors is None else ():
             if not os.path.isfile(os.path.join(folder, p, "model.safetensors")):
                 raise ModelError(f"{os.path.join(folder, p)}: no model.safetensors (only safetensors files are loaded)")
         self.tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(folder, p), local_files_only=True)
                            for p in parts[:2]]
-        kw = dict(local_files_only=True, use_safetensors=True, dtype=dtype)
-        self.encoders = torch.nn.ModuleList([
-            CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), **kw),
-            CLIPTextModelWithProjection.from_pretrained(os.path.join(folder, "text_encoder_2"), **kw)]).to(device)
+        classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+        if tensors is None:
+            kw = dict(local_files_only=True, use_safetensors=True, dtype=dtype)
+            encoders = [cls.from_pretrained(os.path.join(folder, p), **kw) for p, cls in classes.items()]
+        else:
+            encoders = [encoder_from_tensors(cls, os.path.join(folder, p), tensors[p]).to(dtype)
+                        for p, cls in classes.items()]
+        self.encoders = torch.nn.ModuleList(encoders).to(device)
         self.requires_grad_(False)
 
     @property

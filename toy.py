@@ -413,7 +413,7 @@ def score_table(model, out, title, jobs, w_cons, plan, axes):
     cached sweep, score each image with toy_metrics against its scene; write the table as csv and the Pareto plot
     (axes: the x and y metric), and return the table in markdown. Jobs with the same label are summarized together."""
     settings = argparse.Namespace(model=model, cfg=5.0, steps=plan.sample_steps, width=world.SIZE, height=world.SIZE,
-                                  negative_prompt="", device="cpu", dtype="float32")
+                                  negative_prompt="", device="cpu", dtype="float32", config=None)
     cache, entries = evaluate.ImageCache(os.path.join(out, "images")), []
     for label, loras, scenes in jobs:
         by_prompt = {world.caption(s): s for s in scenes}

@@ -35,7 +35,8 @@ PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="SDXL folder in the official (diffusers) layout")
+    p.add_argument("--model", required=True, help="SDXL folder in the official (diffusers) layout, or the single file")
+    p.add_argument("--config", help="with a single-file --model: a folder with the SDXL configs and tokenizers")
     p.add_argument("--data", required=True, help="folder of images with same-name .txt captions or metadata.jsonl")
     p.add_argument("--out", default="out")
     p.add_argument("--preset", choices=PRESETS, default="subject", help="official defaults for rank/steps/offset noise")
@@ -256,7 +257,7 @@ def main(args):
     if args.resume:
         check_resume(args)
     torch.manual_seed(args.seed)
-    unet, vae, text = load_sdxl(args.model, device, dtype)
+    unet, vae, text = load_sdxl(args.model, device, dtype, args.config)
     ti = TokenEmbeddings(text, args.token, args.init_token) if args.token else None  # a bad token fails now
     unet.requires_grad_(False)
     unet.grad_checkpointing = args.grad_checkpointing

@@ -39,18 +39,21 @@ def write_tokenizer(folder, pad_token):
     return tok
 
 
-def reference_tiny_sdxl(folder, seed=0):
+def reference_tiny_sdxl(folder, seed=0, text_widths=(16, 16)):
+    """A tiny random SDXL pipeline saved in the official layout; text_widths: the two text encoders' hidden sizes
+    (their sum is the UNet's context size, 32)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tok = write_tokenizer(os.path.join(folder, "tokenizer"), "<|endoftext|>")
     tok2 = write_tokenizer(os.path.join(folder, "tokenizer_2"), "!")
-    clip = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+    clip = dict(vocab_size=len(tok), intermediate_size=32, num_hidden_layers=3,
                 num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    te = CLIPTextModel(CLIPTextConfig(**clip, hidden_act="quick_gelu"))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip, hidden_act="gelu", projection_dim=32))
+    te = CLIPTextModel(CLIPTextConfig(**clip, hidden_size=text_widths[0], hidden_act="quick_gelu"))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip, hidden_size=text_widths[1], hidden_act="gelu",
+                                                     projection_dim=32))
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -86,6 +89,39 @@ def tiny_sdxl(tmp_path_factory):
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_single_file(folder, path, text_seed=None):
+    """The model in `folder` as Stability's single file (sd_xl_base_1.0.safetensors' key layout): the UNet and VAE
+    under official names (VAE attention as 1x1 convolutions), CLIP-L under transformers' names, bigG in OpenCLIP's
+    layout (fused q/k/v, resblocks, a (width, dim) projection). With text_seed, the text encoders get random weights,
+    norms included, so that a swapped key shows."""
+    from safetensors.torch import load_file, save_file
+    from checkpoint import load_unet, load_vae
+    out = {f"model.diffusion_model.{k}": v for k, v in load_unet(folder).state_dict().items()}
+    for k, v in load_vae(folder).state_dict().items():
+        out[f"first_stage_model.{k}"] = v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v
+    te, te2 = (load_file(os.path.join(folder, p, "model.safetensors")) for p in ("text_encoder", "text_encoder_2"))
+    if text_seed is not None:
+        g = torch.Generator().manual_seed(text_seed)
+        te, te2 = ({k: torch.randn(v.shape, generator=g) * 0.1 + v for k, v in t.items()} for t in (te, te2))
+    for k, v in te.items():
+        out["conditioner.embedders.0.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k] = v
+    out["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    P, L = "conditioner.embedders.1.model.", "text_model.encoder.layers."
+    out.update({P + "token_embedding.weight": te2["text_model.embeddings.token_embedding.weight"],
+                P + "positional_embedding": te2["text_model.embeddings.position_embedding.weight"],
+                P + "ln_final.weight": te2["text_model.final_layer_norm.weight"],
+                P + "ln_final.bias": te2["text_model.final_layer_norm.bias"],
+                P + "text_projection": te2["text_projection.weight"].T, P + "logit_scale": torch.tensor(4.6052)})
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    for i in range(1 + max(int(k[len(L):].split(".")[0]) for k in te2 if k.startswith(L))):
+        src, dst = f"{L}{i}.", f"{P}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([te2[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            out.update({f"{dst}{b}.{kind}": te2[f"{src}{a}.{kind}"] for a, b in names.items()})
+    save_file({k: v.contiguous() for k, v in out.items()}, path)
 
 
 def run_script(script, *args, check=True):

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import checkpoint
-from checkpoint import ModelError, load_unet, load_vae
+from checkpoint import ModelError, load_unet, load_vae, unet_key_map, vae_key_map
+from conftest import reference_tiny_sdxl, run_script, write_single_file
+from sample import load_sdxl
 from sampler import euler_schedule, euler_step, scale_input
 from text import TextEncoders
 from unet_sdxl import UNet, UNetConfig
@@ -207,3 +210,41 @@ def test_bench_smoke_on_cpu():
     assert "matmul:" in r.stdout and "TFLOP/s" in r.stdout  # the roofline is measured in the same run
     targets = [line for line in r.stdout.splitlines() if line.startswith("target ")]
     assert len(targets) == 4 and all(line.endswith(("PASS", "MISS")) for line in targets), r.stdout  # no memory on CPU
+
+
+def test_the_single_file_reads_as_diffusers_reads_it(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    # diffusers tells the two text encoders apart by width, as SDXL's are (768 and 1280); so must the tiny ones.
+    folder, path = str(tmp_path / "tiny"), str(tmp_path / "sd_xl_tiny.safetensors")
+    reference_tiny_sdxl(folder, text_widths=(8, 24))
+    write_single_file(folder, path, text_seed=5)
+    ref = StableDiffusionXLPipeline.from_single_file(path, config=folder, local_files_only=True)
+    unet, vae, text = load_sdxl(path, torch.device("cpu"), torch.float32, config=folder)
+    for ours, theirs, names in ((unet, ref.unet, unet_key_map(unet.cfg)), (vae, ref.vae, vae_key_map(vae.cfg))):
+        want = theirs.state_dict()
+        for k, v in ours.state_dict().items():
+            assert torch.equal(v, want[names[k]].reshape(v.shape)), k
+    for ours, theirs in zip(text.encoders, (ref.text_encoder, ref.text_encoder_2)):
+        want = theirs.state_dict()
+        assert ours.state_dict().keys() == want.keys()
+        assert all(torch.equal(v, want[k]) for k, v in ours.state_dict().items())
+    assert not torch.equal(text.encoders[1].state_dict()["text_model.encoder.layers.0.layer_norm1.weight"],
+                           text.encoders[1].state_dict()["text_model.encoder.layers.0.layer_norm2.weight"])
+
+
+def test_sample_py_reads_the_single_file_and_refuses_a_bad_one(tiny_sdxl, tmp_path):
+    folder, path = tiny_sdxl[0], str(tmp_path / "sd_xl_tiny.safetensors")
+    write_single_file(folder, path)  # the same weights as the folder
+    args = ("--prompt", "a photo of a dog", "--steps", 3, "--width", 64, "--height", 64, "--quiet")
+    run_script("sample.py", "--model", folder, *args, "--out", tmp_path / "folder.png")
+    run_script("sample.py", "--model", path, "--config", folder, *args, "--out", tmp_path / "file.png")
+    images = [np.asarray(Image.open(tmp_path / f)) for f in ("folder.png", "file.png")]
+    assert np.array_equal(*images)
+    r = run_script("sample.py", "--model", path, *args, "--out", tmp_path / "x.png", check=False)
+    assert r.returncode != 0 and "needs --config" in r.stderr.strip().splitlines()[-1]
+    tensors = load_file(path)
+    tensors["model.diffusion_model.extra.weight"] = torch.zeros(1)
+    save_file(tensors, path)
+    r = run_script("sample.py", "--model", path, "--config", folder, *args, "--out", tmp_path / "x.png", check=False)
+    assert r.returncode != 0 and "extra.weight" in r.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "x.png")
