@@ -91,10 +91,9 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     for f in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
         a, b = load_file(os.path.join(trained, f)), load_file(str(tmp_path / "r" / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
-    for changed, needle in ((("--rank", 8), "--rank 4 -> 8"), (("--lr", 1e-3), "--lr")):  # a changed recipe
-        r = run_script("train.py", *common, "--steps", 9, *changed, "--out", tmp_path / "r", "--resume", check=False)
-        last = r.stderr.strip().splitlines()[-1]
-        assert r.returncode != 0 and "other settings" in last and needle in last, last
+    r = run_script("train.py", *common, "--steps", 9, "--lr", 0.25, "--out", tmp_path / "r", "--resume", check=False)
+    last = r.stderr.strip().splitlines()[-1]  # a changed recipe is refused, naming what changed
+    assert r.returncode != 0 and "other settings" in last and "-> 0.25" in last, last
 
 
 def test_ctrl_c_saves_a_checkpoint(tiny_sdxl, trained, tmp_path):
