@@ -296,6 +296,16 @@ UNUSED = {"conditioner.embedders.0.transformer.text_model.embeddings.position_id
           "denoiser.sigmas"}  # a noise schedule, which some tools save; the sampler computes its own
 
 
+def model_folder(model, config=None):
+    """(the folder with the configs, the single file or None) for --model and --config."""
+    if not os.path.isfile(model):
+        return model, None
+    if not config:
+        raise ModelError(f"{model}: a single-file checkpoint needs --config DIR, a folder with the diffusers layout's "
+                         "configs and tokenizers (its weights are not needed)")
+    return config, model
+
+
 def read_single_file(path):
     """The official single file (sd_xl_base_1.0.safetensors) -> {component: tensors}: the UNet and the VAE under our
     names (the official ones), the text encoders under transformers' names."""

@@ -15,8 +15,8 @@ import shutil
 import sys
 
 import lora as lora_lib
-from checkpoint import (ModelError, component_files, load_unet, read_json, save_safetensors,
-                        unet_config_from_diffusers)
+from checkpoint import (ModelError, component_files, load_unet, model_folder, read_json, read_single_file,
+                        save_safetensors, unet_config_from_diffusers)
 from unet_sdxl import UNetConfig
 
 
@@ -28,7 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, help="compress the sum to this rank by SVD (prints the error it introduces)")
     p.add_argument("--kohya", action="store_true", help="write the kohya format (ComfyUI, AUTOMATIC1111)")
     p.add_argument("--embeds", action="append", default=[], help="learned_embeds files to carry along")
-    p.add_argument("--model", help="the SDXL folder (needed for --fuse; else only its UNet config is read)")
+    p.add_argument("--model", help="the SDXL folder or single file (needed for --fuse; else only its UNet config "
+                                   "is read)")
+    p.add_argument("--config", help="with a single-file --model: a folder with the SDXL configs and tokenizers")
     p.add_argument("--fuse", action="store_true", help="write the whole UNet with the LoRA added to its weights")
     args = p.parse_args(argv)
     if args.weights and len(args.weights) != len(args.loras):
@@ -45,10 +47,9 @@ def lora_file(path):
 
 def main(args):
     cfg = UNetConfig()
-    if args.model and os.path.isfile(args.model):
-        raise ModelError(f"{args.model}: merge.py reads the UNet from an SDXL folder, not from the single file")
     if args.model:
-        config_path, _ = component_files(args.model, "unet")
+        folder, single = model_folder(args.model, args.config)
+        config_path, _ = component_files(folder, "unet", weights=False)
         cfg = unet_config_from_diffusers(read_json(config_path), config_path)
     loras = [lora_lib.read_lora(lora_file(p), cfg) for p in args.loras]
     merged = lora_lib.merge(loras, args.weights or [1.0] * len(loras))
@@ -57,7 +58,7 @@ def main(args):
         print(f"rank {args.rank}: relative error of the summed delta {err:.3e} (Frobenius, over all layers)")
 
     if args.fuse:
-        unet = load_unet(args.model)
+        unet = load_unet(folder, tensors=read_single_file(single)["unet"] if single else None)
         lora_lib.apply_lora(unet, merged)
         lora_lib.remove(unet, fuse=True)
         # The official (Stability) key layout, the names our modules carry.

@@ -20,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
 
 import lora as lora_lib
-from checkpoint import ModelError, load_unet, load_vae, read_single_file
+from checkpoint import ModelError, load_unet, load_vae, model_folder, read_single_file
 from sampler import sample
 from text import Cond, TextEncoders, time_ids
 from vae import decode_latents
@@ -69,15 +69,10 @@ def resolve_device(device, dtype):
 def load_sdxl(model, device, dtype, config=None):
     """UNet and text encoders in dtype; the VAE in float32 (SDXL's VAE overflows in float16). model: a folder in the
     diffusers layout, or the official single file with config, a folder with that layout's configs and tokenizers."""
-    if not os.path.isfile(model):
-        return (load_unet(model, dtype, device), load_vae(model, torch.float32, device),
-                TextEncoders(model, dtype, device))
-    if not config:
-        raise ModelError(f"{model}: a single-file checkpoint needs --config DIR, a folder with the diffusers layout's "
-                         "configs and tokenizers (its weights are not needed)")
-    parts = read_single_file(model)
-    return (load_unet(config, dtype, device, parts["unet"]), load_vae(config, torch.float32, device, parts["vae"]),
-            TextEncoders(config, dtype, device, parts))
+    folder, single = model_folder(model, config)
+    parts = read_single_file(single) if single else {}
+    return (load_unet(folder, dtype, device, parts.get("unet")),
+            load_vae(folder, torch.float32, device, parts.get("vae")), TextEncoders(folder, dtype, device, parts or None))
 
 
 @dataclass

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import lora as lora_lib
 from checkpoint import ModelError, load_unet
-from conftest import run_script
+from conftest import run_script, write_single_file
 from sample import base_prompt, generate, load_pipeline
 from sampler import guidance
 from unet_sdxl import UNet
@@ -164,6 +164,11 @@ def test_fused_unet_equals_base_plus_lora(tiny_sdxl, trained, tmp_path):
         fused = UNet(load_unet(folder).cfg)
         fused.load_state_dict(load_file(str(tmp_path / "unet.safetensors")), strict=True)  # official key layout
         torch.testing.assert_close(fused(*x), want, rtol=1e-4, atol=1e-4)
+    write_single_file(folder, str(tmp_path / "sdxl.safetensors"))  # the same base as one file: the same result
+    run_script("merge.py", trained, "--fuse", "--model", tmp_path / "sdxl.safetensors", "--config", folder, "--out",
+               tmp_path / "unet2.safetensors")
+    a, b = (load_file(str(tmp_path / f)) for f in ("unet.safetensors", "unet2.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_rank_compression_prints_its_error(tiny_sdxl, trained, tmp_path):
