@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, Dinov2Model, SiglipModel
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, Dinov2Model, SiglipModel
 
 import sample
 from checkpoint import ModelError
@@ -110,9 +110,12 @@ def list_images(folder, flag):
 
 def parse_w_con(text):
     try:
-        return [None if w.strip() == "cfg" else float(w) for w in text.split(",")]
+        w_cons = [None if w.strip() == "cfg" else float(w) for w in text.split(",")]
     except ValueError:
         raise InputError(f"--w-con {text!r}: expected numbers or 'cfg', comma separated") from None
+    if len(set(w_cons)) != len(w_cons):  # a repeated value would count its images twice
+        raise InputError(f"--w-con {text!r}: a value is repeated")
+    return w_cons
 
 
 def w_label(w):
@@ -139,6 +142,9 @@ def weights_digest(spec):
 
 # --- metric models ---
 
+METRIC_MODELS = {"dino": ("dinov2", Dinov2Model), "siglip": ("siglip", SiglipModel), "clip": ("clip", CLIPModel)}
+
+
 class Embedder:
     """One metric model, DINOv2 (images only), SigLIP or CLIP; embeddings come out L2-normalised. It loads on the CPU,
     so that a bad folder fails before generation starts without taking GPU memory from SDXL; .to(device) to score."""
@@ -149,8 +155,11 @@ class Embedder:
         try:
             self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
             self.tokenizer = None if kind == "dino" else AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            cls = {"dino": Dinov2Model, "siglip": SiglipModel, "clip": CLIPModel}[kind]
-            self.model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
+            model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
+            if model_type != METRIC_MODELS[kind][0]:  # transformers would load it anyway, with random weights
+                raise InputError(f"--{kind} {folder}: a {model_type} checkpoint, not {METRIC_MODELS[kind][0]}")
+            self.model = METRIC_MODELS[kind][1].from_pretrained(folder, local_files_only=True,
+                                                                use_safetensors=True).eval()
         except (OSError, ValueError, ImportError) as e:
             raise InputError(f"--{kind} {folder}: cannot load: {str(e).splitlines()[0]}") from None
         self.kind, self.device = kind, "cpu"
@@ -264,9 +273,22 @@ def make_generator(args, loras):
     return draw, lambda prompt: sample.base_prompt(pipe, prompt)
 
 
+def base_model_id(args):
+    """What the images depend on besides the LoRAs: the base model's weight files (path, size, modification time),
+    the --config folder, and the resolved device and precision."""
+    files = [args.model] if os.path.isfile(args.model) else sorted(
+        os.path.join(args.model, sub, f) for sub in ("unet", "vae", "text_encoder", "text_encoder_2")
+        if os.path.isdir(os.path.join(args.model, sub))
+        for f in os.listdir(os.path.join(args.model, sub)) if f.endswith(".safetensors"))
+    device, dtype = sample.resolve_device(args.device, args.dtype)
+    return dict(path=args.model, files=[(f, os.path.getsize(f), os.path.getmtime(f)) for f in files],
+                config=args.config, device=device.type, dtype=str(dtype))
+
+
 def sweep(args, methods, prompts, seeds, w_cons, cache, make_generator):
     """Every method x w_con x prompt x seed, from the cache or generated -> list of cache entries."""
-    settings = {k: getattr(args, k) for k in ("model", "cfg", "steps", "width", "height", "negative_prompt")}
+    settings = {k: getattr(args, k) for k in ("cfg", "steps", "width", "height", "negative_prompt")}
+    settings["model"] = base_model_id(args)
     entries = []
     for label, loras in methods:
         method_id = dict(settings, loras=loras, weights=[weights_digest(spec) for spec in loras])
@@ -361,6 +383,10 @@ def main(args, make_generator=make_generator):
         raise InputError("give --siglip and/or --clip for the text similarity")
     methods = ([(f"{a} + {b}", [a, b]) for a, b in zip(args.subject_lora, args.style_lora)] if merge
                else [(spec, [spec]) for spec in args.lora])
+    if len({label for label, _ in methods}) != len(methods):
+        raise InputError("a --lora (or subject + style pair) is given twice")
+    if args.seeds < 1:
+        raise InputError(f"--seeds {args.seeds}: needs at least 1")
     prompts, w_cons = read_prompts(args.prompts, args.subject, args.suffix), parse_w_con(args.w_con)
     refs = {"subject_dino": list_images(args.ref_images, "--ref-images"),
             "style_dino": list_images(args.style_images, "--style-images")} if merge \

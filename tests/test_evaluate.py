@@ -227,6 +227,14 @@ def test_interrupted_run_resumes_without_recomputing(setup):
     evaluate.main(argv(), make_generator=fifth)
     assert {d[0] for d in fifth.drawn} == {(str(tmp / "db.safetensors"),)}  # only the changed LoRA
     assert len(fifth.drawn) == total // 2
+    sixth = FakeGenerator()
+    evaluate.main(argv("--dtype", "bfloat16"), make_generator=sixth)
+    assert len(sixth.drawn) == total  # another precision: nothing reused
+    (tmp / "sdxl" / "unet").mkdir(parents=True)
+    (tmp / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"new base weights")
+    seventh = FakeGenerator()
+    evaluate.main(argv(), make_generator=seventh)
+    assert len(seventh.drawn) == total  # another base model at the same path: nothing reused
 
 
 def test_merge_mode_scores_subject_and_style(setup):
@@ -254,6 +262,10 @@ def test_merge_mode_scores_subject_and_style(setup):
     (lambda t, a: setattr(a, "lora", [str(t / "missing.safetensors")]), "missing.safetensors: not found"),
     (lambda t, a: setattr(a, "w_con", "1,x"), "--w-con"),
     (lambda t, a: setattr(a, "style_lora", ["x"]), "merge mode needs"),
+    (lambda t, a: setattr(a, "dino", a.siglip), "a siglip checkpoint, not dinov2"),
+    (lambda t, a: setattr(a, "seeds", 0), "--seeds 0"),
+    (lambda t, a: setattr(a, "w_con", "cfg,1,1"), "repeated"),
+    (lambda t, a: setattr(a, "lora", a.lora[:1] * 2), "given twice"),
 ])
 def test_bad_input_is_one_clear_error(setup, change, message):
     tmp, argv = setup
