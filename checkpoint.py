@@ -94,12 +94,14 @@ def unet_config_from_diffusers(c, source="unet/config.json"):
     expected = {"addition_embed_type": "text_time", "use_linear_projection": True, "flip_sin_to_cos": True,
                 "freq_shift": 0, "act_fn": "silu", "mid_block_type": "UNetMidBlock2DCrossAttn"}
     for k, v in expected.items():
-        if c.get(k, v) != v:
+        if c.get(k, None if k == "addition_embed_type" else v) != v:  # SD 1.x / 2.x configs have no such key
             raise ModelError(f"{source}: {k}={c.get(k)!r} is not an SDXL UNet (expected {v!r})")
     chs = c["block_out_channels"]
     depth = c.get("transformer_layers_per_block", 1)
     depth = [depth] * len(chs) if isinstance(depth, int) else list(depth)
     depth = tuple(d if "CrossAttn" in t else 0 for d, t in zip(depth, c["down_block_types"]))
+    if not depth[-1]:  # the refiner's deepest level has no attention
+        raise ModelError(f"{source}: no attention at the deepest level; this is not the SDXL base UNet (the refiner?)")
     heads = c.get("num_attention_heads") or c["attention_head_dim"]
     heads = [heads] * len(chs) if isinstance(heads, int) else heads
     head_dims = {ch // h for ch, h, d in zip(chs, heads, depth) if d}

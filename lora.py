@@ -145,7 +145,7 @@ def compress(lora, rank):
     for name, (down, up) in lora.items():
         delta = up @ down
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-        r = min(rank, S.numel())
+        r = min(rank, down.shape[0], S.numel())  # never more than the LoRA already has
         out[name] = (Vh[:r] * S[:r, None].sqrt(), U[:, :r] * S[:r].sqrt())
         err2, total2 = err2 + S[r:].pow(2).sum().item(), total2 + S.pow(2).sum().item()
     return out, (err2 / max(total2, 1e-30)) ** 0.5
@@ -211,11 +211,13 @@ def read_lora(path, unet_cfg):
         config = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
     if "unet.lora_alpha" not in config:  # no header: alpha = rank, the files the official code writes
         return lora
+    if config.get("unet.use_rslora"):
+        raise ModelError(f"{path}: rank-stabilized LoRA (alpha / sqrt(rank)) is not supported")
     diffusers_name = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in unet_key_map(unet_cfg).items()
                       if k.endswith(".weight")}
     patterns = config.get("unet.alpha_pattern") or {}
     for name, (down, up) in lora.items():
-        alpha = next((a for p, a in patterns.items() if re.fullmatch(rf"(.*\.)?{p}", diffusers_name[name])),
+        alpha = next((a for p, a in patterns.items() if re.match(rf"(.*\.)?({p})$", diffusers_name[name])),
                      config["unet.lora_alpha"])
         lora[name] = (down, up * (alpha / down.shape[0]))
     return lora

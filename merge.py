@@ -37,6 +37,8 @@ def parse_args(argv=None):
         p.error(f"--weights needs one number per LoRA ({len(args.loras)})")
     if args.fuse and not args.model:
         p.error("--fuse needs --model")
+    if args.rank is not None and args.rank < 1:
+        p.error("--rank must be at least 1")
     return args
 
 

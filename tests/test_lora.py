@@ -186,6 +186,7 @@ def test_merge_is_exact_and_compress_reports_its_error():
         torch.testing.assert_close(up @ down, want, rtol=1e-5, atol=1e-6)
     full, err = lora_lib.compress(merged, rank=6)
     assert err < 1e-5  # rank 4 + 2 is representable exactly
+    assert all(down.shape[0] <= 6 for down, _ in lora_lib.compress(merged, rank=64)[0].values())  # no zero padding
     small, err = lora_lib.compress(merged, rank=1)
     deltas = [(u @ d, su @ sd) for (d, u), (sd, su) in zip(merged.values(), small.values())]
     manual = (sum((x - y).pow(2).sum() for x, y in deltas) / sum(x.pow(2).sum() for x, _ in deltas)).sqrt()

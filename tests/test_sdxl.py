@@ -174,6 +174,18 @@ def test_wrong_model_is_refused_with_the_key_named(tiny_sdxl, tmp_path):
         load_unet(str(bad))
 
 
+def test_other_unet_configs_are_refused():
+    sdxl = checkpoint.unet_config_to_diffusers(UNetConfig())
+    sd15 = {k: v for k, v in sdxl.items() if k != "addition_embed_type"}  # SD 1.x / 2.x configs lack the key
+    with pytest.raises(ModelError, match="addition_embed_type=None is not an SDXL UNet"):
+        checkpoint.unet_config_from_diffusers(sd15)
+    refiner = dict(sdxl, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                           "DownBlock2D"], block_out_channels=[384, 768, 1536, 1536],
+                   transformer_layers_per_block=4, attention_head_dim=[6, 12, 24, 24])
+    with pytest.raises(ModelError, match="refiner"):
+        checkpoint.unet_config_from_diffusers(refiner)
+
+
 def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
     import shutil
     bad = tmp_path / "bad"
