@@ -47,6 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, Dinov2Model, SiglipModel
 
+import lora as lora_lib
 import sample
 from checkpoint import ModelError
 
@@ -130,8 +131,8 @@ def weights_digest(spec):
     if os.path.isfile(path):
         files = [path]
     else:  # the files load_pipeline reads from a training output folder
-        files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f == "pytorch_lora_weights.safetensors"
-                 or (f.startswith("learned_embeds") and f.endswith(".safetensors"))]
+        files = [lora_lib.lora_path(path)] + [os.path.join(path, f) for f in sorted(os.listdir(path))
+                                              if f.startswith("learned_embeds") and f.endswith(".safetensors")]
     h = hashlib.sha1()
     for file in files:
         with open(file, "rb") as f:

@@ -12,6 +12,7 @@ up @ down. Files are read and written in three formats:
 """
 import contextlib
 import json
+import os
 import re
 import warnings
 
@@ -204,8 +205,20 @@ def from_file(tensors, unet_cfg, source):
     return lora
 
 
+def lora_path(path):
+    """A LoRA file, or the one in a train.py / merge.py output folder: its diffusers file, else its kohya file."""
+    if not os.path.isdir(path):
+        return path
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise ModelError(f"{path}: no pytorch_lora_weights.safetensors or lora_kohya.safetensors in this folder")
+
+
 def read_lora(path, unet_cfg):
-    """A LoRA file; newer diffusers files state peft's lora_alpha in their header, and alpha / rank scales `up`."""
+    """A LoRA file or output folder; newer diffusers files state peft's lora_alpha in their header, and alpha / rank
+    scales `up`."""
+    path = lora_path(path)
     lora = from_file(read_safetensors(path), unet_cfg, path)
     with safe_open(path, "pt") as f:
         config = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")

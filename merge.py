@@ -42,18 +42,13 @@ def parse_args(argv=None):
     return args
 
 
-def lora_file(path):
-    """A train.py output folder means its pytorch_lora_weights.safetensors."""
-    return os.path.join(path, "pytorch_lora_weights.safetensors") if os.path.isdir(path) else path
-
-
 def main(args):
     cfg = UNetConfig()
     if args.model:
         folder, single = model_folder(args.model, args.config)
         config_path, _ = component_files(folder, "unet", weights=False)
         cfg = unet_config_from_diffusers(read_json(config_path), config_path)
-    loras = [lora_lib.read_lora(lora_file(p), cfg) for p in args.loras]
+    loras = [lora_lib.read_lora(p, cfg) for p in args.loras]
     merged = lora_lib.merge(loras, args.weights or [1.0] * len(loras))
     if args.rank:
         merged, err = lora_lib.compress(merged, args.rank)

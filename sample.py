@@ -116,7 +116,6 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", confi
         if os.path.isdir(path):  # a train.py / merge.py output folder: its learned tokens come along
             embeds = [*embeds, *(os.path.join(path, f) for f in sorted(os.listdir(path))
                                  if f.startswith("learned_embeds") and f.endswith(".safetensors"))]
-            path = os.path.join(path, "pytorch_lora_weights.safetensors")
         files.append(lora_lib.read_lora(path, pipe.unet.cfg))
         weights.append(float(scale) if scale else 1.0)
     if files:

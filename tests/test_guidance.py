@@ -153,6 +153,11 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path):
     with torch.no_grad():
         again = merged_ref.unet(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
     torch.testing.assert_close(again, want, rtol=1e-4, atol=1e-4)
+    run_script("merge.py", trained, style, "--weights", 1, 0.5, "--model", folder, "--kohya", "--out",
+               tmp_path / "kohya")  # a kohya folder reads back as the same LoRA
+    with torch.no_grad():
+        kohya = load_pipeline(folder, loras=[str(tmp_path / "kohya")]).unet(x, t, ctx, pooled, ids)
+    torch.testing.assert_close(kohya, want, rtol=1e-4, atol=1e-4)
 
 
 def test_fused_unet_equals_base_plus_lora(tiny_sdxl, trained, tmp_path):
