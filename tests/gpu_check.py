@@ -30,8 +30,8 @@ def random_weights(model, seed):
     with torch.no_grad():
         for name, p in model.named_parameters():
             fan_in = p[0].numel() if p.ndim > 1 else 1
-            p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5 + (1.0 if "norm" in name and
-                                                                          name.endswith("weight") else 0.0))
+            offset = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(torch.randn(p.shape, generator=g, device="cpu") / fan_in ** 0.5 + offset)  # the same on any device
     return model
 
 
@@ -70,8 +70,9 @@ def main():
     ucfg, vcfg = (UNetConfig.tiny(), VAEConfig.tiny()) if args.tiny else (UNetConfig(), VAEConfig())
     print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, {size}x{size}")
 
-    unet = random_weights(UNet(ucfg), 0)
-    ref_unet = reference(UNet2DConditionModel, ucfg, unet_config_to_diffusers, unet, unet_key_map)
+    with torch.device(device):  # built on the GPU: the random init of 2.6B parameters takes a minute on the CPU
+        unet = random_weights(UNet(ucfg), 0)
+        ref_unet = reference(UNet2DConditionModel, ucfg, unet_config_to_diffusers, unet, unet_key_map)
     g = torch.Generator().manual_seed(1)
     h = size // 8
     x, ctx = torch.randn(2, 4, h, h, generator=g), torch.randn(2, 77, ucfg.context_dim, generator=g)
@@ -92,8 +93,9 @@ def main():
     ok = compare("UNet", unet, ref_unet, run_unet, run_ref_unet, device)
     del unet, ref_unet
 
-    vae = random_weights(AutoencoderKL(vcfg), 2)
-    ref_vae = reference(RefVAE, vcfg, vae_config_to_diffusers, vae, vae_key_map)
+    with torch.device(device):
+        vae = random_weights(AutoencoderKL(vcfg), 2)
+        ref_vae = reference(RefVAE, vcfg, vae_config_to_diffusers, vae, vae_key_map)
     z = torch.randn(1, 4, h, h, generator=g)
     ok &= compare("VAE decode", vae, ref_vae, lambda d: vae.decode(z.to(device, d)),
                   lambda d: ref_vae.decode(z.to(device, d)).sample, device)
