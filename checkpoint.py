@@ -353,3 +353,38 @@ def openclip_to_transformers(t):
             module, _, kind = rest.rpartition(".")
             out[f"{prefix}{OPENCLIP_LAYER[module]}.{kind}"] = value
     return out
+
+
+def transformers_to_openclip(t):
+    """CLIPTextModelWithProjection's state dict -> OpenCLIP's text tower: the inverse of openclip_to_transformers."""
+    t = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in t.items()}
+    out = {"token_embedding.weight": t.pop("text_model.embeddings.token_embedding.weight"),
+           "positional_embedding": t.pop("text_model.embeddings.position_embedding.weight"),
+           "ln_final.weight": t.pop("text_model.final_layer_norm.weight"),
+           "ln_final.bias": t.pop("text_model.final_layer_norm.bias"),
+           "text_projection": t.pop("text_projection.weight").T}
+    openclip_name, qkv = {v: k for k, v in OPENCLIP_LAYER.items()}, {}
+    for key, value in t.items():
+        layer, _, rest = key[len("text_model.encoder.layers."):].partition(".")
+        module, _, kind = rest.rpartition(".")
+        prefix = f"transformer.resblocks.{layer}."
+        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            qkv.setdefault(f"{prefix}attn.in_proj_{kind}", {})[module] = value
+        else:
+            out[prefix + openclip_name[module] + "." + kind] = value
+    for key, parts in qkv.items():  # q, k, v -> (3 width, ...)
+        out[key] = torch.cat([parts[f"self_attn.{p}_proj"] for p in "qkv"])
+    return out
+
+
+def save_single_file(path, unet, vae, text_encoders, dtype=torch.float16, metadata=None):
+    """UNet, VAE and text encoders as the official single file: what read_single_file reads, and what A1111 and
+    ComfyUI load."""
+    te, te2 = (encoder.state_dict() for encoder in text_encoders.encoders)
+    parts = {"unet": unet.state_dict(),
+             "vae": {k: v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v  # 1x1 convolutions there
+                     for k, v in vae.state_dict().items()},
+             "text_encoder": {k if k.startswith("text_model.") else "text_model." + k: v for k, v in te.items()},
+             "text_encoder_2": transformers_to_openclip(te2)}
+    save_safetensors({SINGLE_FILE[name] + k: v.to(dtype) for name, part in parts.items() for k, v in part.items()},
+                     path, metadata)

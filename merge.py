@@ -1,12 +1,14 @@
-"""Merge LoRAs by plain addition (the paper's subject + style merge), or bake them into the UNet.
+"""Merge LoRAs by plain addition (the paper's subject + style merge), or bake them into a whole SDXL checkpoint.
 
     python merge.py out/dog out/style --out merged/                 # exact: delta = sum_i w_i B_i A_i
     python merge.py a.safetensors b.safetensors --weights 1 0.8 --rank 64 --out m.safetensors   # SVD to rank 64
-    python merge.py out/dog --fuse --model DIR --out unet.safetensors                         # full UNet, LoRA baked in
+    python merge.py out/dog --fuse --model DIR --out sdxl_dog.safetensors     # one file: SDXL with the LoRA baked in
 
 Inputs are LoRA files (diffusers, official DCO, peft or kohya format) or train.py output folders. The merged LoRA
 is written in the diffusers format (--kohya: kohya format). With a folder as --out, learned tokens of the inputs are
-carried along as learned_embeds*.safetensors, so `sample.py --lora merged/` finds them.
+carried along as learned_embeds*.safetensors, so `sample.py --lora merged/` finds them. --fuse writes the base
+model with the LoRA added to the UNet's weights as one file in the official single-file layout (float16 by default,
+as sd_xl_base_1.0.safetensors), which AUTOMATIC1111 and ComfyUI load, and `--model FILE --config DIR` here.
 """
 import argparse
 import json
@@ -14,9 +16,12 @@ import os
 import shutil
 import sys
 
+import torch
+
 import lora as lora_lib
-from checkpoint import (ModelError, component_files, load_unet, model_folder, read_json, read_single_file,
-                        save_safetensors, unet_config_from_diffusers)
+from checkpoint import (ModelError, component_files, model_folder, read_json, save_safetensors, save_single_file,
+                        unet_config_from_diffusers)
+from sample import load_sdxl
 from unet_sdxl import UNetConfig
 
 
@@ -31,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--model", help="the SDXL folder or single file (needed for --fuse; else only its UNet config "
                                    "is read)")
     p.add_argument("--config", help="with a single-file --model: a folder with the SDXL configs and tokenizers")
-    p.add_argument("--fuse", action="store_true", help="write the whole UNet with the LoRA added to its weights")
+    p.add_argument("--fuse", action="store_true", help="write the whole model, the LoRA added to the UNet's weights")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="of --fuse's file")
     args = p.parse_args(argv)
     if args.weights and len(args.weights) != len(args.loras):
         p.error(f"--weights needs one number per LoRA ({len(args.loras)})")
@@ -45,7 +51,7 @@ def parse_args(argv=None):
 def main(args):
     cfg = UNetConfig()
     if args.model:
-        folder, single = model_folder(args.model, args.config)
+        folder, _ = model_folder(args.model, args.config)
         config_path, _ = component_files(folder, "unet", weights=False)
         cfg = unet_config_from_diffusers(read_json(config_path), config_path)
     loras = [lora_lib.read_lora(p, cfg) for p in args.loras]
@@ -55,12 +61,12 @@ def main(args):
         print(f"rank {args.rank}: relative error of the summed delta {err:.3e} (Frobenius, over all layers)")
 
     if args.fuse:
-        unet = load_unet(folder, tensors=read_single_file(single)["unet"] if single else None)
+        dtype = getattr(torch, args.dtype)
+        unet, vae, text = load_sdxl(args.model, torch.device("cpu"), dtype, args.config)
         lora_lib.apply_lora(unet, merged)
-        lora_lib.remove(unet, fuse=True)
-        # The official (Stability) key layout, the names our modules carry.
-        save_safetensors(unet.state_dict(), args.out, {"dco.merged_from": json.dumps(args.loras)})
-        print(f"wrote {args.out} (UNet with the LoRA fused in)")
+        lora_lib.remove(unet, fuse=True)  # W + delta, added in float32
+        save_single_file(args.out, unet, vae, text, dtype, {"dco.merged_from": json.dumps(args.loras)})
+        print(f"wrote {args.out} (SDXL with the LoRA fused in, single-file layout, {args.dtype})")
         return
 
     tensors = lora_lib.to_kohya(merged) if args.kohya else lora_lib.to_diffusers(merged, cfg)

@@ -92,36 +92,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_single_file(folder, path, text_seed=None):
-    """The model in `folder` as Stability's single file (sd_xl_base_1.0.safetensors' key layout): the UNet and VAE
-    under official names (VAE attention as 1x1 convolutions), CLIP-L under transformers' names, bigG in OpenCLIP's
-    layout (fused q/k/v, resblocks, a (width, dim) projection). With text_seed, the text encoders get random weights,
-    norms included, so that a swapped key shows."""
+    """The model in `folder` as the official single file, with the two keys real files carry and readers skip. With
+    text_seed, the text encoders get random weights first, norms included, so that a swapped key shows."""
     from safetensors.torch import load_file, save_file
-    from checkpoint import load_unet, load_vae
-    out = {f"model.diffusion_model.{k}": v for k, v in load_unet(folder).state_dict().items()}
-    for k, v in load_vae(folder).state_dict().items():
-        out[f"first_stage_model.{k}"] = v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v
-    te, te2 = (load_file(os.path.join(folder, p, "model.safetensors")) for p in ("text_encoder", "text_encoder_2"))
+    from checkpoint import save_single_file
+    from sample import load_sdxl
+    unet, vae, text = load_sdxl(folder, torch.device("cpu"), torch.float32)
     if text_seed is not None:
         g = torch.Generator().manual_seed(text_seed)
-        te, te2 = ({k: torch.randn(v.shape, generator=g) * 0.1 + v for k, v in t.items()} for t in (te, te2))
-    for k, v in te.items():
-        out["conditioner.embedders.0.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k] = v
-    out["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    P, L = "conditioner.embedders.1.model.", "text_model.encoder.layers."
-    out.update({P + "token_embedding.weight": te2["text_model.embeddings.token_embedding.weight"],
-                P + "positional_embedding": te2["text_model.embeddings.position_embedding.weight"],
-                P + "ln_final.weight": te2["text_model.final_layer_norm.weight"],
-                P + "ln_final.bias": te2["text_model.final_layer_norm.bias"],
-                P + "text_projection": te2["text_projection.weight"].T, P + "logit_scale": torch.tensor(4.6052)})
-    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-             "self_attn.out_proj": "attn.out_proj"}
-    for i in range(1 + max(int(k[len(L):].split(".")[0]) for k in te2 if k.startswith(L))):
-        src, dst = f"{L}{i}.", f"{P}transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([te2[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"])
-            out.update({f"{dst}{b}.{kind}": te2[f"{src}{a}.{kind}"] for a, b in names.items()})
-    save_file({k: v.contiguous() for k, v in out.items()}, path)
+        with torch.no_grad():
+            for p in text.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    save_single_file(path, unet, vae, text, torch.float32)
+    tensors = load_file(path)
+    tensors["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    tensors["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6052)
+    save_file(tensors, path)
 
 
 def run_script(script, *args, check=True):

@@ -12,7 +12,6 @@ from checkpoint import ModelError, load_unet
 from conftest import run_script, write_single_file
 from sample import base_prompt, generate, load_pipeline
 from sampler import guidance
-from unet_sdxl import UNet
 
 PROMPT = "a photo of a <dog> in the snow"
 KW = dict(steps=6, width=64, height=64, cfg=5.0)
@@ -160,20 +159,22 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path):
     torch.testing.assert_close(kohya, want, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_unet_equals_base_plus_lora(tiny_sdxl, trained, tmp_path):
+def test_fused_checkpoint_equals_base_plus_lora(tiny_sdxl, trained, tmp_path):
     folder = tiny_sdxl[0]
-    run_script("merge.py", trained, "--fuse", "--model", folder, "--out", tmp_path / "unet.safetensors")
+    run_script("merge.py", trained, "--fuse", "--model", folder, "--dtype", "float32", "--out",
+               tmp_path / "f.safetensors")
     x = unet_inputs()
     with torch.no_grad():
         want = load_pipeline(folder, loras=[trained]).unet(*x)
-        fused = UNet(load_unet(folder).cfg)
-        fused.load_state_dict(load_file(str(tmp_path / "unet.safetensors")), strict=True)  # official key layout
-        torch.testing.assert_close(fused(*x), want, rtol=1e-4, atol=1e-4)
+        fused = load_pipeline(str(tmp_path / "f.safetensors"), config=folder)  # the official single-file layout
+        torch.testing.assert_close(fused.unet(*x), want, rtol=1e-4, atol=1e-4)
     write_single_file(folder, str(tmp_path / "sdxl.safetensors"))  # the same base as one file: the same result
-    run_script("merge.py", trained, "--fuse", "--model", tmp_path / "sdxl.safetensors", "--config", folder, "--out",
-               tmp_path / "unet2.safetensors")
-    a, b = (load_file(str(tmp_path / f)) for f in ("unet.safetensors", "unet2.safetensors"))
+    run_script("merge.py", trained, "--fuse", "--model", tmp_path / "sdxl.safetensors", "--config", folder,
+               "--dtype", "float32", "--out", tmp_path / "f2.safetensors")
+    a, b = (load_file(str(tmp_path / f)) for f in ("f.safetensors", "f2.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    run_script("merge.py", trained, "--fuse", "--model", folder, "--out", tmp_path / "f16.safetensors")
+    assert {v.dtype for v in load_file(str(tmp_path / "f16.safetensors")).values()} == {torch.float16}
 
 
 def test_rank_compression_prints_its_error(tiny_sdxl, trained, tmp_path):
