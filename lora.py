@@ -118,6 +118,9 @@ def apply_lora(model, lora):
         base = modules.get(name)
         if type(base) is not nn.Linear:
             raise ModelError(f"LoRA module {name!r} matches no (unadapted) linear layer of this model")
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise ModelError(f"LoRA module {name!r}: up {tuple(up.shape)} and down {tuple(down.shape)} do not "
+                             "make a linear low-rank pair")
         if down.shape[1] != base.in_features or up.shape[0] != base.out_features:
             raise ModelError(f"LoRA module {name!r} is {up.shape[0]}x{down.shape[1]}, the model's layer is "
                              f"{base.out_features}x{base.in_features}: is it a LoRA for another model?")

@@ -198,6 +198,8 @@ def test_bad_loras_are_refused_with_the_key_named(tiny_sdxl):
     name = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
     with pytest.raises(ModelError, match="to_q.*another model"):
         lora_lib.apply_lora(unet, {name: (torch.zeros(4, 999), torch.zeros(64, 4))})
+    with pytest.raises(ModelError, match="to_q.*low-rank pair"):
+        lora_lib.apply_lora(unet, {name: (torch.zeros(4, 64), torch.zeros(64, 8))})
     with pytest.raises(ModelError, match="no_such_block"):
         lora_lib.from_file({"unet.no_such_block.to_q.lora.down.weight": torch.zeros(4, 64)}, unet.cfg, "x")
     with pytest.warns(UserWarning, match=r"adapts 1 layers; \d+ attention projections"):
