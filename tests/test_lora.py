@@ -124,20 +124,25 @@ def test_our_files_load_in_diffusers(tiny_sdxl, tmp_path, fmt):
     torch.testing.assert_close(ref_unet_out(pipe, x), ours, rtol=1e-4, atol=1e-4)
 
 
-def test_we_read_peft_and_official_dco_files(tiny_sdxl):
-    """A LoRA trained the official way (peft on the diffusers UNet) reads into our UNet with equal outputs."""
-    from peft import LoraConfig, get_peft_model_state_dict
-    from diffusers.utils import convert_state_dict_to_diffusers
-    folder = tiny_sdxl[0]
+def peft_lora(folder, **config):
+    """A random peft LoRA on diffusers' UNet, as the official code trains one -> (pipe, its LoraConfig, UNet output)."""
+    from peft import LoraConfig
     pipe = diffusers_pipe(folder)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    config = LoraConfig(init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"], **config)
+    pipe.unet.add_adapter(config)
     with torch.no_grad():
         for name, p in pipe.unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    x = inputs()
-    want = ref_unet_out(pipe, x)
+    return pipe, config, ref_unet_out(pipe, inputs())
+
+
+def test_we_read_peft_and_official_dco_files(tiny_sdxl):
+    """A LoRA trained the official way (peft on the diffusers UNet) reads into our UNet with equal outputs."""
+    from peft import get_peft_model_state_dict
+    from diffusers.utils import convert_state_dict_to_diffusers
+    folder = tiny_sdxl[0]
+    pipe, _, want = peft_lora(folder, r=4, lora_alpha=4)
     peft_sd = get_peft_model_state_dict(pipe.unet)
     official = {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(peft_sd).items()}  # as customize.py saves
     assert any(k.endswith(".lora.down.weight") for k in official)
@@ -145,30 +150,21 @@ def test_we_read_peft_and_official_dco_files(tiny_sdxl):
         unet = load_unet(folder)
         lora_lib.apply_lora(unet, lora_lib.from_file(tensors, unet.cfg, "test"))
         with torch.no_grad():
-            torch.testing.assert_close(unet(*x), want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(unet(*inputs()), want, rtol=1e-4, atol=1e-4)
 
 
 def test_alpha_in_a_diffusers_file_header_is_applied(tiny_sdxl, tmp_path):
     """Newer diffusers files carry peft's LoraConfig (lora_alpha, alpha_pattern) in the safetensors header."""
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
     folder = tiny_sdxl[0]
-    pipe = diffusers_pipe(folder)
-    config = LoraConfig(r=4, lora_alpha=8, alpha_pattern={"attn2.to_v": 2}, init_lora_weights="gaussian",
-                        target_modules=["to_k", "to_q", "to_v", "to_out.0"])
-    pipe.unet.add_adapter(config)
-    with torch.no_grad():
-        for name, p in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    x = inputs()
-    want = ref_unet_out(pipe, x)
+    pipe, config, want = peft_lora(folder, r=4, lora_alpha=8, alpha_pattern={"attn2.to_v": 2})
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
     type(pipe).save_lora_weights(str(tmp_path), unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict())
     unet = load_unet(folder)
     lora_lib.apply_lora(unet, lora_lib.read_lora(str(tmp_path / "pytorch_lora_weights.safetensors"), unet.cfg))
     with torch.no_grad():
-        torch.testing.assert_close(unet(*x), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(unet(*inputs()), want, rtol=1e-4, atol=1e-4)
 
 
 def test_merge_is_exact_and_compress_reports_its_error():
