@@ -130,7 +130,8 @@ def base_prompt(pipe, prompt):
     for token, word in pipe.tokens.items():
         if token in prompt and word is None:  # the base model must not see the learned embedding
             raise ModelError(f"{token!r} has no initializer word for the base prompt; load it as FILE:{token}:WORD")
-        prompt = prompt.replace(token, word or token)
+        if token in prompt:
+            prompt = prompt.replace(token, word)
     return prompt
 
 
