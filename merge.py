@@ -73,9 +73,16 @@ def main(args):
     meta = {"dco.merged_from": json.dumps(args.loras), "dco.weights": json.dumps(args.weights)}
     path = args.out
     if not path.endswith(".safetensors"):
-        os.makedirs(path, exist_ok=True)
+        if os.path.isdir(path) and any(os.path.isdir(p) and os.path.samefile(p, path) for p in args.loras):
+            raise ModelError(f"--out {path} is one of the inputs; merge into another folder")
         embeds = args.embeds + [os.path.join(p, f) for p in args.loras if os.path.isdir(p)
                                 for f in sorted(os.listdir(p)) if f.startswith("learned_embeds")]
+        for e in embeds:
+            if not os.path.isfile(e):
+                raise ModelError(f"--embeds {e}: no such file")
+        os.makedirs(path, exist_ok=True)
+        for stale in [f for f in os.listdir(path) if f.startswith("learned_embeds")]:  # from an earlier merge here
+            os.remove(os.path.join(path, stale))
         for i, e in enumerate(embeds):
             shutil.copyfile(e, os.path.join(path, "learned_embeds.safetensors" if i == 0 else
                                             f"learned_embeds_{i}.safetensors"))

@@ -154,6 +154,8 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path):
     torch.testing.assert_close(again, want, rtol=1e-4, atol=1e-4)
     run_script("merge.py", trained, style, "--weights", 1, 0.5, "--model", folder, "--kohya", "--out",
                tmp_path / "kohya")  # a kohya folder reads back as the same LoRA
+    r = run_script("merge.py", trained, "--out", trained, check=False)
+    assert r.returncode != 0 and "is one of the inputs" in r.stderr.strip().splitlines()[-1]
     with torch.no_grad():
         kohya = load_pipeline(folder, loras=[str(tmp_path / "kohya")]).unet(x, t, ctx, pooled, ids)
     torch.testing.assert_close(kohya, want, rtol=1e-4, atol=1e-4)
