@@ -1,6 +1,7 @@
 """train.py as a user runs it, on the tiny random SDXL: outputs, interchange, resume, bad data."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import lora as lora_lib
+import train
+from checkpoint import ModelError
 from conftest import ROOT, TRAIN_ARGS, run_script, write_images
 from dco import eps_mse, q_sample
 from sample import load_pipeline
@@ -111,11 +114,16 @@ def test_ctrl_c_saves_a_checkpoint(tiny_sdxl, trained, tmp_path):
         assert int(f.metadata()["step"]) > 0
 
 
-def expect_error(args, needle, out):
-    r = run_script("train.py", *args, "--out", out, check=False)
-    last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert last.startswith("error:") and needle in last, last
+def expect_error(args, needle, out, cli=False):
+    """train.py refuses args with a ModelError naming needle (as the CLI, a one-line error), writing nothing."""
+    if cli:
+        r = run_script("train.py", *args, "--out", out, check=False)
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert last.startswith("error:") and needle in last, last
+    else:  # in process: the CLI prints exactly this error, as the case above shows
+        with pytest.raises(ModelError, match=re.escape(needle)):
+            train.main(train.parse_args([str(a) for a in (*args, "--out", out)]))
     assert not os.path.exists(out)  # nothing half-written
 
 
@@ -124,7 +132,7 @@ def test_bad_data_is_refused_in_one_line(tiny_sdxl, tmp_path):
     common = ("--model", folder, "--resolution", 32, "--steps", 1)
     data = write_images(str(tmp_path / "d"), ["a photo of a <dog>"] * 2)
     out = str(tmp_path / "out")
-    expect_error(("--data", data, "--token", "<cat>", "--init-token", "cat", *common), "00.png", out)
+    expect_error(("--data", data, "--token", "<cat>", "--init-token", "cat", *common), "00.png", out, cli=True)
     expect_error(("--data", data, "--token", "<dog>", "--init-token", "big dog", *common), "single token", out)
     empty = tmp_path / "empty"
     empty.mkdir()
