@@ -378,8 +378,8 @@ def transformers_to_openclip(t):
 
 
 def save_single_file(path, unet, vae, text_encoders, dtype=torch.float16, metadata=None):
-    """UNet, VAE and text encoders as the official single file: what read_single_file reads, and what A1111 and
-    ComfyUI load."""
+    """UNet, VAE and text encoders in the official single file's layout (the one A1111 and ComfyUI read), which
+    read_single_file and diffusers' from_single_file read back."""
     te, te2 = (encoder.state_dict() for encoder in text_encoders.encoders)
     parts = {"unet": unet.state_dict(),
              "vae": {k: v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v  # 1x1 convolutions there

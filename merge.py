@@ -7,8 +7,8 @@
 Inputs are LoRA files (diffusers, official DCO, peft or kohya format) or train.py output folders. The merged LoRA
 is written in the diffusers format (--kohya: kohya format). With a folder as --out, learned tokens of the inputs are
 carried along as learned_embeds*.safetensors, so `sample.py --lora merged/` finds them. --fuse writes the base
-model with the LoRA added to the UNet's weights as one file in the official single-file layout (float16 by default,
-as sd_xl_base_1.0.safetensors), which AUTOMATIC1111 and ComfyUI load, and `--model FILE --config DIR` here.
+model with the LoRA added to the UNet's weights as one file in the layout of sd_xl_base_1.0.safetensors (float16 by
+default, as that file), the layout AUTOMATIC1111 and ComfyUI read; here, `--model FILE --config DIR` reads it.
 """
 import argparse
 import json
