@@ -355,9 +355,14 @@ def openclip_to_transformers(t):
     return out
 
 
+def with_text_model_prefix(t):
+    """A CLIP text model's state dict under the classic names: newer transformers drop CLIPTextModel's "text_model."."""
+    return {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in t.items()}
+
+
 def transformers_to_openclip(t):
     """CLIPTextModelWithProjection's state dict -> OpenCLIP's text tower: the inverse of openclip_to_transformers."""
-    t = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in t.items()}
+    t = with_text_model_prefix(t)
     out = {"token_embedding.weight": t.pop("text_model.embeddings.token_embedding.weight"),
            "positional_embedding": t.pop("text_model.embeddings.position_embedding.weight"),
            "ln_final.weight": t.pop("text_model.final_layer_norm.weight"),
@@ -384,7 +389,7 @@ def save_single_file(path, unet, vae, text_encoders, dtype=torch.float16, metada
     parts = {"unet": unet.state_dict(),
              "vae": {k: v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v  # 1x1 convolutions there
                      for k, v in vae.state_dict().items()},
-             "text_encoder": {k if k.startswith("text_model.") else "text_model." + k: v for k, v in te.items()},
+             "text_encoder": with_text_model_prefix(te),
              "text_encoder_2": transformers_to_openclip(te2)}
     save_safetensors({SINGLE_FILE[name] + k: v.to(dtype) for name, part in parts.items() for k, v in part.items()},
                      path, metadata)
