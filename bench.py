@@ -2,7 +2,7 @@
 
     python bench.py                        # full SDXL UNet, random weights, 1024x1024, bf16 (on a GPU)
     python bench.py --reference            # also diffusers + peft (the official stack), same weights, same run
-    python bench.py --compile              # also both UNets with their repeated blocks torch.compile'd
+    python bench.py --compile              # also both UNets with their transformer blocks torch.compile'd
     python bench.py --tiny                 # a CPU smoke test on the tiny config
 
 Reports the median time per step, peak memory, for the CFG step the achieved TFLOP/s (forward FLOPs counted by

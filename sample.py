@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="UNet and text encoders; auto: bfloat16 on GPU, float32 on CPU. The VAE stays float32.")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet's repeated blocks (GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet's transformer blocks (GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 

@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, default=30, help="sampler steps for grids and class images")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet's repeated blocks (GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet's transformer blocks (GPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
