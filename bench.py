@@ -225,9 +225,9 @@ def main(args):
 
     train_only = ["DCO train step"]
     measure("ours", ours(unet, cfg, size, device, dtype))
-    unet.grad_checkpointing = True
+    unet.set_grad_checkpointing(True)
     measure("ours, checkpointing", {k: v for k, v in ours(unet, cfg, size, device, dtype).items() if k in train_only})
-    unet.grad_checkpointing = False
+    unet.set_grad_checkpointing(False)
     if args.compile:
         unet.compile_blocks()
         compiled("ours, compiled", lambda: ours(unet, cfg, size, device, dtype))

@@ -63,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=500, help="checkpoint + sample grid every N steps (0: never)")
     p.add_argument("--sample-steps", type=int, default=30, help="sampler steps for grids and class images")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each ResBlock and transformer block in the backward pass: less memory, slower")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet's transformer blocks (GPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -260,7 +261,7 @@ def main(args):
     unet, vae, text = load_sdxl(args.model, device, dtype, args.config)
     ti = TokenEmbeddings(text, args.token, args.init_token) if args.token else None  # a bad token fails now
     unet.requires_grad_(False)
-    unet.grad_checkpointing = args.grad_checkpointing
+    unet.set_grad_checkpointing(args.grad_checkpointing)
     if args.compile:
         unet.compile_blocks()
     res = args.resolution

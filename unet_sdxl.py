@@ -56,7 +56,17 @@ def timestep_embedding(t, dim, max_period=10000):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def call(layer, *args):
+    """layer(*args); with the layer's `checkpointing` on, its activations are recomputed in the backward pass instead of
+    stored, so that the backward pass holds one layer's activations at a time rather than the whole UNet's."""
+    if layer.checkpointing and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
 class ResBlock(nn.Module):
+    checkpointing = False
+
     def __init__(self, cin, cout, emb_dim, groups):
         super().__init__()
         self.in_layers = nn.Sequential(nn.GroupNorm(groups, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
@@ -91,17 +101,27 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
+def geglu(projected):
+    h, gate = projected.chunk(2, dim=-1)
+    return h * F.gelu(gate)
+
+
 class GEGLU(nn.Module):
     def __init__(self, dim, inner):
         super().__init__()
         self.proj = nn.Linear(dim, 2 * inner)
 
     def forward(self, x):
-        h, gate = self.proj(x).chunk(2, dim=-1)
-        return h * F.gelu(gate)
+        if not torch.is_grad_enabled():
+            return geglu(self.proj(x))
+        # Recomputed in the backward pass, so that training stores the projection only, not also gelu(gate),
+        # a (B, L, 4 * dim) tensor in every transformer block.
+        return checkpoint(geglu, self.proj(x), use_reentrant=False)
 
 
 class TransformerBlock(nn.Module):
+    checkpointing = False
+
     def __init__(self, dim, context_dim, head_dim):
         super().__init__()
         self.attn1 = Attention(dim, dim, head_dim)
@@ -130,7 +150,7 @@ class SpatialTransformer(nn.Module):
         h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, HW, C)
         h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = call(block, h, context)
         h = self.proj_out(h)
         return x + h.reshape(B, H, W, C).permute(0, 3, 1, 2)
 
@@ -159,7 +179,7 @@ class Block(nn.ModuleList):
     def forward(self, x, emb, context):
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = call(layer, x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             else:
@@ -171,7 +191,6 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__()
         self.cfg = cfg
-        self.grad_checkpointing = False
         mc, E, G = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
         if cfg.transformer_depth[-1] < 1:
             raise ValueError("the middle block needs a transformer (transformer_depth[-1] >= 1)")
@@ -227,10 +246,11 @@ class UNet(nn.Module):
             if isinstance(m, TransformerBlock):
                 m.compile(**options)
 
-    def run(self, block, x, emb, context):
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, emb, context, use_reentrant=False)
-        return block(x, emb, context)
+    def set_grad_checkpointing(self, on=True):
+        """Checkpoint every ResBlock and transformer block (see call): the forward pass runs twice when training."""
+        for m in self.modules():
+            if isinstance(m, (ResBlock, TransformerBlock)):
+                m.checkpointing = on
 
     def forward(self, x, t, context, pooled, time_ids):
         """x: (B, 4, h, w) latents, t: timestep(s), context: (B, 77, 2048), pooled: (B, 1280), time_ids: (B, 6)."""
@@ -240,9 +260,9 @@ class UNet(nn.Module):
         emb = self.embed(t, pooled, time_ids)
         skips = []
         for block in self.input_blocks:
-            x = self.run(block, x, emb, context)
+            x = block(x, emb, context)
             skips.append(x)
-        x = self.run(self.middle_block, x, emb, context)
+        x = self.middle_block(x, emb, context)
         for block in self.output_blocks:
-            x = self.run(block, torch.cat([x, skips.pop()], dim=1), emb, context)
+            x = block(torch.cat([x, skips.pop()], dim=1), emb, context)
         return self.out(x)

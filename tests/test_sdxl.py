@@ -40,6 +40,25 @@ def test_unet_matches_reference(tiny_sdxl, size, t):
     close(ours, ref)
 
 
+
+def test_training_pass_matches_reference_with_and_without_checkpointing(tiny_sdxl):
+    """The forward pass with gradients (GEGLU recomputed in the backward pass, and every ResBlock and transformer
+    block with --grad-checkpointing) gives diffusers' output and input gradient."""
+    folder, pipe = tiny_sdxl
+    unet = load_unet(folder).requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g, requires_grad=True), torch.randn(2, 77, 32, generator=g)
+    pooled, t = torch.randn(2, 32, generator=g), torch.tensor([700.0, 30])
+    ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
+    ref = pipe.unet(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    ref_grad, = torch.autograd.grad(ref.square().sum(), x)
+    for on in (False, True):
+        unet.set_grad_checkpointing(on)
+        ours = unet(x, t, ctx, pooled, ids)
+        grad, = torch.autograd.grad(ours.square().sum(), x)
+        close(ours.detach(), ref.detach())
+        close(grad, ref_grad)
+
 def test_vae_matches_reference(tiny_sdxl):
     folder, pipe = tiny_sdxl
     vae = load_vae(folder)
