@@ -92,10 +92,10 @@ def ours(unet, cfg, size, device, dtype):
         with lora_lib.lora_scale(unet, scales):
             unet(*x3)
 
-    def train_step():
-        err_theta = eps_mse(unet(*x1), noise)
+    def train_step():  # the base model first, so that its pass does not add to the LoRA pass's stored activations
         with torch.no_grad(), lora_lib.lora_scale(unet, 0.0):
             err_phi = eps_mse(unet(*x1), noise)
+        err_theta = eps_mse(unet(*x1), noise)
         dco_loss(err_theta, err_phi, 1000.0).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

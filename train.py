@@ -316,12 +316,14 @@ def main(args):
         c = base[idx] if ti is None else Cond(*text.encode([captions[i] for i in idx]), ids[idx])
         c = c.to(dtype=dtype)
 
-        err_theta = eps_mse(unet(x_t, t, c.context, c.pooled, c.time_ids), noise)  # LoRA on
-        err_phi = torch.zeros_like(err_theta[:B])
-        if args.beta > 0:  # the frozen base model on the base caption: LoRA scale 0, no graph
+        # The frozen base model on the base caption (LoRA scale 0, no graph) runs first, so that its pass does not
+        # add to the activations the LoRA pass keeps for the backward pass.
+        err_phi = torch.zeros(B, device=device)
+        if args.beta > 0:
             with torch.no_grad(), lora_lib.lora_scale(unet, 0.0):
                 b = base[idx[:B]].to(dtype=dtype)
                 err_phi = eps_mse(unet(x_t[:B], t[:B], b.context, b.pooled, b.time_ids), noise[:B])
+        err_theta = eps_mse(unet(x_t, t, c.context, c.pooled, c.time_ids), noise)  # LoRA on
         w = min_snr_weight(t[:B], args.snr_gamma, a_bar) if args.snr_gamma else 1.0
         loss = diffusion_loss(w * err_theta[:B], w * err_phi, args.beta).mean()
         if prior:
