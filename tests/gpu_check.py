@@ -3,7 +3,8 @@
     python tests/gpu_check.py            # full SDXL UNet and VAE, random weights, 1024x1024
     python tests/gpu_check.py --tiny     # the same checks on the tiny configs (CPU)
 
-Both stacks get the same random weights. Passes when our fp32 output is within 1e-4 (relative to the output's
+Both stacks get the same random weights. Compared: the UNet's output, its input gradient (the training pass, ours
+with gradient checkpointing) and the VAE decoder's output. Passes when our fp32 output is within 1e-4 (relative to the output's
 largest value) of diffusers' fp32 output, and our bf16 error against fp32 is no more than 1.5x diffusers' own.
 """
 import argparse
@@ -43,12 +44,12 @@ def reference(cls, cfg, to_diffusers, ours, key_map):
     return ref
 
 
-def compare(name, ours, ref, run_ours, run_ref, device):
+def compare(name, ours, ref, run_ours, run_ref, device, grad=False):
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         ours.to(device, dtype)
         ref.to(device, dtype)
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             results[dtype] = run_ours(dtype), run_ref(dtype)
     (o32, r32), (o16, r16) = results[torch.float32], results[torch.bfloat16]
     fp32_err, ours_bf16, ref_bf16 = rel(o32, r32), rel(o16, r32), rel(r16, r32)
@@ -90,7 +91,20 @@ def main():
         xs, ts, c, pl, i = args_in(dtype)
         return ref_unet(xs, ts, c, added_cond_kwargs={"text_embeds": pl, "time_ids": i}).sample
 
+    def input_grad(run):  # d(sum of squared outputs)/dx for the first sample: the training pass, backward included
+        def run_grad(dtype):
+            inputs = [v[:1] for v in args_in(dtype)]
+            inputs[0].requires_grad_(True)
+            out = run(*inputs)
+            return torch.autograd.grad(out.float().square().sum(), inputs[0])[0]
+        return run_grad
+
     ok = compare("UNet", unet, ref_unet, run_unet, run_ref_unet, device)
+    unet.requires_grad_(False).set_grad_checkpointing(True)
+    ref_unet.requires_grad_(False)
+    ok &= compare("UNet input gradient (ours with --grad-checkpointing)", unet, ref_unet, input_grad(unet),
+                  input_grad(lambda xs, ts, c, pl, i: ref_unet(xs, ts, c, added_cond_kwargs={
+                      "text_embeds": pl, "time_ids": i}).sample), device, grad=True)
     del unet, ref_unet
 
     with torch.device(device):
