@@ -328,6 +328,10 @@ def read_single_file(path):
     return parts
 
 
+OPENCLIP_TOP = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+                "positional_embedding": "text_model.embeddings.position_embedding.weight",
+                "ln_final.weight": "text_model.final_layer_norm.weight",
+                "ln_final.bias": "text_model.final_layer_norm.bias"}
 OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
                   "attn.out_proj": "self_attn.out_proj"}
 
@@ -335,11 +339,8 @@ OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp
 def openclip_to_transformers(t):
     """OpenCLIP's text tower (resblocks with fused q/k/v, a (width, dim) projection) -> CLIPTextModelWithProjection."""
     t = dict(t)
-    out = {"text_model.embeddings.token_embedding.weight": t.pop("token_embedding.weight"),
-           "text_model.embeddings.position_embedding.weight": t.pop("positional_embedding"),
-           "text_model.final_layer_norm.weight": t.pop("ln_final.weight"),
-           "text_model.final_layer_norm.bias": t.pop("ln_final.bias"),
-           "text_projection.weight": t.pop("text_projection").T}  # x @ P there, a Linear (P^T) here
+    out = {ours: t.pop(theirs) for theirs, ours in OPENCLIP_TOP.items()}
+    out["text_projection.weight"] = t.pop("text_projection").T  # x @ P there, a Linear (P^T) here
     for key, value in t.items():
         if not key.startswith("transformer.resblocks."):
             raise KeyError(f"unexpected {key}")
@@ -363,11 +364,8 @@ def with_text_model_prefix(t):
 def transformers_to_openclip(t):
     """CLIPTextModelWithProjection's state dict -> OpenCLIP's text tower: the inverse of openclip_to_transformers."""
     t = with_text_model_prefix(t)
-    out = {"token_embedding.weight": t.pop("text_model.embeddings.token_embedding.weight"),
-           "positional_embedding": t.pop("text_model.embeddings.position_embedding.weight"),
-           "ln_final.weight": t.pop("text_model.final_layer_norm.weight"),
-           "ln_final.bias": t.pop("text_model.final_layer_norm.bias"),
-           "text_projection": t.pop("text_projection.weight").T}
+    out = {theirs: t.pop(ours) for theirs, ours in OPENCLIP_TOP.items()}
+    out["text_projection"] = t.pop("text_projection.weight").T
     openclip_name, qkv = {v: k for k, v in OPENCLIP_LAYER.items()}, {}
     for key, value in t.items():
         layer, _, rest = key[len("text_model.encoder.layers."):].partition(".")

@@ -131,8 +131,7 @@ def weights_digest(spec):
     if os.path.isfile(path):
         files = [path]
     else:  # the files load_pipeline reads from a training output folder
-        files = [lora_lib.lora_path(path)] + [os.path.join(path, f) for f in sorted(os.listdir(path))
-                                              if f.startswith("learned_embeds") and f.endswith(".safetensors")]
+        files = [lora_lib.lora_path(path)] + sample.folder_embeds(path)
     h = hashlib.sha1()
     for file in files:
         with open(file, "rb") as f:

@@ -157,11 +157,17 @@ def compress(lora, rank):
 
 # ------------------------------------------------------------------------------------- file formats
 
+def module_names(unet_cfg):
+    """{official module name: diffusers module name} for every weight of the UNet."""
+    return {k[: -len(".weight")]: v[: -len(".weight")] for k, v in unet_key_map(unet_cfg).items()
+            if k.endswith(".weight")}
+
+
 def to_diffusers(lora, unet_cfg):
-    names = unet_key_map(unet_cfg)  # official "<module>.weight" -> diffusers "<module>.weight"
+    names = module_names(unet_cfg)
     out = {}
     for name, (down, up) in lora.items():
-        module = names[name + ".weight"][: -len(".weight")]
+        module = names[name]
         out[f"unet.{module}.lora.down.weight"], out[f"unet.{module}.lora.up.weight"] = down, up
     return out
 
@@ -182,8 +188,7 @@ SUFFIXES = {  # key ending -> which matrix it holds; the module name is what pre
 
 def from_file(tensors, unet_cfg, source):
     """Read a diffusers / official DCO / peft / kohya LoRA file into {official module: (down, up)}."""
-    diffusers_to_ours = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in unet_key_map(unet_cfg).items()
-                         if k.endswith(".weight")}
+    diffusers_to_ours = {v: k for k, v in module_names(unet_cfg).items()}
     kohya_to_ours = {"lora_unet_" + k.replace(".", "_"): k for k in diffusers_to_ours.values()}
     parts = {}
     for key, value in tensors.items():
@@ -229,8 +234,7 @@ def read_lora(path, unet_cfg):
         return lora
     if config.get("unet.use_rslora"):
         raise ModelError(f"{path}: rank-stabilized LoRA (alpha / sqrt(rank)) is not supported")
-    diffusers_name = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in unet_key_map(unet_cfg).items()
-                      if k.endswith(".weight")}
+    diffusers_name = module_names(unet_cfg)
     patterns = config.get("unet.alpha_pattern") or {}
     for name, (down, up) in lora.items():
         alpha = next((a for p, a in patterns.items() if re.match(rf"(.*\.)?({p})$", diffusers_name[name])),

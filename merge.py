@@ -21,7 +21,7 @@ import torch
 import lora as lora_lib
 from checkpoint import (ModelError, component_files, model_folder, read_json, save_safetensors, save_single_file,
                         unet_config_from_diffusers)
-from sample import load_sdxl
+from sample import folder_embeds, load_sdxl
 from unet_sdxl import UNetConfig
 
 
@@ -75,8 +75,7 @@ def main(args):
     if not path.endswith(".safetensors"):
         if os.path.isdir(path) and any(os.path.isdir(p) and os.path.samefile(p, path) for p in args.loras):
             raise ModelError(f"--out {path} is one of the inputs; merge into another folder")
-        embeds = args.embeds + [os.path.join(p, f) for p in args.loras if os.path.isdir(p)
-                                for f in sorted(os.listdir(p)) if f.startswith("learned_embeds")]
+        embeds = args.embeds + [e for p in args.loras if os.path.isdir(p) for e in folder_embeds(p)]
         for e in embeds:
             if not os.path.isfile(e):
                 raise ModelError(f"--embeds {e}: no such file")

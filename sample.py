@@ -106,6 +106,12 @@ def load_embeds(pipe, spec):
     pipe.tokens[token] = init  # None if unknown: then the token has no base prompt
 
 
+def folder_embeds(folder):
+    """The learned_embeds*.safetensors files a train.py / merge.py output folder holds."""
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if f.startswith("learned_embeds") and f.endswith(".safetensors")]
+
+
 def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", config=None):
     """The base model plus LoRAs ('PATH[:SCALE]', summed exactly) and learned tokens ('FILE[:TOKEN[:INIT]]')."""
     device, dtype = resolve_device(device, dtype)
@@ -114,8 +120,7 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", confi
     for spec in loras:
         path, scale = split_spec(spec, 2)
         if os.path.isdir(path):  # a train.py / merge.py output folder: its learned tokens come along
-            embeds = [*embeds, *(os.path.join(path, f) for f in sorted(os.listdir(path))
-                                 if f.startswith("learned_embeds") and f.endswith(".safetensors"))]
+            embeds = [*embeds, *folder_embeds(path)]
         files.append(lora_lib.read_lora(path, pipe.unet.cfg))
         weights.append(float(scale) if scale else 1.0)
     if files:
