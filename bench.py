@@ -198,6 +198,10 @@ def main(args):
     roofline = matmul_tflops(device, dtype, 8192 if device.type == "cuda" else 1024)
     print(f"{name}, {size}x{size}, {dtype}, LoRA rank {args.rank}; UNet forward (batch 1): {flops / 1e9:.2f} GFLOP; "
           f"{dtype} matmul: {roofline:.1f} TFLOP/s")
+    n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    # Each LoRA parameter trains with a gradient and two AdamW moments, all in the parameter's dtype.
+    print(f"LoRA: {n / 1e6:.1f}M parameters; with their gradients and AdamW state {16 * n / 2 ** 30:.2f} GiB in "
+          f"fp32 (ours), {4 * n * dtype.itemsize / 2 ** 30:.2f} GiB in {dtype} (peft's, as the base weights)")
 
     rows, compile_s, cfg_rate = {}, {}, {}  # (stack, step) -> (s, GiB); (stack, step) -> s; stack -> TFLOP/s
 
