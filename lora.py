@@ -37,16 +37,20 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev) if up is None else up)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
         if isinstance(self.scale, float) and self.scale == 0.0:
-            return y
+            return F.linear(x, self.weight, self.bias)
         # The parameters stay fp32; like autocast, the product runs in the activations' dtype (bf16 on a GPU).
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        delta = F.linear(F.linear(x, A), B) * (self.alpha / self.rank)
-        scale = self.scale
-        if torch.is_tensor(scale):  # per-sample scale (B,) -> (B, 1, ..., 1)
-            scale = scale.to(delta).view(-1, *[1] * (x.ndim - 1))
-        return y + scale * delta
+        h = F.linear(x, self.lora_A.to(x.dtype))  # (..., rank)
+        factor = self.alpha / self.rank
+        if torch.is_tensor(self.scale):  # per-sample scale (B,) -> (B, 1, ..., 1), on the narrow h
+            h = h * self.scale.to(h.dtype).view(-1, *[1] * (x.ndim - 1))
+        else:
+            factor *= self.scale
+        y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)  # (N, out), N = all leading dims
+        # y += factor * h B^T, accumulated by the matmul into the base output: no elementwise pass over (N, out).
+        # In place is safe: the base linear does not keep its output for the backward pass.
+        y.addmm_(h.reshape(-1, self.rank), self.lora_B.to(x.dtype).t(), alpha=factor)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def delta(self):
         """The weight change (out, in) this LoRA adds at scale 1."""
