@@ -75,12 +75,36 @@ def inputs(cfg, B, size, device, dtype):
             torch.tensor([[size, size, 0, 0, size, size]] * B, dtype=dtype, device=device))
 
 
-def ours(unet, cfg, size, device, dtype):
-    """The three steps as our code runs them: (cfg_step, cg_step, train_step) closures."""
-    x2, x3, x1 = (inputs(cfg, b, size, device, dtype) for b in (2, 3, 1))
-    scales = torch.tensor([0.0, 0.0, 1.0], device=device)
+def set_lora(unet, rank, dtype=None):
+    """A fresh rank-r LoRA: trainable and fp32 as train.py has it, or with dtype frozen in it as sample.py has it."""
+    lora_lib.remove(unet)
+    lora_lib.inject(unet, rank)
+    if dtype is not None:
+        lora = lora_lib.get_lora(unet)
+        lora_lib.remove(unet)
+        lora_lib.apply_lora(unet, lora, dtype)
+
+
+def ours_train(unet, cfg, size, device, dtype):
+    """The DCO train step as train.py runs it, on the UNet's trainable LoRA."""
+    x1 = inputs(cfg, 1, size, device, dtype)
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6, fused=device.type == "cuda")
     noise = torch.randn_like(x1[0]).float()
+
+    def train_step():  # the base model first, so that its pass does not add to the LoRA pass's stored activations
+        with torch.no_grad(), lora_lib.lora_scale(unet, 0.0):
+            err_phi = eps_mse(unet(*x1), noise)
+        err_theta = eps_mse(unet(*x1), noise)
+        dco_loss(err_theta, err_phi, 1000.0).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {"DCO train step": train_step}
+
+
+def ours_sample(unet, cfg, size, device, dtype):
+    """The CFG step and the consistency-guidance step (one batched call) as sample.py runs them."""
+    x2, x3 = (inputs(cfg, b, size, device, dtype) for b in (2, 3))
+    scales = torch.tensor([0.0, 0.0, 1.0], device=device, dtype=dtype)  # as sampler.py makes them
 
     @torch.no_grad()
     def cfg_step():
@@ -91,15 +115,7 @@ def ours(unet, cfg, size, device, dtype):
     def cg_step():
         with lora_lib.lora_scale(unet, scales):
             unet(*x3)
-
-    def train_step():  # the base model first, so that its pass does not add to the LoRA pass's stored activations
-        with torch.no_grad(), lora_lib.lora_scale(unet, 0.0):
-            err_phi = eps_mse(unet(*x1), noise)
-        err_theta = eps_mse(unet(*x1), noise)
-        dco_loss(err_theta, err_phi, 1000.0).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return {"DCO train step": train_step, "CFG step (batch 2)": cfg_step, "CG step": cg_step}
+    return {"CFG step (batch 2)": cfg_step, "CG step": cg_step}
 
 
 def reference(unet, cfg, size, device, dtype, rank):
@@ -192,7 +208,7 @@ def main(args):
             unet = UNet(UNetConfig.tiny() if args.tiny else UNetConfig()).to(dtype)
     cfg = unet.cfg
     unet.requires_grad_(False)
-    lora_lib.inject(unet, args.rank)
+    set_lora(unet, args.rank)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     flops = forward_flops(unet, cfg, size, device, dtype)
     roofline = matmul_tflops(device, dtype, 8192 if device.type == "cuda" else 1024)
@@ -228,13 +244,18 @@ def main(args):
             print(f"{stack:28s} failed: {type(e).__name__}: {str(e)[:500]}")
 
     train_only = ["DCO train step"]
-    measure("ours", ours(unet, cfg, size, device, dtype))
+    measure("ours", ours_train(unet, cfg, size, device, dtype))
     unet.set_grad_checkpointing(True)
-    measure("ours, checkpointing", {k: v for k, v in ours(unet, cfg, size, device, dtype).items() if k in train_only})
+    measure("ours, checkpointing", ours_train(unet, cfg, size, device, dtype))
     unet.set_grad_checkpointing(False)
+    set_lora(unet, args.rank, dtype)
+    measure("ours", ours_sample(unet, cfg, size, device, dtype))
     if args.compile:
         unet.compile_blocks()
-        compiled("ours, compiled", lambda: ours(unet, cfg, size, device, dtype))
+        set_lora(unet, args.rank)
+        compiled("ours, compiled", lambda: ours_train(unet, cfg, size, device, dtype))
+        set_lora(unet, args.rank, dtype)
+        compiled("ours, compiled", lambda: ours_sample(unet, cfg, size, device, dtype))
     if args.reference:
         ref, steps = reference(unet, cfg, size, device, dtype, args.rank)
         unet.cpu()  # so that the reference's peak memory counts its own model only

@@ -54,7 +54,7 @@ class LoRALinear(nn.Linear):
 
     def delta(self):
         """The weight change (out, in) this LoRA adds at scale 1."""
-        return self.lora_B @ self.lora_A * (self.alpha / self.rank)
+        return self.lora_B.float() @ self.lora_A.float() * (self.alpha / self.rank)
 
 
 def lora_modules(model):
@@ -111,12 +111,13 @@ def lora_scale(model, scale):
 
 def get_lora(model):
     """The model's LoRA as {module: (down (r, in), up (out, r))}, alpha/rank folded into up, fp32."""
-    return {name: (m.lora_A.detach().float(), (m.lora_B * (m.alpha / m.rank)).detach().float())
+    return {name: (m.lora_A.detach().float(), m.lora_B.detach().float() * (m.alpha / m.rank))
             for name, m in lora_modules(model).items()}
 
 
-def apply_lora(model, lora):
-    """Add a {module: (down, up)} LoRA to the model's linear layers, frozen, at scale 1."""
+def apply_lora(model, lora, dtype=torch.float32):
+    """Add a {module: (down, up)} LoRA to the model's linear layers, frozen, at scale 1. Sampling stores it in the
+    activations' dtype: the product is computed in that dtype anyway, and then no cast runs on every call."""
     modules = dict(model.named_modules())
     for name, (down, up) in lora.items():
         base = modules.get(name)
@@ -129,8 +130,8 @@ def apply_lora(model, lora):
             raise ModelError(f"LoRA module {name!r} is {up.shape[0]}x{down.shape[1]}, the model's layer is "
                              f"{base.out_features}x{base.in_features}: is it a LoRA for another model?")
         dev, rank = base.weight.device, down.shape[0]
-        m = LoRALinear(base, rank, rank, nn.Parameter(down.float().to(dev), requires_grad=False),
-                       nn.Parameter(up.float().to(dev), requires_grad=False))
+        m = LoRALinear(base, rank, rank, nn.Parameter(down.to(dev, dtype), requires_grad=False),
+                       nn.Parameter(up.to(dev, dtype), requires_grad=False))
         replace(model, name, m)
     untouched = len(targets_in(model, TARGETS))
     if untouched:

@@ -124,7 +124,7 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", confi
         files.append(lora_lib.read_lora(path, pipe.unet.cfg))
         weights.append(float(scale) if scale else 1.0)
     if files:
-        lora_lib.apply_lora(pipe.unet, lora_lib.merge(files, weights))
+        lora_lib.apply_lora(pipe.unet, lora_lib.merge(files, weights), dtype)
     for spec in embeds:
         load_embeds(pipe, spec)
     return pipe

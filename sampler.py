@@ -64,7 +64,7 @@ def sample(unet, noise, cond: Cond, uncond: Cond, steps=30, cfg=5.0, w_con=None,
         conds, scales = [uncond, cond], contextlib.nullcontext()
     else:
         conds = [uncond, cond if base is None else base, cond]
-        scales = lora_scale(unet, torch.tensor([0.0, 0.0, 1.0], device=x.device).repeat_interleave(B))
+        scales = lora_scale(unet, torch.tensor([0.0, 0.0, 1.0], device=x.device, dtype=dtype).repeat_interleave(B))
     batch = Cond.cat(conds).to(device=x.device, dtype=dtype)
     with scales:
         for i in tqdm(range(steps), desc="sampling", disable=not progress):

@@ -57,6 +57,25 @@ def test_per_sample_scales_equal_separate_calls():
         torch.testing.assert_close(batched[i:i + 1], single, rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
+def test_a_frozen_lora_in_the_activations_dtype_gives_the_same_output():
+    """sample.py stores a frozen LoRA in bf16 rather than casting the fp32 one on every call: the same numbers."""
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.tiny()).to(torch.bfloat16)
+    lora_lib.inject(unet, rank=4)
+    randomize(unet)
+    trained = lora_lib.get_lora(unet)
+    x = [v.to(torch.bfloat16) for v in inputs()]
+    want = unet(*x)
+    lora_lib.remove(unet)
+    lora_lib.apply_lora(unet, trained, torch.bfloat16)
+    assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+    assert torch.equal(unet(*x), want)
+    with lora_lib.lora_scale(unet, torch.tensor([0.0, 1.0, 0.5], dtype=torch.bfloat16)):
+        mixed = unet(*x)
+    torch.testing.assert_close(mixed[1], want[1], rtol=0, atol=0)
+
+
 def test_default_targets_are_the_attention_projections():
     unet = UNet(UNetConfig.tiny())
     lora_lib.inject(unet, rank=2)
