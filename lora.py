@@ -39,7 +39,7 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         if isinstance(self.scale, float) and self.scale == 0.0:
             return F.linear(x, self.weight, self.bias)
-        # The parameters stay fp32; like autocast, the product runs in the activations' dtype (bf16 on a GPU).
+        # Trained parameters stay fp32; like autocast, the product runs in the activations' dtype (bf16 on a GPU).
         h = F.linear(x, self.lora_A.to(x.dtype))  # (..., rank)
         factor = self.alpha / self.rank
         if torch.is_tensor(self.scale):  # per-sample scale (B,) -> (B, 1, ..., 1), on the narrow h
