@@ -4,7 +4,8 @@
     python tests/gpu_check.py --tiny     # the same checks on the tiny configs (CPU)
 
 Both stacks get the same random weights. Compared: the UNet's output, its input gradient (the training pass, ours
-with gradient checkpointing) and the VAE decoder's output. Passes when our fp32 output is within 1e-4 (relative to the output's
+with gradient checkpointing), the UNet's output with the same random rank-32 LoRA (ours; peft's on diffusers) and
+the VAE decoder's output. Passes when our fp32 output is within 1e-4 (relative to the output's
 largest value) of diffusers' fp32 output, and our bf16 error against fp32 is no more than 1.5x diffusers' own.
 """
 import argparse
@@ -15,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import lora as lora_lib  # noqa: E402
 from checkpoint import (unet_config_to_diffusers, unet_key_map, vae_config_to_diffusers,  # noqa: E402
                         vae_key_map)
 from unet_sdxl import UNet, UNetConfig  # noqa: E402
@@ -42,6 +44,23 @@ def reference(cls, cfg, to_diffusers, ours, key_map):
     mapping = key_map(cfg)
     ref.load_state_dict({mapping[k]: v for k, v in ours.state_dict().items()}, strict=True)
     return ref
+
+
+def add_same_lora(unet, ref_unet, cfg, rank, seed):
+    """The same random LoRA on both UNets: ours (LoRALinear, in-place addmm) and peft's on diffusers' modules."""
+    from peft import LoraConfig
+    unet.float(), ref_unet.float()  # so that both get the same fp32 values (compare left them in bf16)
+    lora_lib.inject(unet, rank)
+    ref_unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(lora_lib.TARGETS)))
+    g = torch.Generator().manual_seed(seed)
+    names, ref_modules = lora_lib.module_names(cfg), dict(ref_unet.named_modules())
+    with torch.no_grad():
+        for name, m in lora_lib.lora_modules(unet).items():
+            for p in (m.lora_A, m.lora_B):  # B nonzero too, or the LoRA would add nothing
+                p.copy_(torch.randn(p.shape, generator=g, device="cpu") / p.shape[1] ** 0.5)
+            ref = ref_modules[names[name]]
+            ref.lora_A["default"].weight.copy_(m.lora_A)
+            ref.lora_B["default"].weight.copy_(m.lora_B)
 
 
 def compare(name, ours, ref, run_ours, run_ref, device, grad=False):
@@ -105,6 +124,8 @@ def main():
     ok &= compare("UNet input gradient (ours with --grad-checkpointing)", unet, ref_unet, input_grad(unet),
                   input_grad(lambda xs, ts, c, pl, i: ref_unet(xs, ts, c, added_cond_kwargs={
                       "text_embeds": pl, "time_ids": i}).sample), device, grad=True)
+    add_same_lora(unet, ref_unet, ucfg, rank=32, seed=3)
+    ok &= compare("UNet with a LoRA", unet, ref_unet, run_unet, run_ref_unet, device)
     del unet, ref_unet
 
     with torch.device(device):
