@@ -106,17 +106,31 @@ def geglu(projected):
     return h * F.gelu(gate)
 
 
+class GEGLUFunction(torch.autograd.Function):
+    """geglu that keeps only its input for the backward pass, which recomputes gelu(gate): autograd would also store
+    gelu(gate), a (B, L, 4 * dim) tensor in every transformer block."""
+
+    @staticmethod
+    def forward(ctx, projected):
+        ctx.save_for_backward(projected)
+        return geglu(projected)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (projected,) = ctx.saved_tensors
+        h, gate = projected.chunk(2, dim=-1)
+        # d(h * gelu(gate)): grad * gelu(gate) for h; for gate, gelu'(gate) * grad * h (aten's fused gelu_backward)
+        return torch.cat([grad * F.gelu(gate), torch.ops.aten.gelu_backward(grad * h, gate)], dim=-1)
+
+
 class GEGLU(nn.Module):
     def __init__(self, dim, inner):
         super().__init__()
         self.proj = nn.Linear(dim, 2 * inner)
 
     def forward(self, x):
-        if not torch.is_grad_enabled():
-            return geglu(self.proj(x))
-        # Recomputed in the backward pass, so that training stores the projection only, not also gelu(gate),
-        # a (B, L, 4 * dim) tensor in every transformer block.
-        return checkpoint(geglu, self.proj(x), use_reentrant=False)
+        projected = self.proj(x)
+        return GEGLUFunction.apply(projected) if torch.is_grad_enabled() else geglu(projected)
 
 
 class TransformerBlock(nn.Module):
