@@ -20,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
 
 import lora as lora_lib
-from checkpoint import ModelError, load_unet, load_vae, model_folder, read_single_file
+from checkpoint import ModelError, check_schedule, load_unet, load_vae, model_folder, read_single_file
 from sampler import sample
 from text import Cond, TextEncoders, time_ids
 from vae import decode_latents
@@ -70,6 +70,7 @@ def load_sdxl(model, device, dtype, config=None):
     """UNet and text encoders in dtype; the VAE in float32 (SDXL's VAE overflows in float16). model: a folder in the
     diffusers layout, or the official single file with config, a folder with that layout's configs and tokenizers."""
     folder, single = model_folder(model, config)
+    check_schedule(folder)
     parts = read_single_file(single) if single else {}
     return (load_unet(folder, dtype, device, parts.get("unet")),
             load_vae(folder, torch.float32, device, parts.get("vae")), TextEncoders(folder, dtype, device, parts or None))
@@ -98,8 +99,8 @@ def load_embeds(pipe, spec):
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
     token, init = token or meta.get("token"), init or meta.get("init_token")
-    if not token:
-        raise ModelError(f"{path}: the file does not name its token; give it as {path}:TOKEN:INITWORD")
+    if not token:  # the official code's files name no token
+        raise ModelError(f"{path}: the file does not name its token; load it with --embeds {path}:TOKEN:INITWORD")
     if token in pipe.tokens:
         raise ModelError(f"{path}: the token {token!r} is already loaded from another file")
     pipe.text.load_embeds(path, token)
@@ -116,13 +117,16 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", confi
     """The base model plus LoRAs ('PATH[:SCALE]', summed exactly) and learned tokens ('FILE[:TOKEN[:INIT]]')."""
     device, dtype = resolve_device(device, dtype)
     pipe = Pipeline(*load_sdxl(model, device, dtype, config))
-    files, weights = [], []
+    files, weights, given = [], [], {os.path.realpath(split_spec(e, 1)[0]) for e in embeds}
     for spec in loras:
         path, scale = split_spec(spec, 2)
-        if os.path.isdir(path):  # a train.py / merge.py output folder: its learned tokens come along
-            embeds = [*embeds, *folder_embeds(path)]
+        if os.path.isdir(path):  # an output folder: its learned tokens come along, unless --embeds names them
+            embeds = [*embeds, *(f for f in folder_embeds(path) if os.path.realpath(f) not in given)]
         files.append(lora_lib.read_lora(path, pipe.unet.cfg))
-        weights.append(float(scale) if scale else 1.0)
+        try:
+            weights.append(float(scale or 1.0))
+        except ValueError:
+            raise ModelError(f"--lora {spec}: the scale {scale!r} is not a number") from None
     if files:
         lora_lib.apply_lora(pipe.unet, lora_lib.merge(files, weights), dtype)
     for spec in embeds:

@@ -37,16 +37,20 @@ def test_w_con_zero_is_the_base_model(tiny_sdxl, trained):
 
 @torch.no_grad()
 def test_a_token_without_its_initializer_word_refuses_consistency_guidance(tiny_sdxl, trained, tmp_path):
-    # The official code saves learned_embeds with no token name; given only FILE:TOKEN, the base prompt is unknown.
-    emb = str(tmp_path / "learned_embeds.safetensors")
+    # The official code's output folder: its learned_embeds names no token (only the keys clip_l and clip_g).
+    emb, lora = str(tmp_path / "learned_embeds.safetensors"), str(tmp_path / "pytorch_lora_weights.safetensors")
     save_file(load_file(os.path.join(trained, "learned_embeds.safetensors")), emb)
-    lora = os.path.join(trained, "pytorch_lora_weights.safetensors")
-    pipe = load_pipeline(tiny_sdxl[0], loras=[lora], embeds=[emb + ":<dog>"])
+    save_file(load_file(os.path.join(trained, "pytorch_lora_weights.safetensors")), lora)
+    with pytest.raises(ModelError, match=f"load it with --embeds {emb}:TOKEN:INITWORD"):
+        load_pipeline(tiny_sdxl[0], loras=[str(tmp_path)])
+    pipe = load_pipeline(tiny_sdxl[0], loras=[str(tmp_path)], embeds=[emb + ":<dog>"])  # --embeds replaces the guess
     generate(pipe, PROMPT, [0], steps=2, width=64, height=64)  # plain sampling needs no base prompt
-    with pytest.raises(ModelError, match="initializer word"):
+    with pytest.raises(ModelError, match="initializer word"):  # but with only FILE:TOKEN, c_base is unknown
         generate(pipe, PROMPT, [0], w_con=2.0, steps=2, width=64, height=64)
     pipe = load_pipeline(tiny_sdxl[0], loras=[lora], embeds=[emb + ":<dog>:dog"])
     assert base_prompt(pipe, PROMPT) == "a photo of a dog in the snow"
+    with pytest.raises(ModelError, match="the scale 'x' is not a number"):
+        load_pipeline(tiny_sdxl[0], loras=[lora + ":x"])
 
 
 @torch.no_grad()
