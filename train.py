@@ -128,15 +128,15 @@ def load_rgb(path):
 
 
 def prepare_image(path, res):
-    """Resize the short side to res and center-crop: (3, res, res) in [-1, 1]."""
+    """Resize the short side to res (bilinear) and center-crop: (3, res, res) in [-1, 1]. The sizes and offsets round
+    as the official code's torchvision Resize and CenterCrop do, so the pixels are the same."""
     im = load_rgb(path)
     w, h = im.size
     if min(w, h) < res:
         warnings.warn(f"{path}: {w}x{h} is smaller than the resolution {res}; upscaling")
-    s = res / min(w, h)
-    nw, nh = max(res, round(w * s)), max(res, round(h * s))
-    left, top = (nw - res) // 2, (nh - res) // 2
-    im = im.resize((nw, nh), Image.BICUBIC).crop((left, top, left + res, top + res))
+    nw, nh = (res, int(res * h / w)) if w <= h else (int(res * w / h), res)
+    left, top = int(round((nw - res) / 2)), int(round((nh - res) / 2))
+    im = im.resize((nw, nh), Image.BILINEAR).crop((left, top, left + res, top + res))
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
 

@@ -187,6 +187,17 @@ def test_every_image_mode_becomes_upright_rgb(tmp_path):
         prepare_image(str(tmp_path / "rgba.png"), 64)
 
 
+def test_resize_and_crop_round_as_torchvision(tmp_path):
+    # The official code's transforms.Resize(16) then CenterCrop(16): the long side truncates (20x31 -> 16x24.8 -> 24),
+    # the offset rounds half to even (27 - 16 = 11 -> 5.5 -> 6), and the resampling is PIL's bilinear.
+    rng = np.random.default_rng(0)
+    for (w, h), size, box in [((31, 20), (24, 16), (4, 0, 20, 16)), ((16, 27), (16, 27), (0, 6, 16, 22))]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        img.save(tmp_path / "x.png")
+        want = np.asarray(img.resize(size, Image.BILINEAR).crop(box), dtype=np.float32) / 127.5 - 1
+        np.testing.assert_array_equal(prepare_image(str(tmp_path / "x.png"), 16).permute(1, 2, 0).numpy(), want)
+
+
 def test_textual_inversion_trains_only_the_new_rows(tiny_sdxl):
     text = TextEncoders(tiny_sdxl[0])
     before = [enc.get_input_embeddings().weight.detach().clone() for enc in text.encoders]
