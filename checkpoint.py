@@ -16,6 +16,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
+from dco import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
 from unet_sdxl import UNet, UNetConfig
 from vae import AutoencoderKL, VAEConfig
 
@@ -296,6 +297,25 @@ SINGLE_FILE = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
 UNUSED = {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids",  # a buffer transformers rebuilds
           "conditioner.embedders.1.model.logit_scale",  # CLIP's image-text temperature
           "denoiser.sigmas"}  # a noise schedule, which some tools save; the sampler computes its own
+
+
+# The noise schedule and the prediction that training (dco.py) and sampling (sampler.py) assume, as a diffusers
+# scheduler_config.json states them.
+SCHEDULE = {"prediction_type": "epsilon", "beta_schedule": "scaled_linear", "beta_start": BETA_START,
+            "beta_end": BETA_END, "num_train_timesteps": NUM_TRAIN_TIMESTEPS}
+
+
+def check_schedule(folder):
+    """Refuse a model trained for another schedule or prediction (a v-prediction fine-tune, say): our loss and
+    sampler would use it wrongly without a sign. A folder without scheduler/ (a --config folder) is taken as SDXL's."""
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(path):
+        return
+    config = read_json(path)
+    other = [f"{k} {config[k]!r}" for k, v in SCHEDULE.items() if k in config and config[k] != v]
+    if other:
+        raise ModelError(f"{path}: {', '.join(other)}; only SDXL's own schedule is supported "
+                         f"({', '.join(f'{k} {v!r}' for k, v in SCHEDULE.items())})")
 
 
 def model_folder(model, config=None):

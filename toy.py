@@ -28,7 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 import evaluate
 import toyworld as world
 import train
-from checkpoint import load_vae, save_component, save_safetensors
+from checkpoint import SCHEDULE, load_vae, save_component, save_safetensors
 from dco import alphas_cumprod, eps_mse, min_snr_weight, q_sample
 from sample import conditioning, initial_noise, load_sdxl, to_pil
 from sampler import sample
@@ -229,10 +229,8 @@ def train_phase(phase, modules, loss_fn, steps, lr, state_path, seed, run):
     save_state(state_path, phase, steps, modules, opt, g, run)
 
 
-SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-             "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-             "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", **SCHEDULE,
+             "clip_sample": False, "interpolation_type": "linear", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
              "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
 MODEL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0",
                "force_zeros_for_empty_prompt": True, "add_watermarker": None,

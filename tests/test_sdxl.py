@@ -217,6 +217,10 @@ def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
     shutil.rmtree(bad / "text_encoder_2")
     with pytest.raises(ModelError, match="text_encoder_2: missing"):
         TextEncoders(str(bad))
+    sched = bad / "scheduler" / "scheduler_config.json"  # a v-prediction model would be trained and sampled wrongly
+    sched.write_text(sched.read_text().replace('"epsilon"', '"v_prediction"'))
+    with pytest.raises(ModelError, match="prediction_type 'v_prediction'; only SDXL's own schedule"):
+        load_sdxl(str(bad), "cpu", torch.float32)
     # The command line says it in one line, without a stack trace.
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", str(tmp_path / "nowhere"),
                         "--prompt", "x"], capture_output=True, text=True)
