@@ -43,8 +43,12 @@ def read_safetensors(path):
 
 def save_safetensors(tensors, path, metadata=None):
     """Write atomically: a crash leaves either the old file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file readable by its owner only
     os.replace(tmp, path)
 
 

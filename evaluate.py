@@ -50,8 +50,8 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPMode
 import lora as lora_lib
 import sample
 from checkpoint import ModelError
+from train import IMAGE_SUFFIXES, load_rgb
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 BATCH = 16
 
 
@@ -103,9 +103,9 @@ def read_prompts(path, subject, suffix):
 def list_images(folder, flag):
     if not folder or not os.path.isdir(folder):
         raise InputError(f"{flag} {folder}: no such folder")
-    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
     if not paths:
-        raise InputError(f"{flag} {folder}: no images ({', '.join(IMAGE_EXTS)})")
+        raise InputError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return paths
 
 
@@ -114,6 +114,8 @@ def parse_w_con(text):
         w_cons = [None if w.strip() == "cfg" else float(w) for w in text.split(",")]
     except ValueError:
         raise InputError(f"--w-con {text!r}: expected numbers or 'cfg', comma separated") from None
+    if not all(w is None or np.isfinite(w) for w in w_cons):
+        raise InputError(f"--w-con {text!r}: expected finite numbers")
     if len(set(w_cons)) != len(w_cons):  # a repeated value would count its images twice
         raise InputError(f"--w-con {text!r}: a value is repeated")
     return w_cons
@@ -177,7 +179,7 @@ class Embedder:
     def images(self, paths):
         out = []
         for i in range(0, len(paths), BATCH):
-            images = [Image.open(p).convert("RGB") for p in paths[i:i + BATCH]]
+            images = [load_rgb(p) for p in paths[i:i + BATCH]]  # as train.py reads them: 16-bit, alpha, EXIF
             pixels = self.processor(images=images, return_tensors="pt").pixel_values.to(self.device)
             if self.kind == "dino":
                 emb = self.model(pixel_values=pixels).last_hidden_state[:, 0]  # CLS token

@@ -45,6 +45,10 @@ def parse_args(argv=None):
         p.error("--fuse needs --model")
     if args.rank is not None and args.rank < 1:
         p.error("--rank must be at least 1")
+    if args.fuse and not args.out.endswith(".safetensors"):
+        p.error("--fuse writes one file: give --out NAME.safetensors")
+    if os.path.isfile(args.out) and any(os.path.isfile(p) and os.path.samefile(p, args.out) for p in args.loras):
+        p.error(f"--out {args.out} is one of the inputs; write the merge to another file")
     return args
 
 
@@ -54,7 +58,11 @@ def main(args):
         folder, _ = model_folder(args.model, args.config)
         config_path, _ = component_files(folder, "unet", weights=False)
         cfg = unet_config_from_diffusers(read_json(config_path), config_path)
-    loras = [lora_lib.read_lora(p, cfg) for p in args.loras]
+    try:
+        loras = [lora_lib.read_lora(p, cfg) for p in args.loras]
+    except ModelError as e:
+        hint = "" if args.model else " (read as a LoRA of SDXL base; --model names another model)"
+        raise ModelError(f"{e}{hint}") from None
     merged = lora_lib.merge(loras, args.weights or [1.0] * len(loras))
     if args.rank:
         merged, err = lora_lib.compress(merged, args.rank)
@@ -67,6 +75,8 @@ def main(args):
         lora_lib.remove(unet, fuse=True)  # W + delta, added in float32
         save_single_file(args.out, unet, vae, text, dtype, {"dco.merged_from": json.dumps(args.loras)})
         print(f"wrote {args.out} (SDXL with the LoRA fused in, single-file layout, {args.dtype})")
+        if args.embeds or any(os.path.isdir(p) and folder_embeds(p) for p in args.loras):
+            print("the learned tokens are not in it: give them to sample.py with --embeds FILE")
         return
 
     tensors = lora_lib.to_kohya(merged) if args.kohya else lora_lib.to_diffusers(merged, cfg)

@@ -20,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
 
 import lora as lora_lib
+from dco import NUM_TRAIN_TIMESTEPS
 from checkpoint import ModelError, check_schedule, load_unet, load_vae, model_folder, read_single_file
 from sampler import sample
 from text import Cond, TextEncoders, time_ids
@@ -28,9 +29,18 @@ from vae import decode_latents
 
 def float_list(s):
     try:
-        return [float(v) for v in s.split(",")]
+        values = [float(v) for v in s.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, got {s!r}") from None
+        values = []
+    if not values or not all(np.isfinite(values)):
+        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, got {s!r}")
+    return values
+
+
+def positive_int(s):
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {s!r}")
+    return int(s)
 
 
 def parse_args(argv=None):
@@ -44,19 +54,25 @@ def parse_args(argv=None):
     p.add_argument("--embeds", action="append", default=[], metavar="FILE[:TOKEN[:INITWORD]]",
                    help="learned_embeds.safetensors; TOKEN/INITWORD are needed only if the file does not name them")
     p.add_argument("--w-con", type=float_list, help="consistency guidance scale; a comma list makes a grid")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=positive_int, default=50)
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale w_txt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=1, help="images with seeds seed, seed+1, ... (a row each in a grid)")
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--n", type=positive_int, default=1,
+                   help="images with seeds seed, seed+1, ... (a row each in a grid)")
+    p.add_argument("--width", type=positive_int, default=1024)
+    p.add_argument("--height", type=positive_int, default=1024)
     p.add_argument("--out", default="out.png")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="UNet and text encoders; auto: bfloat16 on GPU, float32 on CPU. The VAE stays float32.")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet's transformer blocks (GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a folder; give the image's file name")
+    if args.steps > NUM_TRAIN_TIMESTEPS:
+        p.error(f"--steps can be at most {NUM_TRAIN_TIMESTEPS}, the number of training timesteps")
+    return args
 
 
 def resolve_device(device, dtype):
@@ -102,7 +118,7 @@ def load_embeds(pipe, spec):
     if not token:  # the official code's files name no token
         raise ModelError(f"{path}: the file does not name its token; load it with --embeds {path}:TOKEN:INITWORD")
     if token in pipe.tokens:
-        raise ModelError(f"{path}: the token {token!r} is already loaded from another file")
+        raise ModelError(f"{path}: the token {token!r} is already loaded; give each learned token once")
     pipe.text.load_embeds(path, token)
     pipe.tokens[token] = init  # None if unknown: then the token has no base prompt
 
@@ -197,6 +213,7 @@ def grid(columns, labels):
 def save_png(image, path, settings):
     info = PngInfo()
     info.add_text("parameters", json.dumps(settings))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     image.save(tmp, format="PNG", pnginfo=info)
     os.replace(tmp, path)

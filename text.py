@@ -85,7 +85,7 @@ class TextEncoders(torch.nn.Module):
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
         for p in prompts:
-            n = len(tokenizer(p).input_ids)
+            n = len(tokenizer(p, verbose=False).input_ids)  # verbose: transformers' own warning says the same
             if n > tokenizer.model_max_length:
                 warnings.warn(f"prompt has {n} tokens; CLIP reads only the first {tokenizer.model_max_length}: {p!r}")
         return ids.to(self.device)

@@ -230,8 +230,8 @@ def train_phase(phase, modules, loss_fn, steps, lr, state_path, seed, run):
 
 
 SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", **SCHEDULE,
-             "clip_sample": False, "interpolation_type": "linear", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-             "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
+             "clip_sample": False, "interpolation_type": "linear", "sample_max_value": 1.0, "set_alpha_to_one": False,
+             "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
 MODEL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0",
                "force_zeros_for_empty_prompt": True, "add_watermarker": None,
                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
@@ -253,12 +253,17 @@ def pretrain(out, seed=0, budget=FULL):
     Phases: tokenizers and random text encoders; the autoencoder (it sees every style, held-out ones included: like
     SDXL's, it is a generic image codec, and what is held out is held out of the UNet and text encoders); then the
     UNet, with the text encoders trained jointly when TRAIN_TEXT_ENCODERS."""
+    record, run = os.path.join(out, "toy_pretraining.json"), [seed, vars(budget)]
     if os.path.exists(os.path.join(out, "model_index.json")):
+        done = json.load(open(record)) if os.path.exists(record) else run
+        if done != run:  # say, the --quick model where the full one is asked for
+            sys.exit(f"error: {out} holds a toy model pretrained otherwise (seed {done[0]}, {done[1]['unet_steps']} "
+                     f"UNet steps, not {budget.unet_steps}); delete it to pretrain it again, or give another --out")
         print(f"{out} is already pretrained; delete it to pretrain again")
         return False
     torch.manual_seed(seed)
     os.makedirs(out, exist_ok=True)
-    state_path, run = os.path.join(out, "pretrain_state.safetensors"), json.dumps([seed, vars(budget)])
+    state_path = os.path.join(out, "pretrain_state.safetensors")
     vae_cfg, unet_cfg = model_configs()
     tokenizer = write_tokenizer(os.path.join(out, "tokenizer"), "<|endoftext|>")
     write_tokenizer(os.path.join(out, "tokenizer_2"), "!")
@@ -277,7 +282,7 @@ def pretrain(out, seed=0, budget=FULL):
         held_out_styles = render_dataset(budget.images // 8, seed + 1, tuple(world.HELD_OUT_STYLES))[0]
         vae_images = torch.cat([images, held_out_styles])
         train_phase("vae", {"vae": vae}, lambda g: vae_loss(vae, vae_images, budget.vae_batch, g),
-                    budget.vae_steps, LR["vae"], state_path, seed + 2, run)
+                    budget.vae_steps, LR["vae"], state_path, seed + 2, json.dumps(run))
         with torch.no_grad():  # SDXL's scaling_factor: the one that gives the latents unit variance
             mean, _ = vae.encode(images[:256].float() / 127.5 - 1)
         vae.cfg = replace(vae_cfg, scaling_factor=round(1 / mean.std().item(), 5))
@@ -294,12 +299,13 @@ def pretrain(out, seed=0, budget=FULL):
     unet = UNet(unet_cfg)
     train_phase("unet", {"unet": unet, "text": text}, lambda g: unet_loss(unet, text, latents, captions,
                                                                           budget.unet_batch, g),
-                budget.unet_steps, LR["unet"], state_path, seed + 3, run)
+                budget.unet_steps, LR["unet"], state_path, seed + 3, json.dumps(run))
     save_component(unet, out, "unet")
     for sub, encoder in zip(("text_encoder", "text_encoder_2"), text.encoders):
         encoder.save_pretrained(os.path.join(out, sub))
     os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
     write_json(SCHEDULER, os.path.join(out, "scheduler", "scheduler_config.json"))
+    write_json(run, record)
     write_json(MODEL_INDEX, os.path.join(out, "model_index.json"))
     os.remove(state_path)
     return True

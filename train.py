@@ -25,7 +25,7 @@ from tqdm import tqdm
 import lora as lora_lib
 from checkpoint import ModelError, read_safetensors, save_safetensors
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
-from sample import conditioning, initial_noise, load_sdxl, resolve_device, save_png, to_pil
+from sample import conditioning, initial_noise, load_sdxl, positive_int, resolve_device, save_png, to_pil
 from sampler import sample
 from text import Cond, time_ids
 from vae import decode_latents
@@ -41,27 +41,27 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out")
     p.add_argument("--preset", choices=PRESETS, default="subject", help="official defaults for rank/steps/offset noise")
     p.add_argument("--beta", type=float, default=1000.0, help="DCO beta; 0 is the plain loss (DreamBooth-LoRA)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--rank", type=int)
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--rank", type=positive_int)
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--ti-lr", type=float, default=5e-6, help="learning rate of the textual-inversion embeddings")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--resolution", type=positive_int, default=1024)
     p.add_argument("--caption", help="one caption for every image (instead of .txt files)")
     p.add_argument("--token", help='learned token, e.g. "<dog>"; every caption must contain it')
     p.add_argument("--init-token", help="the word the token starts from, e.g. dog")
     p.add_argument("--prior-dir", help="class images for prior preservation (generated if too few)")
     p.add_argument("--prior-prompt")
     p.add_argument("--prior-weight", type=float, default=1.0)
-    p.add_argument("--num-prior", type=int, default=100, help="class images wanted in --prior-dir")
+    p.add_argument("--num-prior", type=positive_int, default=100, help="class images wanted in --prior-dir")
     p.add_argument("--offset-noise", type=float)
     p.add_argument("--snr-gamma", type=float, help="min-SNR-gamma loss weighting (off by default, as officially)")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500, help="checkpoint + sample grid every N steps (0: never)")
-    p.add_argument("--sample-steps", type=int, default=30, help="sampler steps for grids and class images")
+    p.add_argument("--sample-steps", type=positive_int, default=30, help="sampler steps for grids and class images")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each ResBlock and transformer block in the backward pass: less memory, slower")
@@ -76,6 +76,12 @@ def parse_args(argv=None):
         p.error("--token and --init-token go together")
     if bool(args.prior_dir) != bool(args.prior_prompt):
         p.error("--prior-dir and --prior-prompt go together")
+    if args.prior_dir and os.path.realpath(args.prior_dir) == os.path.realpath(args.data):
+        p.error("--prior-dir is the --data folder; class images go in a folder of their own")
+    if os.path.isfile(args.out):
+        p.error(f"--out {args.out} is a file; training writes a folder")
+    if args.save_every < 0:
+        p.error("--save-every must be 0 (never) or a number of steps")
     return args
 
 
@@ -104,8 +110,9 @@ def read_captions(folder, caption):
     for f in files:
         txt = os.path.join(folder, os.path.splitext(f)[0] + ".txt")
         text = caption or captions.get(f) or (open(txt).read().strip() if os.path.isfile(txt) else None)
-        if text is None:
-            raise ModelError(f"{os.path.join(folder, f)}: no caption (add {os.path.basename(txt)} or use --caption)")
+        if not text:
+            raise ModelError(f"{os.path.join(folder, f)}: no caption ({os.path.basename(txt)} is missing or empty; "
+                             "or use --caption)")
         items.append((os.path.join(folder, f), text))
     return items
 
@@ -178,6 +185,16 @@ class TokenEmbeddings:
         self.token, self.init_word = token, init_word
         self.rows = text.train_token(token, init_word)
         self.norms = [r.norm().item() for r in self.rows]
+        self.tokenizers = text.tokenizers
+
+    def check_reach(self, items):
+        """CLIP reads the first 77 tokens: a learned token past them would get no gradient and stay its initializer."""
+        for tokenizer in self.tokenizers:
+            token_id, n = tokenizer.convert_tokens_to_ids(self.token), tokenizer.model_max_length
+            for path, caption in items:
+                if token_id not in tokenizer(caption, truncation=True, max_length=n).input_ids:
+                    raise ModelError(f"{path}: {self.token!r} comes after CLIP's first {n} tokens of the caption; "
+                                     "shorten it or move the token forward")
 
     @torch.no_grad()
     def retract(self):
@@ -214,8 +231,9 @@ def load_checkpoint(path, params, optimizer, rng):
         return int(f.metadata()["step"])
 
 
-# What a resumed run may change: none of it alters what is trained.
-RESUMABLE = {"steps", "save_every", "sample_steps", "resume", "grad_checkpointing", "compile", "device"}
+# What a resumed run may change: none of it alters what is trained (and --out is where the run is, however named).
+RESUMABLE = {"steps", "save_every", "sample_steps", "resume", "grad_checkpointing", "compile", "device", "out"}
+PATHS = {"model", "config", "data", "prior_dir"}  # compared as the folders they name: ./data/ is data
 
 
 def check_resume(args):
@@ -225,11 +243,16 @@ def check_resume(args):
         raise ModelError(f"{path}: missing; nothing to resume")
     with open(path) as f:
         before = json.load(f)
+
+    def same(k, old, new):
+        return old == new or (k in PATHS and None not in (old, new) and os.path.realpath(old) == os.path.realpath(new))
     changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {v}" for k, v in vars(args).items()
-               if k not in RESUMABLE and before.get(k) != v]
+               if k not in RESUMABLE and not same(k, before.get(k), v)]
     if changed:
         raise ModelError(f"{args.out} was trained with other settings ({'; '.join(changed)}); "
                          "resume with the same ones, or train into another --out")
+    if before["step"] > args.steps:
+        raise ModelError(f"{args.out} is at step {before['step']}, past --steps {args.steps}; give at least that")
 
 
 def save_outputs(args, unet, ti, step):
@@ -255,11 +278,17 @@ def main(args):
         if args.token and args.token not in cap:
             raise ModelError(f"{path}: caption {cap!r} does not contain the token {args.token!r}")
         load_rgb(path)  # fail on a bad image now, before anything is written
+    ckpt = os.path.join(args.out, "checkpoint.safetensors")
     if args.resume:
         check_resume(args)
+    elif os.path.exists(os.path.join(args.out, "settings.json")):
+        raise ModelError(f"{args.out} holds a run; continue it with --resume, or train into another --out (or delete "
+                         "that one)")
     torch.manual_seed(args.seed)
     unet, vae, text = load_sdxl(args.model, device, dtype, args.config)
     ti = TokenEmbeddings(text, args.token, args.init_token) if args.token else None  # a bad token fails now
+    if ti is not None:
+        ti.check_reach(items)
     unet.requires_grad_(False)
     unet.set_grad_checkpointing(args.grad_checkpointing)
     if args.compile:
@@ -289,7 +318,6 @@ def main(args):
     rng = torch.Generator("cpu").manual_seed(args.seed)  # all randomness of the loop, saved for --resume
     a_bar = alphas_cumprod()
     os.makedirs(args.out, exist_ok=True)
-    ckpt = os.path.join(args.out, "checkpoint.safetensors")
     start = 0
     if args.resume:
         if not os.path.isfile(ckpt):
@@ -329,7 +357,8 @@ def main(args):
         if prior:
             loss = loss + args.prior_weight * err_theta[B:].mean()
         if not torch.isfinite(loss):
-            sys.exit(f"error: the loss is {loss.item()} at step {step}; stopped, keeping the last good checkpoint")
+            kept = "keeping the last good checkpoint" if os.path.exists(ckpt) else "no checkpoint was saved before"
+            sys.exit(f"error: the loss is {loss.item()} at step {step}; stopped, {kept}")
 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
@@ -346,6 +375,8 @@ def main(args):
             save(step + 1)
             save_grid(args, unet, vae, text, captions[0], ids[:1], step + 1, device)
     save(args.steps)
+    if args.save_every:
+        save_grid(args, unet, vae, text, captions[0], ids[:1], args.steps, device)
     print(f"wrote {args.out}/pytorch_lora_weights.safetensors")
 
 

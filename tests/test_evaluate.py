@@ -111,6 +111,12 @@ def test_similarity_of_an_image_with_itself_is_one(setup, metric_models):
         cos = emb @ emb.T
         assert abs(cos[0, 1].item() - 1) < 1e-5 and abs(cos[0, 0].item() - 1) < 1e-5, kind
         assert cos[0, 2].item() < 0.9999, f"{kind}: different images should not score 1"
+    # A reference image is read as train.py reads it: a 16-bit grayscale PNG scores as its 8-bit copy.
+    gray = np.random.default_rng(0).integers(0, 256, (40, 56)).astype(np.uint16)
+    Image.fromarray(gray * 257).save(tmp / "g16.png")
+    Image.fromarray(gray.astype(np.uint8)).convert("RGB").save(tmp / "g8.png")
+    emb = Embedder("dino", metric_models["dino"]).images([str(tmp / "g16.png"), str(tmp / "g8.png")])
+    assert (emb[0] @ emb[1]).item() > 1 - 1e-5
 
 
 def test_generated_copy_of_the_reference_scores_one(setup):
@@ -265,6 +271,7 @@ def test_merge_mode_scores_subject_and_style(setup):
     (lambda t, a: setattr(a, "dino", a.siglip), "a siglip checkpoint, not dinov2"),
     (lambda t, a: setattr(a, "seeds", 0), "--seeds 0"),
     (lambda t, a: setattr(a, "w_con", "cfg,1,1"), "repeated"),
+    (lambda t, a: setattr(a, "w_con", "1,nan"), "finite"),
     (lambda t, a: setattr(a, "lora", a.lora[:1] * 2), "given twice"),
 ])
 def test_bad_input_is_one_clear_error(setup, change, message):
@@ -283,7 +290,7 @@ def test_cli_reports_bad_input_in_one_line(setup, metric_models):
                    "--prompts", tmp / "prompts.txt", "--subject", "dog", "--dino", metric_models["dino"],
                    "--siglip", metric_models["siglip"], check=False)
     assert r.returncode != 0
-    message = f"error: --ref-images {tmp / 'empty'}: no images (.jpg, .jpeg, .png, .webp)"
+    message = f"error: --ref-images {tmp / 'empty'}: no images (.jpg, .jpeg, .png, .webp, .bmp)"
     assert r.stderr.strip().splitlines() == [message]
 
 

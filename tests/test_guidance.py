@@ -190,6 +190,17 @@ def test_rank_compression_prints_its_error(tiny_sdxl, trained, tmp_path):
     assert {v.shape[0] for k, v in load_file(str(tmp_path / "m.safetensors")).items() if k.endswith("lora.down.weight")} == {2}
 
 
+def test_merge_refuses_to_overwrite_an_input_or_fuse_into_a_folder(tmp_path, capsys):
+    import merge
+    lora = tmp_path / "a.safetensors"
+    save_file({"x": torch.zeros(1)}, str(lora))
+    for bad, needle in [([str(lora), "--out", str(lora)], "is one of the inputs"),
+                        ([str(lora), "--fuse", "--model", "m", "--out", str(tmp_path / "fused")], "--out NAME.safetensors")]:
+        with pytest.raises(SystemExit):
+            merge.parse_args(bad)
+        assert needle in capsys.readouterr().err
+
+
 def test_foreign_lora_is_refused_in_one_line(tiny_sdxl, tmp_path):
     bad = str(tmp_path / "bad.safetensors")
     save_file({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight": torch.zeros(2, 320),

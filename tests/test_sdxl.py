@@ -228,6 +228,26 @@ def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error:") and "nowhere" in r.stderr
 
 
+def test_impossible_sampling_settings_are_refused(tmp_path, capsys):
+    import sample
+    for bad, needle in [(["--n", "0"], "expected a positive whole number"), (["--width", "-8"], "positive whole"),
+                        (["--steps", "1001"], "at most 1000"), (["--w-con", "0,nan"], "comma list of numbers"),
+                        (["--out", str(tmp_path)], "is a folder")]:
+        with pytest.raises(SystemExit):
+            sample.parse_args(["--model", "m", "--prompt", "p", *bad])
+        assert needle in capsys.readouterr().err
+
+
+def test_saved_files_are_readable_by_others_and_their_folder_is_made(tmp_path):
+    path = str(tmp_path / "new" / "x.safetensors")
+    umask = os.umask(0o022)
+    try:
+        checkpoint.save_safetensors({"a": torch.zeros(1)}, path)
+    finally:
+        os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644 and os.listdir(tmp_path / "new") == ["x.safetensors"]
+
+
 def test_gpu_parity_script_runs_on_the_tiny_config():
     """tests/gpu_check.py is what a GPU machine runs at full size; here it runs small, so it keeps working."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu_check.py"), "--tiny"], capture_output=True,

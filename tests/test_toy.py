@@ -139,6 +139,8 @@ def test_quick_pretraining_makes_an_sdxl_folder(quick_model):
     assert (scheduler["beta_schedule"], scheduler["timestep_spacing"], scheduler["steps_offset"]) == \
         ("scaled_linear", "leading", 1)
     assert 0.05 < vae.cfg.scaling_factor < 5
+    with pytest.raises(SystemExit, match="pretrained otherwise"):  # not taken for the full model
+        toy.pretrain(folder, 0, toy.FULL)
 
 
 def test_quick_model_loads_in_diffusers_and_agrees(quick_model):

@@ -97,6 +97,14 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     r = run_script("train.py", *common, "--steps", 9, "--lr", 0.25, "--out", tmp_path / "r", "--resume", check=False)
     last = r.stderr.strip().splitlines()[-1]  # a changed recipe is refused, naming what changed
     assert r.returncode != 0 and "other settings" in last and "-> 0.25" in last, last
+    # The same folders spelled otherwise are the same run; fewer steps than done, or no --resume, are refused.
+    spelled = ["--model", folder + "/", "--data", os.path.relpath(data), "--token", "<dog>", "--init-token", "dog",
+               *map(str, TRAIN_ARGS), "--out", str(tmp_path / "r") + "/"]
+    train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume"]))
+    with pytest.raises(ModelError, match="at step 8, past --steps 5"):
+        train.check_resume(train.parse_args([*spelled, "--steps", "5", "--resume"]))
+    with pytest.raises(ModelError, match="holds a run; continue it with --resume"):
+        train.main(train.parse_args([*spelled, "--steps", "8"]))
 
 
 def test_ctrl_c_saves_a_checkpoint(tiny_sdxl, trained, tmp_path):
@@ -134,6 +142,10 @@ def test_bad_data_is_refused_in_one_line(tiny_sdxl, tmp_path):
     out = str(tmp_path / "out")
     expect_error(("--data", data, "--token", "<cat>", "--init-token", "cat", *common), "00.png", out, cli=True)
     expect_error(("--data", data, "--token", "<dog>", "--init-token", "big dog", *common), "single token", out)
+    long = write_images(str(tmp_path / "long"), [" ".join(["word"] * 80) + " a <dog>"])  # CLIP reads 77 tokens
+    expect_error(("--data", long, "--token", "<dog>", "--init-token", "dog", *common), "first 77 tokens", out)
+    open(os.path.join(long, "00.txt"), "w").close()
+    expect_error(("--data", long, *common), "00.txt is missing or empty", out)
     empty = tmp_path / "empty"
     empty.mkdir()
     expect_error(("--data", empty, *common), "no images", out)
@@ -147,12 +159,25 @@ def test_bad_data_is_refused_in_one_line(tiny_sdxl, tmp_path):
     expect_error(("--data", data, *common), "02.jpg", out)
 
 
+def test_impossible_settings_are_refused(tmp_path, capsys):
+    data = write_images(str(tmp_path / "d"), ["a photo"])
+    common = ["--model", "m", "--data", data]
+    (tmp_path / "file").write_text("")
+    for bad, needle in [(["--rank", "0"], "expected a positive whole number"),
+                        (["--batch-size", "-1"], "expected a positive whole number"),
+                        (["--prior-dir", data + "/", "--prior-prompt", "a dog"], "--prior-dir is the --data folder"),
+                        (["--out", str(tmp_path / "file")], "is a file; training writes a folder")]:
+        with pytest.raises(SystemExit):
+            train.parse_args(common + bad)
+        assert needle in capsys.readouterr().err
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sdxl, trained, tmp_path):
     data, out = os.path.join(os.path.dirname(trained), "data"), str(tmp_path / "nan")
     r = run_script("train.py", "--model", tiny_sdxl[0], "--data", data, "--out", out, "--resolution", 32,
                    "--steps", 5, "--save-every", 1, "--sample-steps", 1, "--rank", 2, "--lr", 1e30, "--beta", 0,
                    check=False)
-    assert r.returncode != 0 and "loss is" in r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "keeping the last good checkpoint" in r.stderr.strip().splitlines()[-1]
     tensors = load_file(os.path.join(out, "checkpoint.safetensors"))
     assert all(torch.isfinite(v.float()).all() for v in tensors.values())
 
