@@ -5,7 +5,7 @@ B (out x rank, zero at the start). Its `scale` is explicit: a float, or a per-sa
 call can run some samples with the LoRA and some without. Scale 0 is the frozen base model.
 
 On disk a LoRA is {module: (down, up)} with the alpha/rank factor folded into `up`, so the delta is exactly
-up @ down. Files are read and written in three formats:
+up @ down. Files are written in two formats, and read in these and peft's:
   - diffusers (what the official DCO code writes, and what `pipe.load_lora_weights(dir)` reads):
       unet.<diffusers module>.lora.down.weight / .lora.up.weight   (also read: .lora_A/.lora_B, peft's names)
   - kohya (ComfyUI, AUTOMATIC1111): lora_unet_<official module, '.' -> '_'>.lora_down.weight / .lora_up.weight / .alpha
@@ -33,8 +33,8 @@ class LoRALinear(nn.Linear):
         self.rank, self.alpha, self.scale = rank, float(alpha or rank), 1.0
         dev = base.weight.device
         # peft's "gaussian" init: A ~ N(0, 1/rank^2), B = 0, so the LoRA starts as the identity.
-        self.lora_A = nn.Parameter(torch.randn(rank, self.in_features, device=dev) / rank if down is None else down)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev) if up is None else up)
+        self.lora_A = nn.Parameter(torch.randn(rank, self.in_features, device=dev) / rank) if down is None else down
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev)) if up is None else up
 
     def forward(self, x):
         if isinstance(self.scale, float) and self.scale == 0.0:
@@ -130,17 +130,18 @@ def apply_lora(model, lora, dtype=torch.float32):
             raise ModelError(f"LoRA module {name!r} is {up.shape[0]}x{down.shape[1]}, the model's layer is "
                              f"{base.out_features}x{base.in_features}: is it a LoRA for another model?")
         dev, rank = base.weight.device, down.shape[0]
-        m = LoRALinear(base, rank, rank, nn.Parameter(down.to(dev, dtype), requires_grad=False),
-                       nn.Parameter(up.to(dev, dtype), requires_grad=False))
+        m = LoRALinear(base, rank, alpha=rank, down=nn.Parameter(down.to(dev, dtype), requires_grad=False),
+                       up=nn.Parameter(up.to(dev, dtype), requires_grad=False))  # alpha / rank is already in up
         replace(model, name, m)
-    untouched = len(targets_in(model, TARGETS))
+    untouched = len(targets_in(model))
     if untouched:
         warnings.warn(f"the LoRA adapts {len(lora)} layers; {untouched} attention projections of the model are "
                       "left as they are")
 
 
 def merge(loras, weights):
-    """Sum of LoRAs, exactly: concatenating ranks gives up @ down = sum_i w_i up_i @ down_i per module."""
+    """Sum of LoRAs, exactly: concatenating ranks, down (sum r_i, in) and up (out, sum r_i), gives
+    up @ down = sum_i w_i up_i @ down_i per module."""
     out = {}
     for name in dict.fromkeys(n for lora in loras for n in lora):
         parts = [(lora[name], w) for lora, w in zip(loras, weights) if name in lora]
@@ -191,7 +192,7 @@ SUFFIXES = {  # key ending -> which matrix it holds; the module name is what pre
     ".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 
 
-def from_file(tensors, unet_cfg, source):
+def parse_lora(tensors, unet_cfg, source):
     """Read a diffusers / official DCO / peft / kohya LoRA file into {official module: (down, up)}."""
     diffusers_to_ours = {v: k for k, v in module_names(unet_cfg).items()}
     kohya_to_ours = {"lora_unet_" + k.replace(".", "_"): k for k in diffusers_to_ours.values()}
@@ -232,7 +233,7 @@ def read_lora(path, unet_cfg):
     """A LoRA file or output folder; newer diffusers files state peft's lora_alpha in their header, and alpha / rank
     scales `up`."""
     path = lora_path(path)
-    lora = from_file(read_safetensors(path), unet_cfg, path)
+    lora = parse_lora(read_safetensors(path), unet_cfg, path)
     with safe_open(path, "pt") as f:
         config = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
     if "unet.lora_alpha" not in config:  # no header: alpha = rank, the files the official code writes
@@ -241,7 +242,7 @@ def read_lora(path, unet_cfg):
         raise ModelError(f"{path}: rank-stabilized LoRA (alpha / sqrt(rank)) is not supported")
     diffusers_name = module_names(unet_cfg)
     patterns = config.get("unet.alpha_pattern") or {}
-    for name, (down, up) in lora.items():
+    for name, (down, up) in lora.items():  # peft's alpha_pattern keys match the end of a module name
         alpha = next((a for p, a in patterns.items() if re.match(rf"(.*\.)?({p})$", diffusers_name[name])),
                      config["unet.lora_alpha"])
         lora[name] = (down, up * (alpha / down.shape[0]))

@@ -70,6 +70,7 @@ def test_a_frozen_lora_in_the_activations_dtype_gives_the_same_output():
     lora_lib.remove(unet)
     lora_lib.apply_lora(unet, trained, torch.bfloat16)
     assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for m in lora_lib.lora_modules(unet).values() for p in (m.lora_A, m.lora_B))
     assert torch.equal(unet(*x), want)
     with lora_lib.lora_scale(unet, torch.tensor([0.0, 1.0, 0.5], dtype=torch.bfloat16)):
         mixed = unet(*x)
@@ -105,7 +106,7 @@ def test_alpha_is_folded_exactly_into_every_format(tiny_sdxl):
     lora = lora_lib.get_lora(unet)
     for tensors in (lora_lib.to_diffusers(lora, unet.cfg), lora_lib.to_kohya(lora)):
         fresh = load_unet(tiny_sdxl[0])
-        lora_lib.apply_lora(fresh, lora_lib.from_file(tensors, fresh.cfg, "test"))
+        lora_lib.apply_lora(fresh, lora_lib.parse_lora(tensors, fresh.cfg, "test"))
         with torch.no_grad():
             torch.testing.assert_close(fresh(*x), want, rtol=1e-5, atol=1e-5)
 
@@ -167,7 +168,7 @@ def test_we_read_peft_and_official_dco_files(tiny_sdxl):
     assert any(k.endswith(".lora.down.weight") for k in official)
     for tensors in (peft_sd, official):
         unet = load_unet(folder)
-        lora_lib.apply_lora(unet, lora_lib.from_file(tensors, unet.cfg, "test"))
+        lora_lib.apply_lora(unet, lora_lib.parse_lora(tensors, unet.cfg, "test"))
         with torch.no_grad():
             torch.testing.assert_close(unet(*inputs()), want, rtol=1e-4, atol=1e-4)
 
@@ -216,7 +217,7 @@ def test_bad_loras_are_refused_with_the_key_named(tiny_sdxl):
     with pytest.raises(ModelError, match="to_q.*low-rank pair"):
         lora_lib.apply_lora(unet, {name: (torch.zeros(4, 64), torch.zeros(64, 8))})
     with pytest.raises(ModelError, match="no_such_block"):
-        lora_lib.from_file({"unet.no_such_block.to_q.lora.down.weight": torch.zeros(4, 64)}, unet.cfg, "x")
+        lora_lib.parse_lora({"unet.no_such_block.to_q.lora.down.weight": torch.zeros(4, 64)}, unet.cfg, "x")
     with pytest.warns(UserWarning, match=r"adapts 1 layers; \d+ attention projections"):
         lora_lib.apply_lora(unet, {name: (torch.zeros(4, 64), torch.zeros(64, 4))})
 
