@@ -10,6 +10,7 @@ torch.utils.flop_counter) against a large matmul's in the same run, the compile 
 call), and with --reference the ratios and the speed targets below. Compare only numbers from one run on one machine.
 """
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -165,7 +166,7 @@ def forward_flops(unet, cfg, size, device, dtype):
 
 # The speed targets, as ratios to the reference measured in the same run:
 # (our stack, the reference's stack, step, max time ratio, max peak-memory ratio or None).
-TARGETS = [("ours", "reference", "DCO train step", 0.5, 1.0),
+SPEED_TARGETS = [("ours", "reference", "DCO train step", 0.5, 1.0),
            ("ours, checkpointing", "reference, checkpointing", "DCO train step", 0.6, 1.0),
            ("ours", "reference", "CG step", 0.5, None),
            ("ours", "reference", "CFG step (batch 2)", 1.0, None),
@@ -178,7 +179,7 @@ def check_targets(rows, compile_s, cfg_rate, roofline):
     """Print each speed target with its measured value: PASS or MISS."""
     nan = float("nan")
     checks = []  # (what, value or NaN if not measured, bound, value must be at most the bound)
-    for mine, theirs, step, max_time, max_mem in TARGETS:
+    for mine, theirs, step, max_time, max_mem in SPEED_TARGETS:
         (t, m), (t_ref, m_ref) = rows.get((mine, step), (nan, nan)), rows.get((theirs, step), (nan, nan))
         checks.append((f"{mine} / {theirs}, {step}: time", t / t_ref, max_time, True))
         if max_mem is not None:
@@ -188,7 +189,7 @@ def check_targets(rows, compile_s, cfg_rate, roofline):
     checks.append(("ours, compiled, DCO train step: compile time (s)",
                    compile_s.get(("ours, compiled", "DCO train step"), nan), MAX_COMPILE_S, True))
     for what, value, bound, at_most in checks:
-        verdict = "n/a" if value != value else "PASS" if (value <= bound if at_most else value >= bound) else "MISS"
+        verdict = "n/a" if math.isnan(value) else "PASS" if (value <= bound if at_most else value >= bound) else "MISS"
         print(f"target {what:78s} {value:8.2f}  ({'<=' if at_most else '>='} {bound})  {verdict}")
 
 

@@ -10,6 +10,7 @@ Our modules carry the official (Stability) names; `unet_key_map` / `vae_key_map`
 diffusers name of every one of our parameters. Loading is strict: a missing, unexpected or mis-shaped key is an
 error naming the key. Only safetensors are read: pickles (.bin, .ckpt, .pt) can run code when loaded.
 """
+import contextlib
 import json
 import os
 
@@ -41,15 +42,26 @@ def read_safetensors(path):
         raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def save_safetensors(tensors, path, metadata=None):
-    """Write atomically: a crash leaves either the old file or the new one, never half of one."""
+@contextlib.contextmanager
+def atomic(path):
+    """Gives a temporary name to write to, renamed to path once written: a crash leaves either the old file or the
+    new one, never half of one. Makes path's folder if needed."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file readable by its owner only
-    os.replace(tmp, path)
+    yield path + ".tmp"
+    os.replace(path + ".tmp", path)
+
+
+def write_text(path, text):
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
+        f.write(text)
+
+
+def save_safetensors(tensors, path, metadata=None):
+    with atomic(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors makes the file readable by its owner only
 
 
 def component_files(folder, sub, weights=True):

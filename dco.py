@@ -27,11 +27,11 @@ def q_sample(x0, t, noise, a_bar=None):
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-def offset_noise(shape, strength, generator=None, device="cpu"):
+def offset_noise(shape, strength, generator=None):
     """eps + strength * (per-channel constant): lets the model learn very dark or bright images (style runs)."""
-    noise = torch.randn(shape, generator=generator, device=device)
+    noise = torch.randn(shape, generator=generator)
     if strength:
-        noise = noise + strength * torch.randn(shape[:2] + (1, 1), generator=generator, device=device)
+        noise = noise + strength * torch.randn(shape[:2] + (1, 1), generator=generator)
     return noise
 
 

@@ -49,7 +49,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPMode
 
 import lora as lora_lib
 import sample
-from checkpoint import ModelError
+from checkpoint import ModelError, atomic, write_text
 from train import IMAGE_SUFFIXES, load_rgb
 
 BATCH = 16
@@ -254,13 +254,10 @@ class ImageCache:
         return None
 
     def put(self, key, image, entry):
-        path = os.path.join(self.folder, f"{key}.png")
-        image.save(path + ".tmp", format="PNG")
-        os.replace(path + ".tmp", path)
+        with atomic(os.path.join(self.folder, f"{key}.png")) as tmp:
+            image.save(tmp, format="PNG")
         self.index[key] = dict(entry, file=f"{key}.png")
-        with open(self.index_path + ".tmp", "w") as f:
-            json.dump(self.index, f, indent=1)
-        os.replace(self.index_path + ".tmp", self.index_path)
+        write_text(self.index_path, json.dumps(self.index, indent=1))
 
 
 def make_generator(args, loras):
@@ -307,12 +304,6 @@ def sweep(args, methods, prompts, seeds, w_cons, cache, make_generator):
 
 
 # --- outputs ---
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w", newline="") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
 
 def to_csv(rows):
     buf = io.StringIO()
@@ -371,8 +362,8 @@ def plot_pareto(rows, x_name, y_name, path, size=(900, 650), margin=80):
             d.text((px + 6, py - 14), r["w_con"], fill=color, font=font)
         d.rectangle([W - m - 190, m + 10 + 16 * k, W - m - 180, m + 20 + 16 * k], fill=color)
         d.text((W - m - 175, m + 8 + 16 * k), method[:30], fill=color, font=font)
-    img.save(path + ".tmp", format="PNG")
-    os.replace(path + ".tmp", path)
+    with atomic(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def main(args, make_generator=make_generator):
@@ -393,7 +384,7 @@ def main(args, make_generator=make_generator):
     refs = {"subject_dino": list_images(args.ref_images, "--ref-images"),
             "style_dino": list_images(args.style_images, "--style-images")} if merge \
         else {"image_dino": list_images(args.ref_images, "--ref-images")}
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = sample.resolve_device(args.device, args.dtype)[0]
     metrics = {k: Embedder(k, getattr(args, k)) for k in ("dino", "siglip", "clip") if getattr(args, k)}
 
     cache = ImageCache(os.path.join(args.out, "images"))
@@ -403,9 +394,9 @@ def main(args, make_generator=make_generator):
 
     per_image = [{"method": e["method"], "w_con": w_label(e["w_con"]), "seed": e["seed"], "prompt": e["prompt"],
                   "file": e["file"], **{n: float(s[i]) for n, s in scores.items()}} for i, e in enumerate(entries)]
-    write_atomic(os.path.join(args.out, "scores.csv"), to_csv(per_image))
-    write_atomic(os.path.join(args.out, "results.csv"), to_csv(rows))
-    write_atomic(os.path.join(args.out, "results.md"), to_markdown(rows, list(scores)))
+    write_text(os.path.join(args.out, "scores.csv"), to_csv(per_image))
+    write_text(os.path.join(args.out, "results.csv"), to_csv(rows))
+    write_text(os.path.join(args.out, "results.md"), to_markdown(rows, list(scores)))
     text_name = "text_siglip" if "siglip" in metrics else "text_clip"
     plot_pareto(rows, text_name, next(iter(refs)), os.path.join(args.out, "pareto.png"))
     print(to_markdown(rows, list(scores)) + f"wrote {args.out}/results.csv, results.md, scores.csv, pareto.png")

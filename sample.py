@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 import lora as lora_lib
 from dco import NUM_TRAIN_TIMESTEPS
-from checkpoint import ModelError, check_schedule, load_unet, load_vae, model_folder, read_single_file
+from checkpoint import ModelError, atomic, check_schedule, load_unet, load_vae, model_folder, read_single_file
 from sampler import sample
 from text import Cond, TextEncoders, time_ids
 from vae import decode_latents
@@ -153,10 +153,11 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", confi
 def base_prompt(pipe, prompt):
     """c_base: the prompt with every learned token replaced by its initializer word."""
     for token, word in pipe.tokens.items():
-        if token in prompt and word is None:  # the base model must not see the learned embedding
+        if token not in prompt:
+            continue
+        if word is None:  # the base model must not see the learned embedding
             raise ModelError(f"{token!r} has no initializer word for the base prompt; load it as FILE:{token}:WORD")
-        if token in prompt:
-            prompt = prompt.replace(token, word)
+        prompt = prompt.replace(token, word)
     return prompt
 
 
@@ -174,12 +175,17 @@ def initial_noise(n, vae, height, width, seed):
                        generator=torch.Generator("cpu").manual_seed(seed))
 
 
+def size_multiple(unet, vae):
+    """Image sides must be multiples of this: the VAE's down-sampling times the UNet's."""
+    return vae.cfg.downscale * 2 ** (len(unet.cfg.channel_mult) - 1)
+
+
 @torch.no_grad()
 def generate(pipe, prompt, seeds, w_con=None, cfg=5.0, steps=50, width=1024, height=1024, negative_prompt="",
              progress=False):
     """Images (len(seeds), 3, H, W) in [0, 1], one per seed, sampled in one batch."""
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-    multiple = pipe.vae.cfg.downscale * 2 ** (len(pipe.unet.cfg.channel_mult) - 1)
+    multiple = size_multiple(pipe.unet, pipe.vae)
     if width % multiple or height % multiple:
         raise ModelError(f"width and height must be multiples of {multiple} for this model")
     n, device = len(seeds), next(pipe.unet.parameters()).device
@@ -213,10 +219,8 @@ def grid(columns, labels):
 def save_png(image, path, settings):
     info = PngInfo()
     info.add_text("parameters", json.dumps(settings))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def main(args):

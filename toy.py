@@ -28,8 +28,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 import evaluate
 import toyworld as world
 import train
-from checkpoint import SCHEDULE, load_vae, save_component, save_safetensors
-from dco import alphas_cumprod, eps_mse, min_snr_weight, q_sample
+from checkpoint import SCHEDULE, load_vae, save_component, save_safetensors, write_text
+from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, eps_mse, min_snr_weight, q_sample
 from sample import conditioning, initial_noise, load_sdxl, to_pil
 from sampler import sample
 from text import TextEncoders, time_ids
@@ -141,18 +141,17 @@ def vae_loss(vae, images, batch, g):
     return (recon - x).pow(2).mean() + 0.5 * (recon - x).abs().mean() + KL_WEIGHT * kl
 
 
-def layout_noise(shape, g, strength=None):
+def layout_noise(shape, g):
     """White noise plus coarse noise: noise drawn at 1/8, 1/16 and 1/32 of the latent size (4x4, 2x2 and 1x1 cells
     at 32x32, the last one being offset noise), upsampled, times strength, then scaled back to unit variance.
     Why: the schedule's last step (sqrt(a_999) = 0.07) still leaks the layout of a 32x32 latent, where the object
     is and the background's color, through white noise; a model trained on white noise learns to read the layout
     from the noise and to ignore "at the left" or "on a sand background". Sampling still starts from white noise."""
-    strength = LAYOUT_NOISE if strength is None else strength
     B, C, H, W = shape
     noise = torch.randn(shape, generator=g)
     for factor in (8, 16, 32):
         coarse = torch.randn(B, C, max(H // factor, 1), max(W // factor, 1), generator=g)
-        noise += strength * F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
+        noise += LAYOUT_NOISE * F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
     return noise / noise.std()
 
 
@@ -162,7 +161,7 @@ def unet_loss(unet, text, latents, captions, batch, g):
     mean, std = latents
     idx = torch.randint(0, len(mean), (batch,), generator=g)
     x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
-    t = torch.randint(0, 1000, (batch,), generator=g)
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=g)
     noise = layout_noise(x0.shape, g)
     keep = torch.rand(batch, generator=g) >= CAPTION_DROPOUT
     prompts = [captions[i] if k else "" for i, k in zip(idx.tolist(), keep.tolist())]
@@ -241,12 +240,6 @@ MODEL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version":
                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
 
 
-def write_json(obj, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 def pretrain(out, seed=0, budget=FULL):
     """Pretrain the toy SDXL into out/ in the official folder layout. Rerunning after an interruption continues.
 
@@ -303,18 +296,18 @@ def pretrain(out, seed=0, budget=FULL):
     save_component(unet, out, "unet")
     for sub, encoder in zip(("text_encoder", "text_encoder_2"), text.encoders):
         encoder.save_pretrained(os.path.join(out, sub))
-    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
-    write_json(SCHEDULER, os.path.join(out, "scheduler", "scheduler_config.json"))
-    write_json(run, record)
-    write_json(MODEL_INDEX, os.path.join(out, "model_index.json"))
+    write_text(os.path.join(out, "scheduler", "scheduler_config.json"), json.dumps(SCHEDULER, indent=2))
+    write_text(record, json.dumps(run))
+    write_text(os.path.join(out, "model_index.json"), json.dumps(MODEL_INDEX, indent=2))
     os.remove(state_path)
     return True
 
 
 # ---------------------------------------------------------------------------------------------- base model report
 
-def generate(folder, scenes, seed=0, steps=30, cfg=5.0):
-    """Images the model in folder makes for world.caption(scene) of each scene, as sample.py makes them."""
+def sample_scenes(folder, scenes, seed=0, steps=30, cfg=5.0):
+    """Images the model in folder makes for world.caption(scene) of each scene: sample.py's sampler and settings, in
+    one batch from one noise draw of `seed` (sample.py draws each image's noise from its own seed)."""
     unet, vae, text = load_sdxl(folder, torch.device("cpu"), torch.float32)
     prompts = [world.caption(s) for s in scenes]
     with torch.no_grad():
@@ -331,7 +324,7 @@ def report(folder, n=40, seed=1):
     combinations), against chance (a random world image for each prompt) and the renderer itself."""
     rng = np.random.default_rng([seed, 11])
     scenes = [world.random_scene(rng) for _ in range(n)]
-    images = generate(folder, scenes, seed)
+    images = sample_scenes(folder, scenes, seed)
     model = np.mean([world.prompt_fidelity(im, s) for im, s in zip(images, scenes)])
     chance = np.mean([world.prompt_fidelity(world.render(world.random_scene(rng), rng), s)
                       for s in scenes for _ in range(4)])
@@ -371,7 +364,7 @@ METHODS = {"DreamBooth": dict(dco=False, prior=False), "DreamBooth + prior": dic
 FINE_TUNE = ["--rank", "8", "--lr", "1e-3", "--ti-lr", "1e-3", "--resolution", str(world.SIZE), "--save-every", "0"]
 
 
-def targets(plan):
+def training_sets(plan):
     """(name, training scenes, token, initializer word, class prompt) for every subject and style of the plan. The
     class prompt (prior preservation's) is the first caption with the subject's token or the style removed."""
     found = []
@@ -430,7 +423,7 @@ def score_table(model, out, title, jobs, w_cons, plan, axes):
     rows = evaluate.summarize(entries, {n: np.array([e["metrics"][n] for e in entries]) for n in names})
     slug = title.split(":")[0].lower()
     evaluate.plot_pareto(rows, *axes, os.path.join(out, f"pareto_{slug}.png"))
-    evaluate.write_atomic(os.path.join(out, f"{slug}.csv"), evaluate.to_csv(rows))
+    write_text(os.path.join(out, f"{slug}.csv"), evaluate.to_csv(rows))
     return f"### {title}\n\n" + evaluate.to_markdown(rows, names)
 
 
@@ -438,7 +431,7 @@ def compare(model, out, plan, beta=1000.0):
     """DreamBooth, DreamBooth + prior preservation and DCO on every subject and style of the plan (same steps and
     learning rate), a w_con sweep over evaluation prompts, and per method the merge of a subject and a style LoRA.
     Writes out/results.md (three tables), out/*.csv and out/pareto_*.png; a rerun reuses finished runs and images."""
-    runs = {(t[0], m): fine_tune(model, out, t, m, plan, beta) for t in targets(plan) for m in METHODS}
+    runs = {(t[0], m): fine_tune(model, out, t, m, plan, beta) for t in training_sets(plan) for m in METHODS}
     subjects = [([f"sub{i}"], world.eval_scenes(world.SUBJECTS[i], n=plan.prompts)) for i in plan.subjects]
     styles = [([s], world.eval_scenes(style=s, n=plan.prompts)) for s in plan.styles]
     merges = [([f"sub{i}", s], world.eval_scenes(world.SUBJECTS[i], style=s, n=plan.prompts)) for i, s in plan.merges]
@@ -450,7 +443,7 @@ def compare(model, out, plan, beta=1000.0):
     text += "\n".join(score_table(model, out, title, [(m, [runs[(n, m)] for n in names], scenes)
                                                      for m in methods for names, scenes in sets], w_cons, plan, axes)
                      for title, sets, methods, w_cons, axes in tables)
-    evaluate.write_atomic(os.path.join(out, "results.md"), text)
+    write_text(os.path.join(out, "results.md"), text)
     print(text + f"\nwrote {out}/results.md, the tables as csv and the Pareto plots")
     return text
 

@@ -23,12 +23,10 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 import lora as lora_lib
-from checkpoint import ModelError, read_safetensors, save_safetensors
+from checkpoint import ModelError, read_safetensors, save_safetensors, write_text
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
-from sample import conditioning, initial_noise, load_sdxl, positive_int, resolve_device, save_png, to_pil
-from sampler import sample
+from sample import Pipeline, generate, load_sdxl, positive_int, resolve_device, save_png, size_multiple, to_pil
 from text import Cond, time_ids
-from vae import decode_latents
 
 PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict(rank=64, steps=1000, offset_noise=0.1)}
 
@@ -160,16 +158,14 @@ def encode_images(vae, items, res, device):
 
 
 @torch.no_grad()
-def make_class_images(args, unet, vae, text, device):
+def make_class_images(args, unet, vae, text):
     """Prior preservation: fill --prior-dir with --num-prior images of --prior-prompt from the base model."""
     os.makedirs(args.prior_dir, exist_ok=True)
     have = [f for f in os.listdir(args.prior_dir) if f.lower().endswith(IMAGE_SUFFIXES)]
     for i in tqdm(range(len(have), args.num_prior), desc="class images"):
-        cond = conditioning(text, [args.prior_prompt], args.resolution, args.resolution)
-        uncond = conditioning(text, [""], args.resolution, args.resolution, zero_empty=True)
-        noise = initial_noise(1, vae, args.resolution, args.resolution, seed=10_000 + i).to(device)
-        z = sample(unet, noise, cond, uncond, steps=args.sample_steps, progress=False)
-        save_png(to_pil(decode_latents(vae, z)), os.path.join(args.prior_dir, f"class-{i:05d}.png"),
+        image = generate(Pipeline(unet, vae, text), args.prior_prompt, 10_000 + i, steps=args.sample_steps,
+                         width=args.resolution, height=args.resolution)
+        save_png(to_pil(image), os.path.join(args.prior_dir, f"class-{i:05d}.png"),
                  {"prompt": args.prior_prompt, "seed": 10_000 + i})
     return [(os.path.join(args.prior_dir, f), args.prior_prompt)
             for f in sorted(os.listdir(args.prior_dir)) if f.lower().endswith(IMAGE_SUFFIXES)][: args.num_prior]
@@ -264,9 +260,18 @@ def save_outputs(args, unet, ti, step):
     if ti is not None:
         save_safetensors(ti.learned(), os.path.join(args.out, "learned_embeds.safetensors"),
                          {"token": ti.token, "init_token": ti.init_word})
-    with open(os.path.join(args.out, "settings.json.tmp"), "w") as f:
-        json.dump({**vars(args), "step": step}, f, indent=2)
-    os.replace(os.path.join(args.out, "settings.json.tmp"), os.path.join(args.out, "settings.json"))
+    write_text(os.path.join(args.out, "settings.json"), json.dumps({**vars(args), "step": step}, indent=2))
+
+
+@torch.no_grad()
+def save_grid(args, unet, vae, text, prompt, step, device):
+    """A sample of the first caption with a fixed seed, to watch the run."""
+    vae.to(device)
+    image = generate(Pipeline(unet, vae, text), prompt, args.seed, steps=args.sample_steps, width=args.resolution,
+                     height=args.resolution)
+    vae.cpu()
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    save_png(to_pil(image), os.path.join(args.out, "samples", f"step-{step:06d}.png"), {"step": step})
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -294,11 +299,11 @@ def main(args):
     if args.compile:
         unet.compile_blocks()
     res = args.resolution
-    if res % (vae.cfg.downscale * 2 ** (len(unet.cfg.channel_mult) - 1)):
-        raise ModelError(f"--resolution {res} does not fit this model's down-sampling")
+    if res % size_multiple(unet, vae):
+        raise ModelError(f"--resolution {res} must be a multiple of {size_multiple(unet, vae)} for this model")
 
     # Prepare: class images, then every latent and (frozen) text embedding once, before the loop.
-    prior = make_class_images(args, unet, vae, text, device) if args.prior_dir else []
+    prior = make_class_images(args, unet, vae, text) if args.prior_dir else []
     mean, std = encode_images(vae, items + prior, res, device)
     # SDXL's size conditioning as the official code sets it: every image an uncropped res x res original, which is
     # also what the sampler uses.
@@ -373,25 +378,11 @@ def main(args):
             sys.exit(f"interrupted: saved step {step + 1} in {args.out}; continue with --resume")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save(step + 1)
-            save_grid(args, unet, vae, text, captions[0], ids[:1], step + 1, device)
+            save_grid(args, unet, vae, text, captions[0], step + 1, device)
     save(args.steps)
     if args.save_every:
-        save_grid(args, unet, vae, text, captions[0], ids[:1], args.steps, device)
+        save_grid(args, unet, vae, text, captions[0], args.steps, device)
     print(f"wrote {args.out}/pytorch_lora_weights.safetensors")
-
-
-@torch.no_grad()
-def save_grid(args, unet, vae, text, prompt, tid, step, device):
-    """A sample of the first caption with a fixed seed, to watch the run."""
-    cond = Cond(*text.encode([prompt]), tid.cpu()).to(device)
-    uncond = Cond(*text.encode([""], zero_empty=True), tid.cpu()).to(device)
-    noise = initial_noise(1, vae, args.resolution, args.resolution, seed=args.seed).to(device)
-    z = sample(unet, noise, cond, uncond, steps=args.sample_steps, progress=False)
-    vae.to(device)
-    image = decode_latents(vae, z)
-    vae.cpu()
-    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    save_png(to_pil(image), os.path.join(args.out, "samples", f"step-{step:06d}.png"), {"step": step})
 
 
 if __name__ == "__main__":

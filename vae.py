@@ -163,14 +163,6 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
-def encode_latents(vae, images, generator=None):
-    """Images in [-1, 1] -> scaled latents the UNet is trained on; a sample of the posterior if a generator is given."""
-    mean, std = vae.encode(images.to(next(vae.parameters()).dtype))
-    if generator is not None:
-        mean = mean + std * torch.randn(mean.shape, generator=generator, device=generator.device).to(mean)
-    return mean.float() * vae.cfg.scaling_factor
-
-
 def decode_latents(vae, latents):
     """Scaled latents -> images in [0, 1]."""
     images = vae.decode((latents / vae.cfg.scaling_factor).to(next(vae.parameters()).dtype))
