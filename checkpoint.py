@@ -336,6 +336,8 @@ def check_schedule(folder):
 
 def model_folder(model, config=None):
     """(the folder with the configs, the single file or None) for --model and --config."""
+    if not os.path.exists(model):
+        raise ModelError(f"{model}: no such model folder or file")
     if not os.path.isfile(model):
         return model, None
     if not config:

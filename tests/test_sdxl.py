@@ -225,7 +225,7 @@ def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", str(tmp_path / "nowhere"),
                         "--prompt", "x"], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("error:") and "nowhere" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error:") and "nowhere: no such model folder" in r.stderr
 
 
 def test_impossible_sampling_settings_are_refused(tmp_path, capsys):
