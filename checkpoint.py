@@ -15,6 +15,7 @@ import json
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dco import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
@@ -62,6 +63,32 @@ def save_safetensors(tensors, path, metadata=None):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors makes the file readable by its owner only
+
+
+def save_training_state(path, tensors, optimizer, generator, metadata):
+    """What a training run needs to continue exactly, as safetensors (no pickles): the tensors being trained, the
+    optimizer's per-parameter state (AdamW's moments and step) and the generator that makes every random draw.
+    The optimizer's settings are the resuming run's own."""
+    out = {k: v.detach().cpu() for k, v in tensors.items()}
+    out.update({f"opt.{i}.{k}": torch.as_tensor(v).cpu()
+                for i, state in optimizer.state_dict()["state"].items() for k, v in state.items()})
+    out["generator"] = generator.get_state()
+    save_safetensors(out, path, metadata)
+
+
+def load_training_state(path, optimizer, generator):
+    """Restore the optimizer and the generator saved by save_training_state; returns (tensors, metadata)."""
+    with safe_open(path, "pt") as f:
+        meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    if "generator" not in tensors:
+        raise ModelError(f"{path}: not a training state this code wrote; cannot resume from it")
+    state = {}
+    for k in [k for k in tensors if k.startswith("opt.")]:
+        _, i, key = k.split(".", 2)  # opt.<parameter index>.<name>
+        state.setdefault(int(i), {})[key] = tensors.pop(k)
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    generator.set_state(tensors.pop("generator"))
+    return tensors, meta
 
 
 def component_files(folder, sub, weights=True):

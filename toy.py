@@ -28,7 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 import evaluate
 import toyworld as world
 import train
-from checkpoint import SCHEDULE, load_vae, save_component, save_safetensors, write_text
+from checkpoint import SCHEDULE, load_training_state, load_vae, save_component, save_training_state, write_text
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, eps_mse, min_snr_weight, q_sample
 from sample import conditioning, initial_noise, load_sdxl, to_pil
 from sampler import sample
@@ -175,11 +175,7 @@ def unet_loss(unet, text, latents, captions, batch, g):
 def save_state(path, phase, step, modules, opt, g, run):
     """Everything a phase needs to continue exactly: weights, AdamW moments, the generator, the step."""
     tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
-    opt_state = opt.state_dict()
-    tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for i, s in opt_state["state"].items() for k, v in s.items()})
-    tensors["generator"] = g.get_state()
-    save_safetensors(tensors, path, metadata={"phase": phase, "step": str(step), "run": run,
-                                              "param_groups": json.dumps(opt_state["param_groups"])})
+    save_training_state(path, tensors, opt, g, {"phase": phase, "step": str(step), "run": run})
 
 
 def load_state(path, phase, modules, opt, g, run):
@@ -187,20 +183,14 @@ def load_state(path, phase, modules, opt, g, run):
     if not os.path.exists(path):
         return 0
     with safe_open(path, "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
     if meta["run"] != run:
         sys.exit(f"error: {path} was saved by a run with other settings ({meta['run']}); delete it to start over")
     if meta["phase"] != phase:
         return 0
+    tensors, _ = load_training_state(path, opt, g)
     for name, m in modules.items():
         m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
-    state = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, i, key = k.split(".", 2)
-            state.setdefault(int(i), {})[key] = v
-    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    g.set_state(tensors["generator"])
     return int(meta["step"])
 
 
@@ -230,7 +220,8 @@ def train_phase(phase, modules, loss_fn, steps, lr, state_path, seed, run):
 
 SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", **SCHEDULE,
              "clip_sample": False, "interpolation_type": "linear", "sample_max_value": 1.0, "set_alpha_to_one": False,
-             "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
+             "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+             "use_karras_sigmas": False}
 MODEL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0",
                "force_zeros_for_empty_prompt": True, "add_watermarker": None,
                "scheduler": ["diffusers", "EulerDiscreteScheduler"],

@@ -19,11 +19,11 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from safetensors import safe_open
 from tqdm import tqdm
 
 import lora as lora_lib
-from checkpoint import ModelError, read_safetensors, save_safetensors, write_text
+from checkpoint import (ModelError, load_training_state, read_safetensors, save_safetensors, save_training_state,
+                        write_text)
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from sample import Pipeline, generate, load_sdxl, positive_int, resolve_device, save_png, size_multiple, to_pil
 from text import Cond, time_ids
@@ -201,30 +201,16 @@ class TokenEmbeddings:
         return {"clip_l": self.rows[0][None].detach().cpu(), "clip_g": self.rows[1][None].detach().cpu()}
 
 
-def save_checkpoint(path, step, params, optimizer, rng):
-    """Everything --resume needs, as safetensors (no pickles): LoRA and TI tensors, AdamW moments, RNG state."""
-    tensors = {f"param.{i}": p.detach().cpu() for i, p in enumerate(params)}
-    for i, p in enumerate(params):
-        for k, v in optimizer.state.get(p, {}).items():
-            tensors[f"adam.{i}.{k}"] = torch.as_tensor(v).cpu()
-    tensors["rng"] = rng.get_state()
-    save_safetensors(tensors, path, metadata={"step": str(step)})
-
-
 def load_checkpoint(path, params, optimizer, rng):
-    tensors = read_safetensors(path)
-    shapes = [tuple(tensors[f"param.{i}"].shape) if f"param.{i}" in tensors else None for i in range(len(params))]
-    if shapes != [tuple(p.shape) for p in params] or f"param.{len(params)}" in tensors:
+    """Restore what save_training_state wrote for --resume: the LoRA and token rows, AdamW, the generator."""
+    shapes = {k: tuple(t.shape) for k, t in read_safetensors(path).items() if k.startswith("param.")}
+    if shapes != {f"param.{i}": tuple(p.shape) for i, p in enumerate(params)}:
         raise ModelError(f"{path}: made by a run with other settings (rank, targets or --token); cannot resume it")
+    tensors, meta = load_training_state(path, optimizer, rng)
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
-            state = {k.split(".")[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"adam.{i}.")}
-            if state:
-                optimizer.state[p] = state
-    rng.set_state(tensors["rng"])
-    with safe_open(path, "pt") as f:
-        return int(f.metadata()["step"])
+    return int(meta["step"])
 
 
 # What a resumed run may change: none of it alters what is trained (and --out is where the run is, however named).
@@ -331,7 +317,7 @@ def main(args):
     n, B = len(items), args.batch_size
 
     def save(step):
-        save_checkpoint(ckpt, step, trained, optimizer, rng)
+        save_training_state(ckpt, {f"param.{i}": p for i, p in enumerate(trained)}, optimizer, rng, {"step": str(step)})
         save_outputs(args, unet, ti, step)
 
     interrupted = []  # Ctrl-C finishes the current step, then saves
