@@ -189,6 +189,7 @@ def test_prior_preservation_generates_class_images(tiny_sdxl, trained, tmp_path)
                2, "--sample-steps", 2, "--rank", 2)
     assert sorted(os.listdir(prior)) == ["class-00000.png", "class-00001.png"]
     assert os.path.isfile(tmp_path / "p" / "pytorch_lora_weights.safetensors")
+    assert os.listdir(tmp_path / "p" / "samples") == ["step-000002.png"]  # the last step's grid
 
 
 def test_every_image_mode_becomes_upright_rgb(tmp_path):
