@@ -235,6 +235,7 @@ def check_resume(args):
                          "resume with the same ones, or train into another --out")
     if before["step"] > args.steps:
         raise ModelError(f"{args.out} is at step {before['step']}, past --steps {args.steps}; give at least that")
+    return before["step"]
 
 
 def save_outputs(args, unet, ti, step):
@@ -270,11 +271,13 @@ def main(args):
             raise ModelError(f"{path}: caption {cap!r} does not contain the token {args.token!r}")
         load_rgb(path)  # fail on a bad image now, before anything is written
     ckpt = os.path.join(args.out, "checkpoint.safetensors")
-    if args.resume:
-        check_resume(args)
-    elif os.path.exists(os.path.join(args.out, "settings.json")):
-        raise ModelError(f"{args.out} holds a run; continue it with --resume, or train into another --out (or delete "
-                         "that one)")
+    if args.resume or os.path.exists(os.path.join(args.out, "settings.json")):
+        done = check_resume(args)  # OUT holds a run: never overwritten, continued only with its own settings
+        if not args.resume and done == args.steps:
+            print(f"{args.out} already holds this run, finished at step {done}; nothing to do")
+            return
+        if not args.resume:
+            raise ModelError(f"{args.out} holds this run at step {done}; continue it with --resume")
     torch.manual_seed(args.seed)
     unet, vae, text = load_sdxl(args.model, device, dtype, args.config)
     ti = TokenEmbeddings(text, args.token, args.init_token) if args.token else None  # a bad token fails now

@@ -103,8 +103,11 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume"]))
     with pytest.raises(ModelError, match="at step 8, past --steps 5"):
         train.check_resume(train.parse_args([*spelled, "--steps", "5", "--resume"]))
-    with pytest.raises(ModelError, match="holds a run; continue it with --resume"):
-        train.main(train.parse_args([*spelled, "--steps", "8"]))
+    with pytest.raises(ModelError, match="holds this run at step 8; continue it with --resume"):
+        train.main(train.parse_args([*spelled, "--steps", "9"]))
+    train.main(train.parse_args([*spelled, "--steps", "8"]))  # the same finished command again: nothing to do
+    with pytest.raises(ModelError, match="other settings"):  # and another recipe never overwrites it
+        train.main(train.parse_args([*spelled, "--steps", "8", "--beta", "5"]))
 
 
 def test_ctrl_c_saves_a_checkpoint(tiny_sdxl, trained, tmp_path):
