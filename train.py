@@ -179,6 +179,9 @@ class TokenEmbeddings:
 
     def __init__(self, text, token, init_word):
         self.token, self.init_word = token, init_word
+        if len(text.tokenizers[0](token, add_special_tokens=False).input_ids) == 1:
+            warnings.warn(f"--token {token!r} is already a word of CLIP's vocabulary; from now on it means the learned "
+                          "token wherever it appears (a new string such as <dog> avoids that)")
         self.rows = text.train_token(token, init_word)
         self.norms = [r.norm().item() for r in self.rows]
         self.tokenizers = text.tokenizers

@@ -247,3 +247,8 @@ def test_textual_inversion_trains_only_the_new_rows(tiny_sdxl):
     # The learned rows are what the encoders read for the token.
     ids = [tok.convert_tokens_to_ids("<dog>") for tok in text.tokenizers]
     assert all(i >= old.shape[0] for i, old in zip(ids, before))
+
+
+def test_a_token_that_is_already_a_word_is_warned_about(tiny_sdxl):
+    with pytest.warns(UserWarning, match="already a word of CLIP's vocabulary"):
+        TokenEmbeddings(TextEncoders(tiny_sdxl[0]), "dog", "dog")
