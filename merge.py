@@ -47,8 +47,6 @@ def parse_args(argv=None):
         p.error("--rank must be at least 1")
     if args.fuse and not args.out.endswith(".safetensors"):
         p.error("--fuse writes one file: give --out NAME.safetensors")
-    if os.path.isfile(args.out) and any(os.path.isfile(p) and os.path.samefile(p, args.out) for p in args.loras):
-        p.error(f"--out {args.out} is one of the inputs; write the merge to another file")
     return args
 
 
@@ -58,6 +56,9 @@ def main(args):
         folder, _ = model_folder(args.model, args.config)
         config_path, _ = component_files(folder, "unet", weights=False)
         cfg = unet_config_from_diffusers(read_json(config_path), config_path)
+    for path in args.loras:
+        if not os.path.exists(path):
+            raise ModelError(f"{path}: no such LoRA file or folder")
     try:
         loras = [lora_lib.read_lora(p, cfg) for p in args.loras]
     except ModelError as e:

@@ -50,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="", help="empty: SDXL's zero unconditional embedding")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="a LoRA file or a train.py output folder (its learned tokens load too); repeatable")
+                   help="a LoRA file or a train.py output folder (its learned tokens load too, unless --embeds "
+                        "names them); repeatable")
     p.add_argument("--embeds", action="append", default=[], metavar="FILE[:TOKEN[:INITWORD]]",
                    help="learned_embeds.safetensors; TOKEN/INITWORD are needed only if the file does not name them")
     p.add_argument("--w-con", type=float_list, help="consistency guidance scale; a comma list makes a grid")
@@ -86,7 +87,6 @@ def load_sdxl(model, device, dtype, config=None):
     """UNet and text encoders in dtype; the VAE in float32 (SDXL's VAE overflows in float16). model: a folder in the
     diffusers layout, or the official single file with config, a folder with that layout's configs and tokenizers."""
     folder, single = model_folder(model, config)
-    check_schedule(folder)
     parts = read_single_file(single) if single else {}
     return (load_unet(folder, dtype, device, parts.get("unet")),
             load_vae(folder, torch.float32, device, parts.get("vae")), TextEncoders(folder, dtype, device, parts or None))
@@ -132,6 +132,7 @@ def folder_embeds(folder):
 def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", config=None):
     """The base model plus LoRAs ('PATH[:SCALE]', summed exactly) and learned tokens ('FILE[:TOKEN[:INIT]]')."""
     device, dtype = resolve_device(device, dtype)
+    check_schedule(model_folder(model, config)[0])
     pipe = Pipeline(*load_sdxl(model, device, dtype, config))
     files, weights, given = [], [], {os.path.realpath(split_spec(e, 1)[0]) for e in embeds}
     for spec in loras:
@@ -142,7 +143,9 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", confi
         try:
             weights.append(float(scale or 1.0))
         except ValueError:
-            raise ModelError(f"--lora {spec}: the scale {scale!r} is not a number") from None
+            weights.append(float("nan"))
+        if not np.isfinite(weights[-1]):
+            raise ModelError(f"--lora {spec}: the scale {scale!r} is not a number")
     if files:
         lora_lib.apply_lora(pipe.unet, lora_lib.merge(files, weights), dtype)
     for spec in embeds:

@@ -143,7 +143,7 @@ def vae_loss(vae, images, batch, g):
 
 def layout_noise(shape, g):
     """White noise plus coarse noise: noise drawn at 1/8, 1/16 and 1/32 of the latent size (4x4, 2x2 and 1x1 cells
-    at 32x32, the last one being offset noise), upsampled, times strength, then scaled back to unit variance.
+    at 32x32, the last one being offset noise), upsampled, times LAYOUT_NOISE, then scaled back to unit variance.
     Why: the schedule's last step (sqrt(a_999) = 0.07) still leaks the layout of a 32x32 latent, where the object
     is and the background's color, through white noise; a model trained on white noise learns to read the layout
     from the noise and to ignore "at the left" or "on a sand background". Sampling still starts from white noise."""

@@ -22,9 +22,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 import lora as lora_lib
-from checkpoint import (ModelError, load_training_state, read_safetensors, save_safetensors, save_training_state,
-                        write_text)
-from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
+from checkpoint import (ModelError, check_schedule, load_training_state, model_folder, read_safetensors,
+                        save_safetensors, save_training_state, write_text)
+from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from sample import Pipeline, generate, load_sdxl, positive_int, resolve_device, save_png, size_multiple, to_pil
 from text import Cond, time_ids
 
@@ -80,6 +80,8 @@ def parse_args(argv=None):
         p.error(f"--out {args.out} is a file; training writes a folder")
     if args.save_every < 0:
         p.error("--save-every must be 0 (never) or a number of steps")
+    if args.sample_steps > NUM_TRAIN_TIMESTEPS:
+        p.error(f"--sample-steps can be at most {NUM_TRAIN_TIMESTEPS}, the number of training timesteps")
     return args
 
 
@@ -222,7 +224,8 @@ PATHS = {"model", "config", "data", "prior_dir"}  # compared as the folders they
 
 
 def check_resume(args):
-    """Refuse to continue a run with other settings than it was started with (OUT/settings.json)."""
+    """The step OUT's run reached (OUT/settings.json), after refusing settings other than the ones it was started
+    with, and a --steps below that step."""
     path = os.path.join(args.out, "settings.json")
     if not os.path.isfile(path):
         raise ModelError(f"{path}: missing; nothing to resume")
@@ -235,7 +238,7 @@ def check_resume(args):
                if k not in RESUMABLE and not same(k, before.get(k), v)]
     if changed:
         raise ModelError(f"{args.out} was trained with other settings ({'; '.join(changed)}); "
-                         "resume with the same ones, or train into another --out")
+                         "give the same ones, or train into another --out")
     if before["step"] > args.steps:
         raise ModelError(f"{args.out} is at step {before['step']}, past --steps {args.steps}; give at least that")
     return before["step"]
@@ -281,6 +284,7 @@ def main(args):
             return
         if not args.resume:
             raise ModelError(f"{args.out} holds this run at step {done}; continue it with --resume")
+    check_schedule(model_folder(args.model, args.config)[0])
     torch.manual_seed(args.seed)
     unet, vae, text = load_sdxl(args.model, device, dtype, args.config)
     ti = TokenEmbeddings(text, args.token, args.init_token) if args.token else None  # a bad token fails now

@@ -220,7 +220,7 @@ def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
     sched = bad / "scheduler" / "scheduler_config.json"  # a v-prediction model would be trained and sampled wrongly
     sched.write_text(sched.read_text().replace('"epsilon"', '"v_prediction"'))
     with pytest.raises(ModelError, match="prediction_type 'v_prediction'; only SDXL's own schedule"):
-        load_sdxl(str(bad), "cpu", torch.float32)
+        load_pipeline(str(bad))
     # The command line says it in one line, without a stack trace.
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", str(tmp_path / "nowhere"),
                         "--prompt", "x"], capture_output=True, text=True)

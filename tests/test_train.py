@@ -168,6 +168,7 @@ def test_impossible_settings_are_refused(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     for bad, needle in [(["--rank", "0"], "expected a positive whole number"),
                         (["--batch-size", "-1"], "expected a positive whole number"),
+                        (["--sample-steps", "1001"], "--sample-steps can be at most 1000"),
                         (["--prior-dir", data + "/", "--prior-prompt", "a dog"], "--prior-dir is the --data folder"),
                         (["--out", str(tmp_path / "file")], "is a file; training writes a folder")]:
         with pytest.raises(SystemExit):
