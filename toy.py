@@ -400,6 +400,8 @@ def score_table(model, out, title, jobs, w_cons, plan, axes):
     """Sample every job (label, LoRA folders, evaluation scenes) at every w_con, prompt and seed through evaluate.py's
     cached sweep, score each image with toy_metrics against its scene; write the table as csv and the Pareto plot
     (axes: the x and y metric), and return the table in markdown. Jobs with the same label are summarized together."""
+    # What evaluate.sweep and make_generator read of evaluate.py's arguments: the sampling settings, which also key
+    # its image cache.
     settings = argparse.Namespace(model=model, cfg=5.0, steps=plan.sample_steps, width=world.SIZE, height=world.SIZE,
                                   negative_prompt="", device="cpu", dtype="float32", config=None)
     cache, entries = evaluate.ImageCache(os.path.join(out, "images")), []
