@@ -20,19 +20,25 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
 
 import lora as lora_lib
-from dco import NUM_TRAIN_TIMESTEPS
 from checkpoint import ModelError, atomic, check_schedule, load_unet, load_vae, model_folder, read_single_file
+from dco import NUM_TRAIN_TIMESTEPS
 from sampler import sample
 from text import Cond, TextEncoders, time_ids
 from vae import decode_latents
 
 
-def float_list(s):
+def finite(s):
+    """float(s) if s is a finite number, else None."""
     try:
-        values = [float(v) for v in s.split(",")]
+        value = float(s)
     except ValueError:
-        values = []
-    if not values or not all(np.isfinite(values)):
+        return None
+    return value if np.isfinite(value) else None
+
+
+def float_list(s):
+    values = [finite(v) for v in s.split(",")]
+    if None in values:
         raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, got {s!r}")
     return values
 
@@ -140,11 +146,8 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", confi
         if os.path.isdir(path):  # an output folder: its learned tokens come along, unless --embeds names them
             embeds = [*embeds, *(f for f in folder_embeds(path) if os.path.realpath(f) not in given)]
         files.append(lora_lib.read_lora(path, pipe.unet.cfg))
-        try:
-            weights.append(float(scale or 1.0))
-        except ValueError:
-            weights.append(float("nan"))
-        if not np.isfinite(weights[-1]):
+        weights.append(finite(scale) if scale else 1.0)
+        if weights[-1] is None:
             raise ModelError(f"--lora {spec}: the scale {scale!r} is not a number")
     if files:
         lora_lib.apply_lora(pipe.unet, lora_lib.merge(files, weights), dtype)
