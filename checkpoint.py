@@ -78,8 +78,9 @@ def save_training_state(path, tensors, optimizer, generator, metadata):
 
 def load_training_state(path, optimizer, generator):
     """Restore the optimizer and the generator saved by save_training_state; returns (tensors, metadata)."""
+    tensors = read_safetensors(path)
     with safe_open(path, "pt") as f:
-        meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata() or {}
     if "generator" not in tensors:
         raise ModelError(f"{path}: not a training state this code wrote; cannot resume from it")
     state = {}

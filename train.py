@@ -22,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 import lora as lora_lib
-from checkpoint import (ModelError, check_schedule, load_training_state, model_folder, read_safetensors,
+from checkpoint import (ModelError, check_schedule, load_training_state, model_folder,
                         save_safetensors, save_training_state, write_text)
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from sample import Pipeline, generate, load_sdxl, positive_int, resolve_device, save_png, size_multiple, to_pil
@@ -164,8 +164,9 @@ def make_class_images(args, unet, vae, text):
     """Prior preservation: fill --prior-dir with --num-prior images of --prior-prompt from the base model."""
     os.makedirs(args.prior_dir, exist_ok=True)
     have = [f for f in os.listdir(args.prior_dir) if f.lower().endswith(IMAGE_SUFFIXES)]
+    pipe = Pipeline(unet, vae, text)
     for i in tqdm(range(len(have), args.num_prior), desc="class images"):
-        image = generate(Pipeline(unet, vae, text), args.prior_prompt, 10_000 + i, steps=args.sample_steps,
+        image = generate(pipe, args.prior_prompt, 10_000 + i, steps=args.sample_steps,
                          width=args.resolution, height=args.resolution)
         save_png(to_pil(image), os.path.join(args.prior_dir, f"class-{i:05d}.png"),
                  {"prompt": args.prior_prompt, "seed": 10_000 + i})
@@ -208,10 +209,10 @@ class TokenEmbeddings:
 
 def load_checkpoint(path, params, optimizer, rng):
     """Restore what save_training_state wrote for --resume: the LoRA and token rows, AdamW, the generator."""
-    shapes = {k: tuple(t.shape) for k, t in read_safetensors(path).items() if k.startswith("param.")}
-    if shapes != {f"param.{i}": tuple(p.shape) for i, p in enumerate(params)}:
-        raise ModelError(f"{path}: made by a run with other settings (rank, targets or --token); cannot resume it")
     tensors, meta = load_training_state(path, optimizer, rng)
+    shapes = {k: tuple(t.shape) for k, t in tensors.items() if k.startswith("param.")}
+    if shapes != {f"param.{i}": tuple(p.shape) for i, p in enumerate(params)}:  # the run stops here: no harm done
+        raise ModelError(f"{path}: made by a run with other settings (rank, targets or --token); cannot resume it")
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
