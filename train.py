@@ -4,6 +4,7 @@
     python train.py --model DIR --data ./style --preset style --out out/style
     python train.py --model DIR --data ./dog --beta 0 ...                   # DreamBooth-LoRA baseline
     python train.py ... --beta 0 --prior-dir class/dog --prior-prompt "a photo of a dog"   # + prior preservation
+    python train.py --model DIR --data dataset/dreambooth/dog/config.json:full_ti ...     # the official data config
 
 Writes OUT/pytorch_lora_weights.safetensors (diffusers format: pipe.load_lora_weights(OUT) reads it),
 OUT/lora_kohya.safetensors (ComfyUI, AUTOMATIC1111), OUT/learned_embeds.safetensors (with --token) and
@@ -25,7 +26,8 @@ import lora as lora_lib
 from checkpoint import (ModelError, check_schedule, load_training_state, model_folder,
                         save_safetensors, save_training_state, write_text)
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
-from sample import Pipeline, generate, load_sdxl, positive_int, resolve_device, save_png, size_multiple, to_pil
+from sample import (Pipeline, generate, load_sdxl, positive_int, resolve_device, save_png, size_multiple, split_spec,
+                    to_pil)
 from text import Cond, time_ids
 
 PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict(rank=64, steps=1000, offset_noise=0.1)}
@@ -35,7 +37,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="SDXL folder in the official (diffusers) layout, or the single file")
     p.add_argument("--config", help="with a single-file --model: a folder with the SDXL configs and tokenizers")
-    p.add_argument("--data", required=True, help="folder of images with same-name .txt captions or metadata.jsonl")
+    p.add_argument("--data", required=True, help="folder of images with same-name .txt captions or metadata.jsonl, "
+                   "or the official code's data config as CONFIG.json[:NAME]")
     p.add_argument("--out", default="out")
     p.add_argument("--preset", choices=PRESETS, default="subject", help="official defaults for rank/steps/offset noise")
     p.add_argument("--beta", type=float, default=1000.0, help="DCO beta; 0 is the plain loss (DreamBooth-LoRA)")
@@ -74,6 +77,8 @@ def parse_args(argv=None):
         p.error("--token and --init-token go together")
     if bool(args.prior_dir) != bool(args.prior_prompt):
         p.error("--prior-dir and --prior-prompt go together")
+    if args.caption and is_config(args.data):
+        p.error("--caption is for a folder of images; a data config gives its own prompts")
     if args.prior_dir and os.path.realpath(args.prior_dir) == os.path.realpath(args.data):
         p.error("--prior-dir is the --data folder; class images go in a folder of their own")
     if os.path.isfile(args.out):
@@ -115,6 +120,47 @@ def read_captions(folder, caption):
                              "or use --caption)")
         items.append((os.path.join(folder, f), text))
     return items
+
+
+def is_config(data):
+    return split_spec(data, 1)[0].endswith(".json")
+
+
+def read_config(spec):
+    """The official code's data config, 'config.json[:NAME]' (NAME may be left out if it holds one): [(image path,
+    prompt)] and its learned token and initializer word (None, None without one). An image path is read as the
+    official code reads it, from the current directory, or else from the config's folder (with or without its
+    folders: a config copied next to its images)."""
+    path, name = split_spec(spec, 2)
+    try:
+        with open(path) as f:
+            configs = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: not a readable data config ({e})") from None
+    if name is None and len(configs) == 1:
+        name = next(iter(configs))
+    if name not in configs:
+        raise ModelError(f"{path}: give one of its configs as --data {path}:NAME, NAME one of: {', '.join(configs)}")
+    cfg, where, here = configs[name], f"{path}:{name}", os.path.dirname(path)
+    images, prompts = cfg.get("images") or [], cfg.get("prompts") or []
+    if not images or len(images) != len(prompts):
+        raise ModelError(f"{where}: needs a list of images and as many prompts")
+    tokens, words = cfg.get("inserting_tokens") or [], cfg.get("initializer_tokens") or []
+    if len(tokens) > 1 or len(words) != len(tokens) or "" in words:
+        raise ModelError(f"{where}: train.py learns one token from an initializer word; the config has "
+                         f"inserting_tokens {tokens} and initializer_tokens {words}")
+    token, word = (tokens[0], words[0]) if tokens else (None, None)
+    if token and cfg.get("base_prompts", prompts) != [p.replace(token, word) for p in prompts]:
+        raise ModelError(f"{where}: base_prompts must be the prompts with {token} replaced by {word}, as train.py "
+                         "makes them")
+    items = []
+    for image, prompt in zip(images, prompts):
+        found = [p for p in (image, os.path.join(here, image), os.path.join(here, os.path.basename(image)))
+                 if os.path.isfile(p)]
+        if not found:
+            raise ModelError(f"{where}: image {image} not found, from here or from {here or '.'}")
+        items.append((found[0], prompt))
+    return items, token, word
 
 
 def load_rgb(path):
@@ -272,7 +318,11 @@ def save_grid(args, unet, vae, text, prompt, step, device):
 
 def main(args):
     device, dtype = resolve_device(args.device, args.dtype)
-    items = read_captions(args.data, args.caption)
+    if is_config(args.data):
+        items, token, word = read_config(args.data)
+        args.token, args.init_token = args.token or token, args.init_token or word  # settings.json records them
+    else:
+        items = read_captions(args.data, args.caption)
     for path, cap in items:
         if args.token and args.token not in cap:
             raise ModelError(f"{path}: caption {cap!r} does not contain the token {args.token!r}")

@@ -162,6 +162,38 @@ def test_bad_data_is_refused_in_one_line(tiny_sdxl, tmp_path):
     expect_error(("--data", data, *common), "02.jpg", out)
 
 
+def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, monkeypatch):
+    prompts = ["a photo of a <dog> in the snow", "a red <dog> on the beach"]
+    write_images(str(tmp_path / "dataset" / "dog"), prompts)
+    images = [f"dataset/dog/{i:02d}.png" for i in range(2)]  # relative to where the official code is run
+    full = {"images": images, "prompts": prompts, "base_prompts": [p.replace("<dog>", "dog") for p in prompts],
+            "inserting_tokens": ["<dog>"], "initializer_tokens": ["dog"]}
+    configs = {"dreambooth": {"images": images, "prompts": ["a photo of sks dog"] * 2}, "full_ti": full,
+               "two": {**full, "inserting_tokens": ["<dog>", "<cat>"], "initializer_tokens": ["dog", "cat"]},
+               "base": {**full, "base_prompts": prompts}, "missing": {**full, "images": ["x/05.png", images[1]]}}
+    config = tmp_path / "dataset" / "dog" / "config.json"
+    config.write_text(json.dumps(configs))
+    monkeypatch.chdir(tmp_path)
+    assert train.read_config("dataset/dog/config.json:full_ti") == (list(zip(images, prompts)), "<dog>", "dog")
+    monkeypatch.chdir(config.parent)  # elsewhere, the images are found next to the config
+    assert train.read_config("config.json:dreambooth")[0] == [(f"{i:02d}.png", "a photo of sks dog") for i in range(2)]
+    for name, needle in [("", "NAME one of: dreambooth, full_ti"), (":two", "learns one token"),
+                         (":base", "base_prompts must be the prompts with <dog> replaced by dog"),
+                         (":missing", "image x/05.png not found")]:
+        with pytest.raises(ModelError, match=re.escape(needle)):
+            train.read_config("config.json" + name)
+
+    def run(data, *token):
+        out = str(tmp_path / f"out{len(token)}")
+        train.main(train.parse_args([str(a) for a in ("--model", tiny_sdxl[0], "--data", data, *token, "--steps", 2,
+                                                      *TRAIN_ARGS, "--out", out)]))
+        return {**load_file(os.path.join(out, "pytorch_lora_weights.safetensors")),
+                **load_file(os.path.join(out, "learned_embeds.safetensors"))}
+    from_config, from_folder = run("config.json:full_ti"), run(".", "--token", "<dog>", "--init-token", "dog")
+    assert from_config.keys() == from_folder.keys() and "clip_l" in from_config
+    assert all(torch.equal(from_config[k], from_folder[k]) for k in from_config)
+
+
 def test_impossible_settings_are_refused(tmp_path, capsys):
     data = write_images(str(tmp_path / "d"), ["a photo"])
     common = ["--model", "m", "--data", data]
@@ -170,7 +202,8 @@ def test_impossible_settings_are_refused(tmp_path, capsys):
                         (["--batch-size", "-1"], "expected a positive whole number"),
                         (["--sample-steps", "1001"], "--sample-steps can be at most 1000"),
                         (["--prior-dir", data + "/", "--prior-prompt", "a dog"], "--prior-dir is the --data folder"),
-                        (["--out", str(tmp_path / "file")], "is a file; training writes a folder")]:
+                        (["--out", str(tmp_path / "file")], "is a file; training writes a folder"),
+                        (["--data", "config.json:full_ti", "--caption", "a dog"], "--caption is for a folder")]:
         with pytest.raises(SystemExit):
             train.parse_args(common + bad)
         assert needle in capsys.readouterr().err
