@@ -25,7 +25,7 @@ class Cond:
     time_ids: torch.Tensor  # (B, 6)
 
     def to(self, device=None, dtype=None):
-        """The time ids keep float32: bfloat16 would round an original size of 780 to 776."""
+        """The time ids keep float32: bfloat16 would round an original size of 1023 to 1024."""
         return Cond(self.context.to(device, dtype), self.pooled.to(device, dtype), self.time_ids.to(device))
 
     def __getitem__(self, i):

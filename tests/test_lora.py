@@ -39,13 +39,17 @@ def test_zero_lora_and_scale_zero_are_the_base_model():
         assert torch.equal(unet(*x), base)
     with lora_lib.lora_scale(unet, torch.zeros(3)):
         assert torch.allclose(unet(*x), base, atol=1e-6)
+    with pytest.raises(KeyboardInterrupt), lora_lib.lora_scale(unet, 0.0):
+        raise KeyboardInterrupt
+    assert {m.scale for m in lora_lib.lora_modules(unet).values()} == {1.0}  # restored, even after an exception
+    assert not torch.allclose(unet(*x), base)
 
 
 @torch.no_grad()
 def test_per_sample_scales_equal_separate_calls():
     torch.manual_seed(0)
     unet = UNet(UNetConfig.tiny())
-    lora_lib.inject(unet, rank=4)
+    lora_lib.inject(unet, rank=4, alpha=8.0)  # alpha != rank: the factor alpha / rank applies on both paths
     randomize(unet)
     x = inputs()
     scales = torch.tensor([0.0, 1.0, 0.5])
@@ -104,7 +108,10 @@ def test_alpha_is_folded_exactly_into_every_format(tiny_sdxl):
     with torch.no_grad():
         want = unet(*x)
     lora = lora_lib.get_lora(unet)
-    for tensors in (lora_lib.to_diffusers(lora, unet.cfg), lora_lib.to_kohya(lora)):
+    # kohya trainers write up unscaled, with alpha beside it: here up = B and alpha = 2 for rank 4
+    trainer_kohya = {k: v / 0.5 if k.endswith(".lora_up.weight") else torch.tensor(2.0) if k.endswith(".alpha") else v
+                     for k, v in lora_lib.to_kohya(lora).items()}
+    for tensors in (lora_lib.to_diffusers(lora, unet.cfg), lora_lib.to_kohya(lora), trainer_kohya):
         fresh = load_unet(tiny_sdxl[0])
         lora_lib.apply_lora(fresh, lora_lib.parse_lora(tensors, fresh.cfg, "test"))
         with torch.no_grad():
@@ -178,7 +185,8 @@ def test_alpha_in_a_diffusers_file_header_is_applied(tiny_sdxl, tmp_path):
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
     folder = tiny_sdxl[0]
-    pipe, config, want = peft_lora(folder, r=4, lora_alpha=8, alpha_pattern={"attn2.to_v": 2})
+    pipe, config, want = peft_lora(folder, r=4, lora_alpha=8, alpha_pattern={
+        "attn2.to_v": 2, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": 16})  # diffusers' names
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
     type(pipe).save_lora_weights(str(tmp_path), unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict())
     unet = load_unet(folder)

@@ -14,7 +14,7 @@ from checkpoint import ModelError, load_unet, load_vae, unet_key_map, vae_key_ma
 from conftest import reference_tiny_sdxl, run_script, write_single_file
 from sample import generate, load_pipeline, load_sdxl, to_pil
 from sampler import euler_schedule, euler_step, scale_input
-from text import TextEncoders
+from text import Cond, TextEncoders, time_ids
 from unet_sdxl import UNet, UNetConfig
 from vae import AutoencoderKL, VAEConfig
 
@@ -90,6 +90,12 @@ def test_text_matches_reference(tiny_sdxl, negative):
         assert nctx.abs().max() == 0 and npooled.abs().max() == 0
 
 
+def test_time_ids_stay_exact_in_bfloat16():
+    ids = time_ids((1023, 777), (0, 0), (1023, 777))[None]  # sizes bfloat16 would round to 1024 and 776
+    cond = Cond(torch.zeros(1, 77, 8), torch.zeros(1, 8), ids).to(dtype=torch.bfloat16)
+    assert cond.context.dtype == torch.bfloat16 and cond.time_ids.tolist() == [[1023, 777, 0, 0, 1023, 777]]
+
+
 def test_long_prompt_warns(tiny_sdxl):
     text = TextEncoders(tiny_sdxl[0])
     with pytest.warns(UserWarning, match="only the first 77"):
@@ -116,14 +122,15 @@ def test_sample_cli_matches_pipeline(tiny_sdxl, tmp_path):
     folder, pipe = tiny_sdxl
     prompt, out = "a photo of a dog in the snow", str(tmp_path / "ours.png")
     subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", folder, "--prompt", prompt,
-                    "--steps", "12", "--width", "64", "--height", "48", "--seed", "7", "--cfg", "6", "--out", out,
-                    "--quiet"], check=True)
-    ref = pipe(prompt, num_inference_steps=12, width=64, height=48, guidance_scale=6.0,
-               generator=torch.Generator("cpu").manual_seed(7)).images[0]
+                    "--steps", "12", "--width", "64", "--height", "48", "--seed", "7", "--n", "2", "--cfg", "6",
+                    "--out", out, "--quiet"], check=True)
+    ref = pipe(prompt, num_inference_steps=12, width=64, height=48, guidance_scale=6.0, num_images_per_prompt=2,
+               generator=[torch.Generator("cpu").manual_seed(s) for s in (7, 8)]).images  # image i: seed 7 + i
     ours = Image.open(out)
-    diff = np.abs(np.asarray(ours, dtype=int) - np.asarray(ref, dtype=int))
+    diff = np.abs(np.asarray(ours, dtype=int) - np.concatenate([np.asarray(r, dtype=int) for r in ref], axis=1))
     assert diff.max() <= 2, f"max pixel difference {diff.max()}/255"
     assert np.asarray(ours).std() > 10  # a real image, not a blank that would trivially agree
+    assert np.abs(np.asarray(ref[0], dtype=int) - np.asarray(ref[1], dtype=int)).max() > 20  # the seeds differ
     assert '"seed": 7' in ours.info["parameters"]
 
 
@@ -303,4 +310,9 @@ def test_sample_py_reads_the_single_file_and_refuses_a_bad_one(tiny_sdxl, tmp_pa
     tensors["model.diffusion_model.extra.weight"] = torch.zeros(1)
     save_file(tensors, path)
     with pytest.raises(ModelError, match="extra.weight"):
+        load_sdxl(path, torch.device("cpu"), torch.float32, config=folder)
+    del tensors["model.diffusion_model.extra.weight"]
+    tensors["model_ema.decay"] = torch.zeros(1)  # outside every part the file should hold
+    save_file(tensors, path)
+    with pytest.raises(ModelError, match="unexpected key 'model_ema.decay'"):
         load_sdxl(path, torch.device("cpu"), torch.float32, config=folder)

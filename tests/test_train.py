@@ -194,6 +194,39 @@ def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, 
     assert all(torch.equal(from_config[k], from_folder[k]) for k in from_config)
 
 
+def test_each_step_compares_the_lora_with_the_frozen_model_on_one_draw(tiny_sdxl, tmp_path, monkeypatch):
+    """train.py's loop, watched from inside: c_base is the caption with the token replaced by its initializer word;
+    at step 0 (LoRA zero, token row = the word's) both errors are equal, min-SNR weights included; from
+    step 1 on the LoRA has moved and they differ; x0 is a posterior sample, not its mean; the token row keeps the
+    initializer's norm."""
+    import dco
+    data = write_images(str(tmp_path / "d"), ["a photo of a <dog>"] * 2)
+    encoded, losses, x0s, latents = [], [], [], []
+    encode = TextEncoders.encode
+    monkeypatch.setattr(TextEncoders, "encode", lambda self, prompts, **kw: encoded.append(list(prompts)) or
+                        encode(self, prompts, **kw))
+    monkeypatch.setattr(train, "diffusion_loss", lambda a, b, beta: losses.append((a.detach().clone(), b.clone()))
+                        or dco.diffusion_loss(a, b, beta))
+    monkeypatch.setattr(train, "min_snr_weight", lambda t, gamma, a_bar: torch.full(t.shape, 0.5))
+    monkeypatch.setattr(train, "q_sample", lambda x0, *a: x0s.append(x0) or q_sample(x0, *a))
+    monkeypatch.setattr(train, "encode_images", lambda *a: latents.append(encode_images(*a)) or latents[-1])
+    out = str(tmp_path / "out")
+    train.main(train.parse_args([str(a) for a in ("--model", tiny_sdxl[0], "--data", data, "--token", "<dog>",
+                                                  "--init-token", "dog", "--steps", 3, "--snr-gamma", 5, *TRAIN_ARGS,
+                                                  "--out", out)]))
+    assert ["a photo of a dog"] * 2 in encoded
+    (theta0, phi0), *later = losses
+    assert len(later) == 2
+    torch.testing.assert_close(theta0, phi0, rtol=1e-5, atol=0)  # (the LoRA layer's matmul rounds differently)
+    assert all(not torch.allclose(theta, phi, rtol=1e-3) for theta, phi in later)
+    mean, std = latents[0]
+    assert len(x0s) == 3 and std.min() > 0 and not any(torch.equal(x0[0], m) for x0 in x0s for m in mean)
+    learned, init = load_file(os.path.join(out, "learned_embeds.safetensors")), TextEncoders(tiny_sdxl[0])
+    for key, row in zip(("clip_l", "clip_g"), init.word_vectors("dog")):
+        assert not torch.allclose(learned[key][0], row)  # it trained ...
+        assert learned[key][0].norm().item() == pytest.approx(row.norm().item(), rel=1e-5)  # ... on the sphere
+
+
 def test_impossible_settings_are_refused(tmp_path, capsys):
     data = write_images(str(tmp_path / "d"), ["a photo"])
     common = ["--model", "m", "--data", data]
