@@ -23,6 +23,7 @@ from dco import eps_mse, q_sample
 from sample import load_pipeline
 from text import Cond, TextEncoders, time_ids
 from train import TokenEmbeddings, encode_images, load_rgb, prepare_image, read_captions
+from unet_sdxl import UNet
 
 
 @torch.no_grad()
@@ -195,7 +196,8 @@ def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, 
 
 
 def test_each_step_compares_the_lora_with_the_frozen_model_on_one_draw(tiny_sdxl, tmp_path, monkeypatch):
-    """train.py's loop, watched from inside: c_base is the caption with the token replaced by its initializer word;
+    """train.py's loop, watched from inside: each step runs the frozen model (LoRA scale 0, no graph) and then the
+    LoRA model; c_base is the caption with the token replaced by its initializer word;
     at step 0 (LoRA zero, token row = the word's) both errors are equal, min-SNR weights included; from
     step 1 on the LoRA has moved and they differ; x0 is a posterior sample, not its mean; the token row keeps the
     initializer's norm."""
@@ -210,11 +212,15 @@ def test_each_step_compares_the_lora_with_the_frozen_model_on_one_draw(tiny_sdxl
     monkeypatch.setattr(train, "min_snr_weight", lambda t, gamma, a_bar: torch.full(t.shape, 0.5))
     monkeypatch.setattr(train, "q_sample", lambda x0, *a: x0s.append(x0) or q_sample(x0, *a))
     monkeypatch.setattr(train, "encode_images", lambda *a: latents.append(encode_images(*a)) or latents[-1])
+    calls, forward = [], UNet.forward  # (grad enabled, the LoRA scales) of every UNet call
+    monkeypatch.setattr(UNet, "forward", lambda self, *a: calls.append(
+        (torch.is_grad_enabled(), {m.scale for m in lora_lib.lora_modules(self).values()})) or forward(self, *a))
     out = str(tmp_path / "out")
     train.main(train.parse_args([str(a) for a in ("--model", tiny_sdxl[0], "--data", data, "--token", "<dog>",
                                                   "--init-token", "dog", "--steps", 3, "--snr-gamma", 5, *TRAIN_ARGS,
                                                   "--out", out)]))
     assert ["a photo of a dog"] * 2 in encoded
+    assert calls == [(False, {0.0}), (True, {1.0})] * 3  # per step: the frozen model first, then the LoRA model
     (theta0, phi0), *later = losses
     assert len(later) == 2
     torch.testing.assert_close(theta0, phi0, rtol=1e-5, atol=0)  # (the LoRA layer's matmul rounds differently)
