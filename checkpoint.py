@@ -48,8 +48,13 @@ def atomic(path):
     """Gives a temporary name to write to, renamed to path once written: a crash leaves either the old file or the
     new one, never half of one. Makes path's folder if needed."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    yield path + ".tmp"
-    os.replace(path + ".tmp", path)
+    tmp = path + ".tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed: no leftover either
+            os.remove(tmp)
 
 
 def write_text(path, text):

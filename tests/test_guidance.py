@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import lora as lora_lib
 from checkpoint import ModelError, load_unet
 from conftest import run_script, write_single_file
-from sample import base_prompt, generate, load_pipeline
+from sample import Pipeline, base_prompt, generate, grid, load_pipeline, split_spec
 from sampler import guidance
 
 PROMPT = "a photo of a <dog> in the snow"
@@ -117,6 +117,31 @@ def test_w_con_sweep_makes_a_labelled_grid(tiny_sdxl, trained, tmp_path):
     assert r.returncode == 2 and "expected a number" in r.stderr
 
 
+def test_grid_columns_follow_their_labels_and_rows_their_seeds():
+    g = torch.Generator().manual_seed(0)
+    columns = [torch.rand(2, 3, 16, 24, generator=g) for _ in range(3)]  # 3 labels x 2 seeds of 16x24 images
+    image = np.asarray(grid(columns, ["w_con=0", "w_con=1", "w_con=2"]))
+    assert image.shape == (14 + 2 * 16, 3 * 24, 3)
+    for j, col in enumerate(columns):
+        for i, im in enumerate(col):
+            want = (im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            assert np.array_equal(image[14 + 16 * i: 14 + 16 * (i + 1), 24 * j: 24 * (j + 1)], want), (i, j)
+
+
+def test_specs_split_at_colons_but_not_a_drive_letter():
+    assert split_spec("out/dog", 2) == ["out/dog", None]
+    assert split_spec("out/dog:0.8", 2) == ["out/dog", "0.8"]
+    assert split_spec(r"C:\loras\dog.safetensors:0.8", 2) == [r"C:\loras\dog.safetensors", "0.8"]
+    assert split_spec("C:/e.safetensors:<dog>:dog", 3) == ["C:/e.safetensors", "<dog>", "dog"]
+
+
+def test_base_prompt_replaces_only_the_tokens_it_uses():
+    pipe = Pipeline(None, None, None, tokens={"<dog>": "dog", "<cat>": None})
+    assert base_prompt(pipe, "a <dog> and a <dog>") == "a dog and a dog"  # <cat> has no word, but is not used
+    with pytest.raises(ModelError, match="'<cat>' has no initializer word"):
+        base_prompt(pipe, "a <cat>")
+
+
 def random_lora_file(folder, path, seed, targets=("to_q", "to_v"), rank=2):
     unet = load_unet(folder)
     lora_lib.inject(unet, rank=rank, targets=targets)
@@ -170,6 +195,23 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path):
     with torch.no_grad():
         kohya = load_pipeline(folder, loras=[str(tmp_path / "kohya")]).unet(x, t, ctx, pooled, ids)
     torch.testing.assert_close(kohya, want, rtol=1e-4, atol=1e-4)
+    # --rank at the summed rank (4 + 2) compresses nothing: still the weighted sum
+    merge_here(trained, style, "--weights", 1, 0.5, "--model", folder, "--rank", 6, "--out", tmp_path / "r")
+    with torch.no_grad():
+        compressed = load_pipeline(folder, loras=[str(tmp_path / "r")]).unet(x, t, ctx, pooled, ids)
+    torch.testing.assert_close(compressed, want, rtol=1e-4, atol=1e-4)
+    # Two folders with a learned token each: both tokens are carried, and nothing stale stays in --out
+    cat = tmp_path / "cat"
+    cat.mkdir()
+    os.rename(style, cat / "pytorch_lora_weights.safetensors")
+    save_file(load_file(os.path.join(trained, "learned_embeds.safetensors")), str(cat / "learned_embeds.safetensors"),
+              {"token": "<cat>", "init_token": "cat"})
+    (tmp_path / "both").mkdir()
+    (tmp_path / "both" / "learned_embeds_5.safetensors").write_bytes(b"from an earlier merge")
+    merge_here(trained, cat, "--model", folder, "--out", tmp_path / "both")
+    assert sorted(os.listdir(tmp_path / "both")) == ["learned_embeds.safetensors", "learned_embeds_1.safetensors",
+                                                     "pytorch_lora_weights.safetensors"]
+    assert load_pipeline(folder, loras=[str(tmp_path / "both")]).tokens == {"<dog>": "dog", "<cat>": "cat"}
 
 
 def test_fused_checkpoint_equals_base_plus_lora(tiny_sdxl, trained, tmp_path):

@@ -1,5 +1,7 @@
 """Our SDXL stack against the reference (diffusers + transformers) on a tiny random model in the official layout."""
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -228,6 +230,12 @@ def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
     sched.write_text(sched.read_text().replace('"epsilon"', '"v_prediction"'))
     with pytest.raises(ModelError, match="prediction_type 'v_prediction'; only SDXL's own schedule"):
         load_pipeline(str(bad))
+    for key, value in [("beta_end", 0.02), ("beta_start", 0.001), ("beta_schedule", "linear"),
+                       ("num_train_timesteps", 2000)]:
+        config = json.loads(sched.read_text().replace('"v_prediction"', '"epsilon"'))
+        sched.write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ModelError, match=re.escape(f"{key} {value!r}")):
+            checkpoint.check_schedule(str(bad))
     # The command line says it in one line, without a stack trace.
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", str(tmp_path / "nowhere"),
                         "--prompt", "x"], capture_output=True, text=True)
@@ -253,6 +261,31 @@ def test_saved_files_are_readable_by_others_and_their_folder_is_made(tmp_path):
     finally:
         os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o644 and os.listdir(tmp_path / "new") == ["x.safetensors"]
+
+    def failing_save(tensors, tmp, metadata=None):  # a write that breaks off halfway (disk full, Ctrl-C)
+        with open(tmp, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+    checkpoint.save_file, save_file_before = failing_save, checkpoint.save_file
+    try:
+        with pytest.raises(OSError):
+            checkpoint.save_safetensors({"a": torch.ones(1)}, path)
+    finally:
+        checkpoint.save_file = save_file_before
+    assert torch.equal(load_file(path)["a"], torch.zeros(1)) and os.listdir(tmp_path / "new") == ["x.safetensors"]
+
+
+def test_the_full_precision_file_is_preferred_to_the_fp16_variant(tiny_sdxl, tmp_path):
+    import shutil
+    unet_dir = tmp_path / "m" / "unet"
+    shutil.copytree(os.path.join(tiny_sdxl[0], "unet"), unet_dir)
+    full = load_file(unet_dir / "diffusion_pytorch_model.safetensors")
+    save_file({k: (v + 1).half() for k, v in full.items()}, unet_dir / "diffusion_pytorch_model.fp16.safetensors")
+    want = load_unet(tiny_sdxl[0]).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in load_unet(str(tmp_path / "m")).state_dict().items())
+    os.remove(unet_dir / "diffusion_pytorch_model.safetensors")  # then the variant, the only weights there, loads
+    variant = load_unet(str(tmp_path / "m")).state_dict()
+    assert all(torch.equal(v, (want[k] + 1).half().float()) for k, v in variant.items())
 
 
 def test_gpu_parity_script_runs_on_the_tiny_config():

@@ -102,6 +102,15 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     spelled = ["--model", folder + "/", "--data", os.path.relpath(data), "--token", "<dog>", "--init-token", "dog",
                *map(str, TRAIN_ARGS), "--out", str(tmp_path / "r") + "/"]
     train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume"]))
+    # What the README says a resume may change, and a change of anything else, each refused naming it
+    allowed = ["--save-every", "4", "--sample-steps", "3", "--grad-checkpointing", "--compile", "--device", "cpu"]
+    train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *allowed]))
+    for change in (["--ti-lr", "1e-4"], ["--batch-size", "2"], ["--weight-decay", "0.1"], ["--max-grad-norm", "2"],
+                   ["--offset-noise", "0.05"], ["--snr-gamma", "5"], ["--prior-weight", "0.5"], ["--alpha", "3"],
+                   ["--rank", "8"], ["--beta", "10"], ["--seed", "3"], ["--resolution", "64"], ["--dtype", "bfloat16"],
+                   ["--caption", "a <dog>"], ["--num-prior", "7"], ["--config", folder]):
+        with pytest.raises(ModelError, match=re.escape(change[0])):
+            train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *change]))
     with pytest.raises(ModelError, match="at step 8, past --steps 5"):
         train.check_resume(train.parse_args([*spelled, "--steps", "5", "--resume"]))
     with pytest.raises(ModelError, match="holds this run at step 8; continue it with --resume"):
@@ -176,6 +185,8 @@ def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, 
     config.write_text(json.dumps(configs))
     monkeypatch.chdir(tmp_path)
     assert train.read_config("dataset/dog/config.json:full_ti") == (list(zip(images, prompts)), "<dog>", "dog")
+    (tmp_path / "dataset" / "rel.json").write_text(json.dumps({"x": {"images": ["dog/00.png"], "prompts": ["a"]}}))
+    assert train.read_config("dataset/rel.json")[0] == [("dataset/dog/00.png", "a")]  # or from the config's folder
     monkeypatch.chdir(config.parent)  # elsewhere, the images are found next to the config
     assert train.read_config("config.json:dreambooth")[0] == [(f"{i:02d}.png", "a photo of sks dog") for i in range(2)]
     for name, needle in [("", "NAME one of: dreambooth, full_ti"), (":two", "learns one token"),
@@ -226,6 +237,11 @@ def test_each_step_compares_the_lora_with_the_frozen_model_on_one_draw(tiny_sdxl
     torch.testing.assert_close(theta0, phi0, rtol=1e-5, atol=0)  # (the LoRA layer's matmul rounds differently)
     assert all(not torch.allclose(theta, phi, rtol=1e-3) for theta, phi in later)
     mean, std = latents[0]
+    with torch.no_grad():  # the latent posterior as diffusers' VAE gives it, in the UNet's scale
+        dist = tiny_sdxl[1].vae.encode(torch.stack([prepare_image(p, 32) for p, _ in read_captions(data, None)]))
+    factor = tiny_sdxl[1].vae.config.scaling_factor
+    torch.testing.assert_close(mean, dist.latent_dist.mean * factor, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(std, dist.latent_dist.std * factor, rtol=1e-4, atol=1e-5)
     assert len(x0s) == 3 and std.min() > 0 and not any(torch.equal(x0[0], m) for x0 in x0s for m in mean)
     learned, init = load_file(os.path.join(out, "learned_embeds.safetensors")), TextEncoders(tiny_sdxl[0])
     for key, row in zip(("clip_l", "clip_g"), init.word_vectors("dog")):
@@ -258,7 +274,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sdxl, trained, t
     assert all(torch.isfinite(v.float()).all() for v in tensors.values())
 
 
-def test_prior_preservation_generates_class_images(tiny_sdxl, trained, tmp_path):
+def test_prior_preservation_generates_class_images(tiny_sdxl, trained, tmp_path, monkeypatch):
     data, prior = os.path.join(os.path.dirname(trained), "data"), tmp_path / "prior"
     run_script("train.py", "--model", tiny_sdxl[0], "--data", data, "--out", tmp_path / "p", "--resolution", 32,
                "--steps", 2, "--beta", 0, "--prior-dir", prior, "--prior-prompt", "a photo of a dog", "--num-prior",
@@ -266,6 +282,32 @@ def test_prior_preservation_generates_class_images(tiny_sdxl, trained, tmp_path)
     assert sorted(os.listdir(prior)) == ["class-00000.png", "class-00001.png"]
     assert os.path.isfile(tmp_path / "p" / "pytorch_lora_weights.safetensors")
     assert os.listdir(tmp_path / "p" / "samples") == ["step-000002.png"]  # the last step's grid
+
+    # In process, watched: with more class images than --num-prior, --num-prior of them are used and none is made;
+    # the loss is the instance half's plus prior_weight times the class half's mean error.
+    shutil.copy(prior / "class-00000.png", prior / "class-00007.png")
+    encoded, errs, losses = [], [], []
+    monkeypatch.setattr(train, "encode_images", lambda vae, items, *a: encoded.append(len(items)) or
+                        encode_images(vae, items, *a))
+    monkeypatch.setattr(train, "generate", lambda *a, **kw: pytest.fail("no class image should be generated"))
+    monkeypatch.setattr(train, "eps_mse", lambda *a: errs.append(eps_mse(*a)) or errs[-1])
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **kw: losses.append(self.detach().clone()) or
+                        backward(self, *a, **kw))
+    train.main(train.parse_args([str(a) for a in (
+        "--model", tiny_sdxl[0], "--data", data, "--steps", 2, "--beta", 0, "--prior-dir", prior, "--prior-prompt",
+        "a photo of a dog", "--num-prior", 2, "--prior-weight", 0.3, *TRAIN_ARGS, "--out", tmp_path / "q")]))
+    assert encoded == [3 + 2] and len(errs) == len(losses) == 2  # 3 instance images; DreamBooth: one UNet call
+    for err, loss in zip(errs, losses):
+        assert err.shape == (2,)  # batch 1 instance + 1 class image
+        torch.testing.assert_close(loss, err[0] + 0.3 * err[1])
+
+
+def test_captions_come_from_caption_then_metadata_then_txt(tmp_path):
+    data = write_images(str(tmp_path / "d"), ["from txt", "from txt too"])
+    (tmp_path / "d" / "metadata.jsonl").write_text(json.dumps({"file_name": "00.png", "text": "from meta"}) + "\n")
+    assert [c for _, c in read_captions(data, None)] == ["from meta", "from txt too"]
+    assert [c for _, c in read_captions(data, "for all")] == ["for all", "for all"]
 
 
 def test_every_image_mode_becomes_upright_rgb(tmp_path):
@@ -283,6 +325,11 @@ def test_every_image_mode_becomes_upright_rgb(tmp_path):
     img.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "rot.jpg", exif=exif)
     out = np.asarray(load_rgb(str(tmp_path / "rot.jpg")))
     assert out.shape == (40, 60, 3) and out[:10, :10].min() > 200
+    clear = np.zeros((40, 60, 4), np.uint8)
+    clear[20:, 20:] = (0, 0, 255, 255)  # opaque blue on a transparent (black, alpha 0) ground
+    Image.fromarray(clear).save(tmp_path / "clear.png")
+    out = np.asarray(load_rgb(str(tmp_path / "clear.png")))
+    assert (out[:10, :10] == 255).all() and out[30, 30].tolist() == [0, 0, 255]  # composited on white
     x = prepare_image(str(tmp_path / "rgba.png"), 32)
     assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
     with pytest.warns(UserWarning, match="upscaling"):
@@ -317,9 +364,15 @@ def test_textual_inversion_trains_only_the_new_rows(tiny_sdxl):
         assert torch.equal(table[: old.shape[0]], old)  # every other row bit-identical
         assert not torch.allclose(row, start)  # the new row moved
         assert row.norm().item() == pytest.approx(start.norm().item(), rel=1e-5)  # and kept its norm
-    # The learned rows are what the encoders read for the token.
-    ids = [tok.convert_tokens_to_ids("<dog>") for tok in text.tokenizers]
-    assert all(i >= old.shape[0] for i, old in zip(ids, before))
+    # The encoders read the learned rows for the token and nothing else changed: they encode as fresh encoders that
+    # were given the saved rows (through the table, as sample.py loads them).
+    fresh = TextEncoders(tiny_sdxl[0])
+    learned = ti.learned()
+    fresh.add_token("<dog>", [learned["clip_l"][0], learned["clip_g"][0]])
+    with torch.no_grad():
+        for prompt in ("a photo of a <dog>", "a photo of a dog"):
+            for ours, theirs in zip(text.encode([prompt]), fresh.encode([prompt])):
+                torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
 def test_a_token_that_is_already_a_word_is_warned_about(tiny_sdxl):
