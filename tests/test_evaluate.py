@@ -169,9 +169,13 @@ def test_numbers_equal_a_direct_computation(setup, metric_models):
             assert abs(r[f"{name}_se"] - v.std(ddof=1) / np.sqrt(len(v))) < 1e-5, name
 
 
-def test_csv_table_and_plot_are_written(setup):
+def test_csv_table_and_plot_are_written(setup, monkeypatch):
     tmp, argv = setup
+    axes, plot_pareto = [], evaluate.plot_pareto
+    monkeypatch.setattr(evaluate, "plot_pareto", lambda rows, x, y, path, **kw: axes.append((x, y)) or
+                        plot_pareto(rows, x, y, path, **kw))
     rows = evaluate.main(argv(metrics=("dino", "siglip")), make_generator=FakeGenerator())
+    assert axes == [("text_siglip", "image_dino")]  # the paper's figure: text similarity on x, image on y
     out = tmp / "out"
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
@@ -241,6 +245,22 @@ def test_interrupted_run_resumes_without_recomputing(setup):
     seventh = FakeGenerator()
     evaluate.main(argv(), make_generator=seventh)
     assert len(seventh.drawn) == total  # another base model at the same path: nothing reused
+    (tmp / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"the same file, retrained")
+    eighth = FakeGenerator()
+    evaluate.main(argv(), make_generator=eighth)
+    assert len(eighth.drawn) == total  # its weights rewritten: nothing reused
+
+
+def test_a_lora_folder_digest_covers_its_learned_tokens(tmp_path):
+    folder = tmp_path / "dog"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
+    (folder / "learned_embeds.safetensors").write_bytes(b"token")
+    first = evaluate.weights_digest(str(folder))
+    (folder / "learned_embeds.safetensors").write_bytes(b"token, retrained")
+    second = evaluate.weights_digest(str(folder) + ":0.8")
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"lora, retrained")
+    assert len({first, second, evaluate.weights_digest(str(folder))}) == 3
 
 
 def test_merge_mode_scores_subject_and_style(setup):

@@ -70,6 +70,15 @@ def test_prompt_fidelity_is_high_on_ground_truth_and_low_on_other_images():
     assert toyworld.prompt_fidelity(image, scene) == 1.0
     # asked: background, and shape, color, pattern, size, position; one of six is wrong
     assert toyworld.prompt_fidelity(image, asked_blue) == pytest.approx(1 - 1 / 6)
+    # A subject's prompt states only its size and place in words: a big one asked for small misses one of three.
+    subject = toyworld.Scene((replace(toyworld.SUBJECTS[0], size="big", position="center"),), "sand")
+    image = toyworld.render(subject, np.random.default_rng(0))
+    asked_small = toyworld.Scene((replace(subject.objects[0], size="small"),), "sand")
+    assert toyworld.prompt_fidelity(image, subject) == 1.0
+    assert toyworld.prompt_fidelity(image, asked_small) == pytest.approx(1 - 1 / 3)
+    # The metrics average over images: the subject drawn in one of two images is half there.
+    empty = toyworld.render(toyworld.Scene((), "sand"), np.random.default_rng(0))
+    assert toyworld.toy_metrics([image, empty], subject)["subject"] == 0.5
 
 
 def test_subject_scores_high_and_other_objects_low():
@@ -99,7 +108,9 @@ def test_style_fidelity_separates_held_out_styles():
 def test_held_out_subjects_and_styles_never_appear_in_pretraining():
     _, captions = toy.render_dataset(200, 0)
     scenes = [toyworld.random_scene(np.random.default_rng(6)) for _ in range(500)]
-    assert not any(toyworld.is_held_out(o) for s in scenes for o in s.objects)
+    looks = {(s.shape, s.color, s.pattern) for s in toyworld.SUBJECTS}  # a subject in any pattern color is the subject
+    assert not any((o.shape, o.color, o.pattern) in looks for s in scenes for o in s.objects)
+    assert all(toyworld.is_held_out(replace(s, pattern_color="red", token="")) for s in toyworld.SUBJECTS)
     assert not any("<" in c for c in captions) and {s.style for s in scenes} <= set(toyworld.STYLES)
     metrics = toyworld.toy_metrics([toyworld.render(s, np.random.default_rng(0)) for s in toyworld.eval_scenes(toyworld.SUBJECTS[0],
                                                                                                 "frame", 2)],
