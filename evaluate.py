@@ -50,7 +50,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPMode
 import lora as lora_lib
 import sample
 from checkpoint import ModelError, atomic, write_text
-from train import IMAGE_SUFFIXES, load_rgb
+from data import IMAGE_SUFFIXES, load_rgb
 
 BATCH = 16
 
@@ -179,7 +179,7 @@ class Embedder:
     def images(self, paths):
         out = []
         for i in range(0, len(paths), BATCH):
-            images = [load_rgb(p) for p in paths[i:i + BATCH]]  # as train.py reads them: 16-bit, alpha, EXIF
+            images = [load_rgb(p) for p in paths[i:i + BATCH]]  # as training reads them: 16-bit, alpha, EXIF
             pixels = self.processor(images=images, return_tensors="pt").pixel_values.to(self.device)
             if self.kind == "dino":
                 emb = self.model(pixel_values=pixels).last_hidden_state[:, 0]  # CLS token

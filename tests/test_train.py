@@ -19,10 +19,11 @@ import lora as lora_lib
 import train
 from checkpoint import ModelError
 from conftest import ROOT, TRAIN_ARGS, run_script, write_images
+from data import encode_images, load_rgb, prepare_image, read_captions, read_config
 from dco import eps_mse, q_sample
 from sample import load_pipeline
 from text import Cond, TextEncoders, time_ids
-from train import TokenEmbeddings, encode_images, load_rgb, prepare_image, read_captions
+from train import TokenEmbeddings
 from unet_sdxl import UNet
 
 
@@ -184,16 +185,16 @@ def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, 
     config = tmp_path / "dataset" / "dog" / "config.json"
     config.write_text(json.dumps(configs))
     monkeypatch.chdir(tmp_path)
-    assert train.read_config("dataset/dog/config.json:full_ti") == (list(zip(images, prompts)), "<dog>", "dog")
+    assert read_config("dataset/dog/config.json:full_ti") == (list(zip(images, prompts)), "<dog>", "dog")
     (tmp_path / "dataset" / "rel.json").write_text(json.dumps({"x": {"images": ["dog/00.png"], "prompts": ["a"]}}))
-    assert train.read_config("dataset/rel.json")[0] == [("dataset/dog/00.png", "a")]  # or from the config's folder
+    assert read_config("dataset/rel.json")[0] == [("dataset/dog/00.png", "a")]  # or from the config's folder
     monkeypatch.chdir(config.parent)  # elsewhere, the images are found next to the config
-    assert train.read_config("config.json:dreambooth")[0] == [(f"{i:02d}.png", "a photo of sks dog") for i in range(2)]
+    assert read_config("config.json:dreambooth")[0] == [(f"{i:02d}.png", "a photo of sks dog") for i in range(2)]
     for name, needle in [("", "NAME one of: dreambooth, full_ti"), (":two", "learns one token"),
                          (":base", "base_prompts must be the prompts with <dog> replaced by dog"),
                          (":missing", "image x/05.png not found")]:
         with pytest.raises(ModelError, match=re.escape(needle)):
-            train.read_config("config.json" + name)
+            read_config("config.json" + name)
 
     def run(data, *token):
         out = str(tmp_path / f"out{len(token)}")

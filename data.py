@@ -1,0 +1,129 @@
+"""Training data: a folder of images with captions, or the official code's data config, read into the images the
+VAE encodes (short side resized to the resolution, center-cropped, [-1, 1]) and their latent posteriors.
+
+    folder/00.jpg + folder/00.txt ...        same-name captions (or folder/metadata.jsonl: file_name, text)
+    config.json:NAME                         the official DCO code's config: images, prompts, inserting_tokens, ...
+"""
+import json
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from checkpoint import ModelError
+from sample import split_spec
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def read_captions(folder, caption):
+    """[(image path, caption)] from same-name .txt files, metadata.jsonl, or one caption for all."""
+    if not os.path.isdir(folder):
+        raise ModelError(f"{folder}: no such data folder")
+    meta, captions = os.path.join(folder, "metadata.jsonl"), {}
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            for i, line in enumerate(l for l in f if l.strip()):
+                try:
+                    row = json.loads(line)
+                    captions[row["file_name"]] = row["text"]
+                except (json.JSONDecodeError, KeyError):
+                    raise ModelError(f"{meta}: line {i + 1} needs file_name and text") from None
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise ModelError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    items = []
+    for f in files:
+        txt = os.path.join(folder, os.path.splitext(f)[0] + ".txt")
+        text = caption or captions.get(f) or (open(txt).read().strip() if os.path.isfile(txt) else None)
+        if not text:
+            raise ModelError(f"{os.path.join(folder, f)}: no caption ({os.path.basename(txt)} is missing or empty; "
+                             "or use --caption)")
+        items.append((os.path.join(folder, f), text))
+    return items
+
+
+def is_config(data):
+    return split_spec(data, 1)[0].endswith(".json")
+
+
+def read_config(spec):
+    """The official code's data config, 'config.json[:NAME]' (NAME may be left out if it holds one): [(image path,
+    prompt)] and its learned token and initializer word (None, None without one). An image path is read as the
+    official code reads it, from the current directory, or else from the config's folder (with or without its
+    folders: a config copied next to its images)."""
+    path, name = split_spec(spec, 2)
+    try:
+        with open(path) as f:
+            configs = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: not a readable data config ({e})") from None
+    if name is None and len(configs) == 1:
+        name = next(iter(configs))
+    if name not in configs:
+        raise ModelError(f"{path}: give one of its configs as --data {path}:NAME, NAME one of: {', '.join(configs)}")
+    cfg, where, here = configs[name], f"{path}:{name}", os.path.dirname(path)
+    images, prompts = cfg.get("images") or [], cfg.get("prompts") or []
+    if not images or len(images) != len(prompts):
+        raise ModelError(f"{where}: needs a list of images and as many prompts")
+    tokens, words = cfg.get("inserting_tokens") or [], cfg.get("initializer_tokens") or []
+    if len(tokens) > 1 or len(words) != len(tokens) or "" in words:
+        raise ModelError(f"{where}: train.py learns one token from an initializer word; the config has "
+                         f"inserting_tokens {tokens} and initializer_tokens {words}")
+    token, word = (tokens[0], words[0]) if tokens else (None, None)
+    if token and cfg.get("base_prompts", prompts) != [p.replace(token, word) for p in prompts]:
+        raise ModelError(f"{where}: base_prompts must be the prompts with {token} replaced by {word}, as train.py "
+                         "makes them")
+    items = []
+    for image, prompt in zip(images, prompts):
+        found = [p for p in (image, os.path.join(here, image), os.path.join(here, os.path.basename(image)))
+                 if os.path.isfile(p)]
+        if not found:
+            raise ModelError(f"{where}: image {image} not found, from here or from {here or '.'}")
+        items.append((found[0], prompt))
+    return items, token, word
+
+
+def load_rgb(path):
+    """Any PIL image (RGBA, palette, grayscale, CMYK, 16-bit, EXIF-rotated) as upright 8-bit RGB."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ModelError(f"{path}: not a readable image ({e})") from None
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: scale to 8 bits, keep the contrast
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+    if im.mode in ("P", "LA", "PA") or "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":  # composite on white, not black, where the image is transparent
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im)
+    return im.convert("RGB")
+
+
+def prepare_image(path, res):
+    """Resize the short side to res (bilinear) and center-crop: (3, res, res) in [-1, 1]. The sizes and offsets round
+    as the official code's torchvision Resize and CenterCrop do, so the pixels are the same."""
+    im = load_rgb(path)
+    w, h = im.size
+    if min(w, h) < res:
+        warnings.warn(f"{path}: {w}x{h} is smaller than the resolution {res}; upscaling")
+    nw, nh = (res, int(res * h / w)) if w <= h else (int(res * w / h), res)
+    left, top = int(round((nw - res) / 2)), int(round((nh - res) / 2))
+    im = im.resize((nw, nh), Image.BILINEAR).crop((left, top, left + res, top + res))
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+@torch.no_grad()
+def encode_images(vae, items, res, device):
+    """Encode every image once: latent mean and std (N, 4, h, w). Posterior samples are drawn per step from these,
+    as the official code does with latent_dist.sample()."""
+    means, stds = [], []
+    for path, _ in tqdm(items, desc="encoding images"):
+        mean, std = vae.encode(prepare_image(path, res)[None].to(device))
+        means.append(mean.float() * vae.cfg.scaling_factor)
+        stds.append(std.float() * vae.cfg.scaling_factor)
+    return torch.cat(means), torch.cat(stds)
