@@ -167,10 +167,10 @@ def forward_flops(unet, cfg, size, device, dtype):
 # The speed targets, as ratios to the reference measured in the same run:
 # (our stack, the reference's stack, step, max time ratio, max peak-memory ratio or None).
 SPEED_TARGETS = [("ours", "reference", "DCO train step", 0.5, 1.0),
-           ("ours, checkpointing", "reference, checkpointing", "DCO train step", 0.6, 1.0),
-           ("ours", "reference", "CG step", 0.5, None),
-           ("ours", "reference", "CFG step (batch 2)", 1.0, None),
-           ("ours, compiled", "reference, compiled", "DCO train step", 0.5, None)]
+                 ("ours, checkpointing", "reference, checkpointing", "DCO train step", 0.6, 1.0),
+                 ("ours", "reference", "CG step", 0.5, None),
+                 ("ours", "reference", "CFG step (batch 2)", 1.0, None),
+                 ("ours, compiled", "reference, compiled", "DCO train step", 0.5, None)]
 MIN_ROOFLINE_SHARE = 0.55  # compiled CFG step, of the matmul rate
 MAX_COMPILE_S = 60.0  # first compiled DCO train step
 

@@ -43,6 +43,15 @@ def read_safetensors(path):
         raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def read_metadata(path):
+    """The string metadata in a safetensors file's header ({} when it has none)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:
+        raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 @contextlib.contextmanager
 def atomic(path):
     """Gives a temporary name to write to, renamed to path once written: a crash leaves either the old file or the
@@ -83,9 +92,7 @@ def save_training_state(path, tensors, optimizer, generator, metadata):
 
 def load_training_state(path, optimizer, generator):
     """Restore the optimizer and the generator saved by save_training_state; returns (tensors, metadata)."""
-    tensors = read_safetensors(path)
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
+    tensors, meta = read_safetensors(path), read_metadata(path)
     if "generator" not in tensors:
         raise ModelError(f"{path}: not a training state this code wrote; cannot resume from it")
     state = {}

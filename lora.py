@@ -19,9 +19,8 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 
-from checkpoint import ModelError, read_safetensors, unet_key_map
+from checkpoint import ModelError, read_metadata, read_safetensors, unet_key_map
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections the official DCO code trains
 
@@ -234,8 +233,7 @@ def read_lora(path, unet_cfg):
     scales `up`."""
     path = lora_path(path)
     lora = parse_lora(read_safetensors(path), unet_cfg, path)
-    with safe_open(path, "pt") as f:
-        config = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
+    config = json.loads(read_metadata(path).get("lora_adapter_metadata") or "{}")
     if "unet.lora_alpha" not in config:  # no header: alpha = rank, the files the official code writes
         return lora
     if config.get("unet.use_rslora"):

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
-from safetensors import safe_open
 
 import lora as lora_lib
-from checkpoint import ModelError, atomic, check_schedule, load_unet, load_vae, model_folder, read_single_file
+from checkpoint import (ModelError, atomic, check_schedule, load_unet, load_vae, model_folder, read_metadata,
+                        read_single_file)
 from dco import NUM_TRAIN_TIMESTEPS
 from sampler import sample
 from text import Cond, TextEncoders, time_ids
@@ -118,8 +118,7 @@ def load_embeds(pipe, spec):
     path, token, init = split_spec(spec, 3)
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such file")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
+    meta = read_metadata(path)
     token, init = token or meta.get("token"), init or meta.get("init_token")
     if not token:  # the official code's files name no token
         raise ModelError(f"{path}: the file does not name its token; load it with --embeds {path}:TOKEN:INITWORD")

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import evaluate
 import toyworld as world
 import train
-from checkpoint import SCHEDULE, load_training_state, load_vae, save_component, save_training_state, write_text
+from checkpoint import (SCHEDULE, load_training_state, load_vae, read_metadata, save_component, save_training_state,
+                        write_text)
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, eps_mse, min_snr_weight, q_sample
 from sample import conditioning, initial_noise, load_sdxl, to_pil
 from sampler import sample
@@ -182,8 +182,7 @@ def load_state(path, phase, modules, opt, g, run):
     """Restore a phase saved by save_state; returns the step to continue from (0 when there is nothing to resume)."""
     if not os.path.exists(path):
         return 0
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
+    meta = read_metadata(path)
     if meta["run"] != run:
         sys.exit(f"error: {path} was saved by a run with other settings ({meta['run']}); delete it to start over")
     if meta["phase"] != phase:
