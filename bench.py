@@ -3,11 +3,13 @@
     python bench.py                        # full SDXL UNet, random weights, 1024x1024, bf16 (on a GPU)
     python bench.py --reference            # also diffusers + peft (the official stack), same weights, same run
     python bench.py --compile              # also both UNets with their transformer blocks torch.compile'd
+    python bench.py --cuda-graph           # also our steps replayed from CUDA graphs (and compiled, with --compile)
     python bench.py --tiny                 # a CPU smoke test on the tiny config
 
-Reports the median time per step, peak memory, for the CFG step the achieved TFLOP/s (forward FLOPs counted by
-torch.utils.flop_counter) against a large matmul's in the same run, the compile time of each step (its first
-call), and with --reference the ratios and the speed targets below. Compare only numbers from one run on one machine.
+Reports the median time per step, peak memory (reserved), for the CFG step the achieved TFLOP/s (forward FLOPs
+counted by torch.utils.flop_counter) against a large matmul's in the same run, the compile time of each step (its
+first call), and with --reference the ratios and the speed targets below. Compare only numbers from one run on one
+machine.
 """
 import argparse
 import math
@@ -24,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import lora as lora_lib
 from checkpoint import load_unet, unet_config_to_diffusers, unet_key_map
 from dco import dco_loss, eps_mse
+from graph import cuda_graph
 from unet_sdxl import UNet, UNetConfig
 
 
@@ -38,16 +41,19 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reference", action="store_true", help="also time diffusers + peft")
     p.add_argument("--compile", action="store_true", help="also time our UNet with its blocks compiled")
+    p.add_argument("--cuda-graph", action="store_true", help="also time our steps replayed from CUDA graphs (GPU)")
     return p.parse_args(argv)
 
 
 def timeit(fn, iters, warmup, device):
-    """Median seconds per call and peak memory (GiB, CUDA only) after warm-up."""
+    """Median seconds per call and peak memory (GiB, CUDA only) after warm-up. The peak is the most memory held from
+    the driver (reserved): a CUDA graph's replays allocate nothing, so allocated memory would miss its private pool."""
     for _ in range(warmup):
         fn()
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # what earlier steps left cached is not this step's
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(iters):
@@ -56,7 +62,7 @@ def timeit(fn, iters, warmup, device):
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+    peak = torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else float("nan")
     return statistics.median(times), peak
 
 
@@ -86,10 +92,11 @@ def set_lora(unet, rank, dtype=None):
         lora_lib.apply_lora(unet, lora, dtype)
 
 
-def ours_train(unet, cfg, size, device, dtype):
+def ours_train(unet, cfg, size, device, dtype, capturable=False):
     """The DCO train step as train.py runs it, on the UNet's trainable LoRA."""
     x1 = inputs(cfg, 1, size, device, dtype)
-    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6, fused=device.type == "cuda")
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6, fused=device.type == "cuda",
+                            capturable=capturable)
     noise = torch.randn_like(x1[0]).float()
 
     def train_step():  # the base model first, so that its pass does not add to the LoRA pass's stored activations
@@ -170,7 +177,12 @@ SPEED_TARGETS = [("ours", "reference", "DCO train step", 0.5, 1.0),
                  ("ours, checkpointing", "reference, checkpointing", "DCO train step", 0.6, 1.0),
                  ("ours", "reference", "CG step", 0.5, None),
                  ("ours", "reference", "CFG step (batch 2)", 1.0, None),
-                 ("ours, compiled", "reference, compiled", "DCO train step", 0.5, None)]
+                 ("ours, compiled", "reference, compiled", "DCO train step", 0.5, None),
+                 ("ours, CUDA graph", "reference", "DCO train step", 0.5, 1.0),
+                 ("ours, checkpointing, CUDA graph", "reference, checkpointing", "DCO train step", 0.6, 1.0),
+                 ("ours, CUDA graph", "reference", "CG step", 0.5, None),
+                 ("ours, CUDA graph", "reference", "CFG step (batch 2)", 1.0, None),
+                 ("ours, compiled, CUDA graph", "reference, compiled", "DCO train step", 0.5, None)]
 MIN_ROOFLINE_SHARE = 0.55  # compiled CFG step, of the matmul rate
 MAX_COMPILE_S = 60.0  # first compiled DCO train step
 
@@ -184,13 +196,14 @@ def check_targets(rows, compile_s, cfg_rate, roofline):
         checks.append((f"{mine} / {theirs}, {step}: time", t / t_ref, max_time, True))
         if max_mem is not None:
             checks.append((f"{mine} / {theirs}, {step}: peak memory", m / m_ref, max_mem, True))
-    checks.append(("ours, compiled, CFG step: share of the matmul rate", cfg_rate.get("ours, compiled", nan) / roofline,
-                   MIN_ROOFLINE_SHARE, False))
+    for stack in ("ours, compiled", "ours, compiled, CUDA graph"):
+        checks.append((f"{stack}, CFG step: share of the matmul rate", cfg_rate.get(stack, nan) / roofline,
+                       MIN_ROOFLINE_SHARE, False))
     checks.append(("ours, compiled, DCO train step: compile time (s)",
                    compile_s.get(("ours, compiled", "DCO train step"), nan), MAX_COMPILE_S, True))
     for what, value, bound, at_most in checks:
         verdict = "n/a" if math.isnan(value) else "PASS" if (value <= bound if at_most else value >= bound) else "MISS"
-        print(f"target {what:78s} {value:8.2f}  ({'<=' if at_most else '>='} {bound})  {verdict}")
+        print(f"target {what:92s} {value:8.2f}  ({'<=' if at_most else '>='} {bound})  {verdict}")
 
 
 def main(args):
@@ -198,6 +211,8 @@ def main(args):
     if args.compile:  # compile times from a cold cache, as a user's first run has them
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-inductor-"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cuda_graph and device.type != "cuda":
+        sys.exit("error: --cuda-graph needs a CUDA GPU")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     size = args.size or (64 if args.tiny else 1024)
@@ -238,39 +253,72 @@ def main(args):
                 rate = f"{cfg_rate[stack]:7.1f} TFLOP/s ({cfg_rate[stack] / roofline:.0%} of matmul)"
             print(f"{stack:28s} {what:20s} {sec * 1e3:9.2f} ms  peak {peak:6.2f} GiB  {rate}")
 
-    def compiled(stack, make_steps):
+    def attempt(stack, make_steps, first_call=False):
         try:
-            measure(stack, make_steps(), first_call=True)
-        except Exception as e:  # a compiler failure is a result too, and must not lose the other stack's numbers
+            measure(stack, make_steps(), first_call)
+        except Exception as e:  # a compiler or capture failure is a result too, and must not lose the other numbers
             print(f"{stack:28s} failed: {type(e).__name__}: {str(e)[:500]}")
 
-    measure("ours", ours_train(unet, cfg, size, device, dtype))
-    unet.set_grad_checkpointing(True)
-    measure("ours, checkpointing", ours_train(unet, cfg, size, device, dtype))
-    unet.set_grad_checkpointing(False)
-    set_lora(unet, args.rank, dtype)
-    measure("ours", ours_sample(unet, cfg, size, device, dtype))
-    if args.compile:
-        unet.compile_blocks()
-        set_lora(unet, args.rank)
-        compiled("ours, compiled", lambda: ours_train(unet, cfg, size, device, dtype))
-        set_lora(unet, args.rank, dtype)
-        compiled("ours, compiled", lambda: ours_sample(unet, cfg, size, device, dtype))
-    if args.reference:
+    def reference_stack(run):  # the reference on the GPU, ours on the CPU, so each peak counts its own model only
         ref, steps = reference(unet, cfg, size, device, dtype, args.rank)
-        unet.cpu()  # so that the reference's peak memory counts its own model only
+        unet.cpu()
         torch.cuda.empty_cache()
+        run(ref, steps)
+        del ref, steps
+        torch.cuda.empty_cache()
+        unet.to(device)
+
+    def reference_eager(ref, steps):
         measure("reference", steps)
         ref.enable_gradient_checkpointing()
         measure("reference, checkpointing", {"DCO train step": steps["DCO train step"]})
-        ref.disable_gradient_checkpointing()
+
+    def reference_compiled(ref, steps):
+        ref.compile_repeated_blocks()  # diffusers' own regional compile (its transformer blocks)
+        attempt("reference, compiled", lambda: steps, first_call=True)
+
+    def graphed(stack):  # our steps replayed from CUDA graphs: train (eager blocks: also checkpointed), then sample
+        def train_steps():
+            return {k: cuda_graph(fn) for k, fn in ours_train(unet, cfg, size, device, dtype, True).items()}
+        set_lora(unet, args.rank)
+        attempt(stack, train_steps)
+        if stack == "ours, CUDA graph":
+            unet.set_grad_checkpointing(True)
+            attempt("ours, checkpointing, CUDA graph", train_steps)
+            unet.set_grad_checkpointing(False)
+        set_lora(unet, args.rank, dtype)
+        attempt(stack, lambda: {k: cuda_graph(fn) for k, fn in ours_sample(unet, cfg, size, device, dtype).items()})
+
+    def run_all():  # eager first, so that a slow compile cannot cost the ratios; ours compiles from a cold cache
+        measure("ours", ours_train(unet, cfg, size, device, dtype))
+        unet.set_grad_checkpointing(True)
+        measure("ours, checkpointing", ours_train(unet, cfg, size, device, dtype))
+        unet.set_grad_checkpointing(False)
+        set_lora(unet, args.rank, dtype)
+        measure("ours", ours_sample(unet, cfg, size, device, dtype))
+        if args.reference:
+            reference_stack(reference_eager)
+        if args.cuda_graph:
+            graphed("ours, CUDA graph")
         if args.compile:
-            ref.compile_repeated_blocks()  # diffusers' own regional compile (its transformer blocks)
-            compiled("reference, compiled", lambda: steps)
-        for (stack, what), (sec, _) in rows.items():
-            theirs = stack.replace("ours", "reference")
-            if stack.startswith("ours") and (theirs, what) in rows:
-                print(f"ratio {stack} / {theirs}, {what}: {sec / rows[theirs, what][0]:.2f}")
+            unet.compile_blocks()
+            set_lora(unet, args.rank)
+            attempt("ours, compiled", lambda: ours_train(unet, cfg, size, device, dtype), first_call=True)
+            set_lora(unet, args.rank, dtype)
+            attempt("ours, compiled", lambda: ours_sample(unet, cfg, size, device, dtype), first_call=True)
+            if args.cuda_graph:
+                graphed("ours, compiled, CUDA graph")
+        if args.reference and args.compile:
+            reference_stack(reference_compiled)
+
+    try:
+        run_all()
+    except KeyboardInterrupt:  # e.g. timeout -s INT: the targets below still count what was measured
+        print("interrupted")
+    for (stack, what), (sec, _) in rows.items():
+        theirs = stack.replace("ours", "reference").replace(", CUDA graph", "")  # the reference as officially run
+        if stack.startswith("ours") and (theirs, what) in rows:
+            print(f"ratio {stack} / {theirs}, {what}: {sec / rows[theirs, what][0]:.2f}")
     check_targets(rows, compile_s, cfg_rate, roofline)
 
 

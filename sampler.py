@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod
+from graph import cuda_graph
 from lora import lora_scale
 from text import Cond
 
@@ -49,13 +50,15 @@ def guidance(eps_uncond, eps_base, w_txt, eps_lora=None, w_con=0.0):
 
 
 @torch.no_grad()
-def sample(unet, noise, cond: Cond, uncond: Cond, steps=30, cfg=5.0, w_con=None, base: Cond = None, progress=True):
+def sample(unet, noise, cond: Cond, uncond: Cond, steps=30, cfg=5.0, w_con=None, base: Cond = None, progress=True,
+           graph=False):
     """Denoise noise (B, 4, h, w); returns clean latents (B, 4, h, w), float32.
 
     w_con None: classifier-free guidance with the model as loaded (LoRA on), one batch [uncond, cond].
     w_con a number: consistency guidance, one batch [uncond, base, cond] run with per-sample LoRA scales
     (0, 0, 1): the frozen model on the empty and the base prompt (learned tokens replaced by their
-    initializer words), the fine-tuned model on the prompt."""
+    initializer words), the fine-tuned model on the prompt.
+    graph: replay the UNet call from a CUDA graph (graph.py)."""
     dtype = next(unet.parameters()).dtype
     B = noise.shape[0]
     timesteps, sigmas = euler_schedule(steps)
@@ -66,10 +69,16 @@ def sample(unet, noise, cond: Cond, uncond: Cond, steps=30, cfg=5.0, w_con=None,
         conds = [uncond, cond if base is None else base, cond]
         scales = lora_scale(unet, torch.tensor([0.0, 0.0, 1.0], device=x.device, dtype=dtype).repeat_interleave(B))
     batch = Cond.cat(conds).to(device=x.device, dtype=dtype)
+
+    def denoise(x_in, t):
+        return unet(x_in, t, batch.context, batch.pooled, batch.time_ids)
+
     with scales:
+        if graph:  # recorded inside `scales`: the graph replays the call with these LoRA scales
+            denoise = cuda_graph(denoise, noise.repeat(len(conds), 1, 1, 1).to(dtype), timesteps[0].to(x.device))
         for i in tqdm(range(steps), desc="sampling", disable=not progress):
             x_in = scale_input(x, sigmas[i]).repeat(len(conds), 1, 1, 1).to(dtype)
-            eps = unet(x_in, timesteps[i].to(x.device), batch.context, batch.pooled, batch.time_ids).float()
+            eps = denoise(x_in, timesteps[i].to(x.device)).float()
             eps_uncond, eps_base, *eps_lora = eps.chunk(len(conds))
             eps_hat = guidance(eps_uncond, eps_base, cfg, *eps_lora, w_con=w_con or 0.0)
             x = euler_step(x, eps_hat, sigmas[i], sigmas[i + 1])

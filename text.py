@@ -90,18 +90,26 @@ class TextEncoders(torch.nn.Module):
                 warnings.warn(f"prompt has {n} tokens; CLIP reads only the first {tokenizer.model_max_length}: {p!r}")
         return ids.to(self.device)
 
+    def tokens(self, prompts):
+        """prompts: list of str -> token ids for each encoder, [(B, 77), (B, 77)], on the encoders' device."""
+        return [self.tokenize(tokenizer, prompts) for tokenizer in self.tokenizers]
+
     def encode(self, prompts, zero_empty=False):
         """prompts: list of str -> context (B, 77, 2048), pooled (B, 1280).
         With zero_empty, an empty prompt gives zeros (SDXL's unconditional input for an empty negative prompt)."""
-        hidden = []
-        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
-            out = encoder(self.tokenize(tokenizer, prompts), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])  # penultimate layer, before the final LayerNorm
-        context, pooled = torch.cat(hidden, dim=-1), out.text_embeds
+        context, pooled = self.encode_tokens(self.tokens(prompts))
         if zero_empty:
             keep = torch.tensor([p != "" for p in prompts], device=context.device)
             context, pooled = context * keep[:, None, None], pooled * keep[:, None]
         return context, pooled
+
+    def encode_tokens(self, tokens):
+        """Token ids [(B, 77), (B, 77)] -> context (B, 77, 2048), pooled (B, 1280)."""
+        hidden = []
+        for ids, encoder in zip(tokens, self.encoders):
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # penultimate layer, before the final LayerNorm
+        return torch.cat(hidden, dim=-1), out.text_embeds
 
     # --- textual inversion: a new token with its own embedding row in both encoders ---
 

@@ -8,7 +8,8 @@
 
 Writes OUT/pytorch_lora_weights.safetensors (diffusers format: pipe.load_lora_weights(OUT) reads it),
 OUT/lora_kohya.safetensors (ComfyUI, AUTOMATIC1111), OUT/learned_embeds.safetensors (with --token) and
-OUT/settings.json. OUT/checkpoint.safetensors holds what --resume needs.
+OUT/settings.json. OUT/checkpoint.safetensors holds what --resume needs; OUT/log.jsonl has a line per step: the
+loss, and the mean denoising errors of the LoRA model (err_theta) and of the frozen one (err_phi, 0 when beta is 0).
 """
 import argparse
 import json
@@ -24,6 +25,7 @@ import lora as lora_lib
 from checkpoint import (ModelError, check_schedule, load_training_state, model_folder,
                         save_safetensors, save_training_state, write_text)
 from data import IMAGE_SUFFIXES, encode_images, is_config, load_rgb, read_captions, read_config
+from graph import cuda_graph
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from sample import Pipeline, generate, load_sdxl, positive_int, resolve_device, save_png, size_multiple, to_pil
 from text import Cond, time_ids
@@ -65,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each ResBlock and transformer block in the backward pass: less memory, slower")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet's transformer blocks (GPU)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each train step from a CUDA graph: much faster where launching kernels is the limit")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
@@ -138,6 +142,33 @@ class TokenEmbeddings:
         return {"clip_l": self.rows[0][None].detach().cpu(), "clip_g": self.rows[1][None].detach().cpu()}
 
 
+def open_log(path, start):
+    """OUT/log.jsonl, opened to add a line per step; a resumed run keeps the lines of the steps before `start`."""
+    kept = []
+    if start and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] < start]
+    write_text(path, "".join(kept))
+    return open(path, "a")
+
+
+def graph_step(step, trained, optimizer, batch, latent_shape, device):
+    """step(idx, z, noise, t) replayed from a CUDA graph (graph.py). Its warm-up calls train on zeros; what they
+    changed in the trained parameters and AdamW's state is undone before the recording (fresh AdamW state is zeros)."""
+    params = [p.detach().clone() for p in trained]
+    state = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in trained}
+
+    @torch.no_grad()
+    def undo():
+        for p, saved in zip(trained, params):
+            p.copy_(saved)
+            for k, v in optimizer.state[p].items():
+                v.copy_(state[p][k]) if k in state[p] else v.zero_()
+    idx, t = torch.zeros(batch, dtype=torch.long, device=device), torch.zeros(batch, dtype=torch.long, device=device)
+    z = torch.zeros(batch, *latent_shape, device=device)
+    return cuda_graph(step, idx, z, z, t, after_warmup=undo)
+
+
 def load_checkpoint(path, params, optimizer, rng):
     """Restore what save_training_state wrote for --resume: the LoRA and token rows, AdamW, the generator."""
     tensors, meta = load_training_state(path, optimizer, rng)
@@ -151,7 +182,8 @@ def load_checkpoint(path, params, optimizer, rng):
 
 
 # What a resumed run may change: none of it alters what is trained (and --out is where the run is, however named).
-RESUMABLE = {"steps", "save_every", "sample_steps", "resume", "grad_checkpointing", "compile", "device", "out"}
+RESUMABLE = {"steps", "save_every", "sample_steps", "resume", "grad_checkpointing", "compile", "cuda_graph", "device",
+             "out"}
 PATHS = {"model", "config", "data", "prior_dir"}  # compared as the folders they name: ./data/ is data
 
 
@@ -203,6 +235,8 @@ def save_grid(args, unet, vae, text, prompt, step, device):
 
 def main(args):
     device, dtype = resolve_device(args.device, args.dtype)
+    if args.cuda_graph and device.type != "cuda":
+        raise ModelError(f"--cuda-graph needs a CUDA GPU; the device is {device}")
     if is_config(args.data):
         items, token, word = read_config(args.data)
         args.token, args.init_token = args.token or token, args.init_token or word  # settings.json records them
@@ -251,9 +285,10 @@ def main(args):
     params = lora_lib.inject(unet, args.rank, args.alpha)
     trained = params + (ti.rows if ti else [])
     groups = [{"params": params, "lr": args.lr}] + ([{"params": ti.rows, "lr": args.ti_lr}] if ti else [])
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=device.type == "cuda",
+                                  capturable=device.type == "cuda")  # the same update, graphed or not
     rng = torch.Generator("cpu").manual_seed(args.seed)  # all randomness of the loop, saved for --resume
-    a_bar = alphas_cumprod()
+    a_bar = alphas_cumprod().to(device)
     os.makedirs(args.out, exist_ok=True)
     start = 0
     if args.resume:
@@ -261,28 +296,18 @@ def main(args):
             raise ModelError(f"{ckpt}: no checkpoint to resume from")
         start = load_checkpoint(ckpt, trained, optimizer, rng)
     n, B = len(items), args.batch_size
+    tokens = text.tokens(captions) if ti else None  # [(N, 77)] per encoder: the captions are tokenized once
 
-    def save(step):
-        save_training_state(ckpt, {f"param.{i}": p for i, p in enumerate(trained)}, optimizer, rng, {"step": str(step)})
-        save_outputs(args, unet, ti, step)
-
-    interrupted = []  # Ctrl-C finishes the current step, then saves
-    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training")
-    for step in bar:
-        # A batch of instance images, plus as many class images for prior preservation.
-        idx = torch.randint(0, n, (B,), generator=rng)
-        if prior:
-            idx = torch.cat([idx, n + torch.randint(0, len(prior), (B,), generator=rng)])
-        x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=rng).to(device)
-        noise = offset_noise(x0.shape, args.offset_noise, rng).to(device)
-        t = torch.randint(0, len(a_bar), (len(idx),), generator=rng)
-        x_t, t = q_sample(x0, t, noise, a_bar).to(dtype), t.to(device)
-        c = base[idx] if ti is None else Cond(*text.encode([captions[i] for i in idx]), ids[idx])
+    def dco_step(idx, z, noise, t):
+        """One optimizer step on the images idx (B instance images, then B class images with prior preservation), with
+        posterior draws z, noise and timesteps t, all on the device. Returns the loss and both errors (B,)."""
+        x0 = mean[idx] + std[idx] * z  # a sample of each image's latent posterior
+        x_t = q_sample(x0, t, noise, a_bar).to(dtype)
+        c = base[idx] if ti is None else Cond(*text.encode_tokens([tok[idx] for tok in tokens]), ids[idx])
         c = c.to(dtype=dtype)
 
-        # The frozen base model on the base caption (LoRA scale 0, no graph) runs first, so that its pass does not
-        # add to the activations the LoRA pass keeps for the backward pass.
+        # The frozen base model on the base caption (LoRA scale 0, no autograd graph) runs first, so that its pass does
+        # not add to the activations the LoRA pass keeps for the backward pass.
         err_phi = torch.zeros(B, device=device)
         if args.beta > 0:
             with torch.no_grad(), lora_lib.lora_scale(unet, 0.0):
@@ -293,17 +318,42 @@ def main(args):
         loss = diffusion_loss(w * err_theta[:B], w * err_phi, args.beta).mean()
         if prior:
             loss = loss + args.prior_weight * err_theta[B:].mean()
-        if not torch.isfinite(loss):
-            kept = "keeping the last good checkpoint" if os.path.exists(ckpt) else "no checkpoint was saved before"
-            sys.exit(f"error: the loss is {loss.item()} at step {step}; stopped, {kept}")
-
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ti is not None:
             ti.retract()
-        bar.set_postfix(loss=f"{loss.item():.4f}", margin=f"{(err_theta[:B] - err_phi).mean().item():+.2e}")
+        return loss.detach(), err_theta[:B].detach(), err_phi
+
+    if args.cuda_graph:
+        dco_step = graph_step(dco_step, trained, optimizer, B * (2 if prior else 1), mean.shape[1:], device)
+
+    def save(step):
+        save_training_state(ckpt, {f"param.{i}": p for i, p in enumerate(trained)}, optimizer, rng, {"step": str(step)})
+        save_outputs(args, unet, ti, step)
+
+    log = open_log(os.path.join(args.out, "log.jsonl"), start)
+    interrupted = []  # Ctrl-C finishes the current step, then saves
+    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training")
+    for step in bar:
+        # A batch of instance images, plus as many class images for prior preservation.
+        idx = torch.randint(0, n, (B,), generator=rng)
+        if prior:
+            idx = torch.cat([idx, n + torch.randint(0, len(prior), (B,), generator=rng)])
+        z = torch.randn((len(idx), *mean.shape[1:]), generator=rng)
+        noise = offset_noise(z.shape, args.offset_noise, rng)
+        t = torch.randint(0, len(a_bar), (len(idx),), generator=rng)
+        loss, err_theta, err_phi = dco_step(*(v.to(device) for v in (idx, z, noise, t)))
+        if not torch.isfinite(loss):  # the step is taken, but never saved
+            kept = "keeping the last good checkpoint" if os.path.exists(ckpt) else "no checkpoint was saved before"
+            sys.exit(f"error: the loss is {loss.item()} at step {step}; stopped, {kept}")
+        record = {"step": step, "loss": loss.item(), "err_theta": err_theta.mean().item(),
+                  "err_phi": err_phi.mean().item()}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['err_theta'] - record['err_phi']:+.2e}")
 
         if interrupted:
             save(step + 1)
@@ -311,6 +361,7 @@ def main(args):
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save(step + 1)
             save_grid(args, unet, vae, text, captions[0], step + 1, device)
+    log.close()
     save(args.steps)
     if args.save_every:
         save_grid(args, unet, vae, text, captions[0], args.steps, device)

@@ -60,7 +60,8 @@ def call(layer, *args):
     """layer(*args); with the layer's `checkpointing` on, its activations are recomputed in the backward pass instead of
     stored, so that the backward pass holds one layer's activations at a time rather than the whole UNet's."""
     if layer.checkpointing and torch.is_grad_enabled():
-        return checkpoint(layer, *args, use_reentrant=False)
+        # No RNG state to keep: nothing in the UNet is random (and reading it is not allowed in a CUDA graph).
+        return checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=False)
     return layer(*args)
 
 

@@ -1,17 +1,23 @@
 """Full-size parity with diffusers, for a GPU machine (CI runs it with --tiny on the CPU so it cannot rot).
 
-    python tests/gpu_check.py            # full SDXL UNet and VAE, random weights, 1024x1024
-    python tests/gpu_check.py --tiny     # the same checks on the tiny configs (CPU)
+    python tests/gpu_check.py                # full SDXL UNet and VAE, random weights, 1024x1024; then CUDA graphs
+    python tests/gpu_check.py --tiny         # the same checks on the tiny configs (CPU: the CUDA graphs are skipped)
+    python tests/gpu_check.py --only graphs  # only train.py and sample.py with --cuda-graph against without
 
 Both stacks get the same random weights. Compared: the UNet's output, its input gradient (the training pass, ours
 with gradient checkpointing), the UNet's output with the same random rank-32 LoRA (ours; peft's on diffusers) and
 the VAE decoder's output. Passes when our fp32 output is within 1e-4 (relative to the output's
 largest value) of diffusers' fp32 output, and our bf16 error against fp32 is no more than 1.5x diffusers' own.
+
+The CUDA graph check runs train.py and sample.py on a tiny random model (the tests' fixture) in fp32, with and
+without --cuda-graph: the losses, the trained files and the images must agree (see check_graphs).
 """
 import argparse
 import os
 import sys
+import tempfile
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,11 +83,98 @@ def compare(name, ours, ref, run_ours, run_ref, device, grad=False):
     return fp32_err <= 1e-4 and ours_bf16 <= 1.5 * ref_bf16
 
 
+def check_graphs(tmp):
+    """train.py and sample.py replayed from CUDA graphs give what they give eagerly: LoRA only; a learned token with
+    prior preservation and gradient checkpointing; compiled blocks; a resumed run; CFG and consistency guidance.
+    Run in process, with deterministic algorithms, so that an eager run repeats itself (checked first) and a
+    difference is the graph's. Compared: both denoising errors of the first step (forward passes before any update:
+    to 1e-5), of every step (OUT/log.jsonl, to 1e-3), and the trained tensors (to 1e-2: Adam turns rounding
+    differences into larger ones, but a step missed or taken twice moves them by a quarter of their size)."""
+    import json
+    from PIL import Image
+    from safetensors.torch import load_file
+    import sample
+    import train
+    from conftest import TRAIN_ARGS, reference_tiny_sdxl, write_images
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    model, prior = os.path.join(tmp, "model"), os.path.join(tmp, "prior")
+    reference_tiny_sdxl(model)
+    data = write_images(os.path.join(tmp, "data"), ["a photo of a <dog>", "a <dog> in the snow"])
+    common = ["--model", model, "--data", data, "--dtype", "float32", "--device", "cuda", "--snr-gamma", 5, *TRAIN_ARGS,
+              "--lr", 1e-3]
+    lora_only = ["--steps", 4, "--caption", "a photo of a dog"]
+    with_token = ["--steps", 4, "--token", "<dog>", "--init-token", "dog", "--grad-checkpointing", "--prior-dir", prior,
+                  "--prior-prompt", "a photo of a dog", "--num-prior", 2, "--sample-steps", 4]
+
+    def run(name, *extra):  # (trained tensors, [(err_theta, err_phi) per step])
+        out = os.path.join(tmp, name)
+        train.main(train.parse_args([str(a) for a in (*common, *extra, "--out", out)]))
+        tensors = {k: v for f in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors")
+                   if os.path.exists(os.path.join(out, f)) for k, v in load_file(os.path.join(out, f)).items()}
+        with open(os.path.join(out, "log.jsonl")) as f:
+            return tensors, [(r["err_theta"], r["err_phi"]) for r in map(json.loads, f)]
+
+    def same(name, graphed, eager):
+        try:
+            (a, err_a), (b, err_b) = graphed(), eager()
+        except (Exception, SystemExit) as e:  # a failed run: its error, and the other cases still run
+            print(f"{name}: FAILED: {type(e).__name__}: {str(e)[-1500:]}")
+            return False
+        first, errs = (max(abs(x - y) / y for p, q in zip(err_a[:n], err_b[:n]) for x, y in zip(p, q) if y)
+                       for n in (1, None))
+        weights = max(rel(a[k], b[k]) for k in a) if a.keys() == b.keys() else float("inf")
+        ok = len(err_a) == len(err_b) and first <= 1e-5 and errs <= 1e-3 and weights <= 1e-2
+        print(f"{name}: relative differences: first step's errors {first:.1e}, all errors {errs:.1e}, trained tensors "
+              f"{weights:.1e}  {'ok' if ok else 'FAIL'}")
+        return ok
+
+    eager = run("eager", *lora_only)
+    ok = same("train.py twice (determinism)", lambda: run("eager-again", *lora_only), lambda: eager)
+    ok &= same("train.py --cuda-graph", lambda: run("graph", *lora_only, "--cuda-graph"), lambda: eager)
+    ok &= same("train.py --cuda-graph with --token, prior preservation, --grad-checkpointing",
+               lambda: run("graph-token", *with_token, "--cuda-graph"), lambda: run("eager-token", *with_token))
+    half = [a if a != 4 else 2 for a in lora_only]  # 2 steps, then resumed to 4
+
+    def resumed():
+        run("graph-resumed", *half, "--cuda-graph")
+        return run("graph-resumed", *lora_only, "--cuda-graph", "--resume")
+    ok &= same("train.py --cuda-graph, resumed", resumed, lambda: eager)
+    ok &= same("train.py --cuda-graph --compile",  # against --compile alone: compiled kernels round otherwise
+               lambda: run("graph-compiled", *lora_only, "--cuda-graph", "--compile"),
+               lambda: run("compiled", *lora_only, "--compile"))
+    for w in ([], ["--w-con", 2]):
+        images = []
+        for graph in ([], ["--cuda-graph"]):
+            out = os.path.join(tmp, f"image{len(images)}.png")
+            sample.main(sample.parse_args([str(a) for a in (
+                "--model", model, "--lora", os.path.join(tmp, "eager"), "--prompt", "a photo of a dog", "--steps", 5,
+                "--width", 64, "--height", 64, "--device", "cuda", "--dtype", "float32", "--quiet", *w, *graph,
+                "--out", out)]))
+            images.append(torch.tensor(np.asarray(Image.open(out)), dtype=torch.float32))
+        err = (images[0] - images[1]).abs().max().item()
+        what = " ".join(map(str, w)) or "(CFG)"
+        print(f"sample.py --cuda-graph {what}: largest pixel difference {err:g} (at most 1)")
+        ok &= err <= 1
+    torch.use_deterministic_algorithms(False)
+    return ok
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--size", type=int)
+    p.add_argument("--only", choices=["parity", "graphs"])
     args = p.parse_args()
+    graphs_ok = True
+    if args.only != "parity":
+        if torch.cuda.is_available():
+            with tempfile.TemporaryDirectory() as tmp:
+                graphs_ok = check_graphs(tmp)
+        else:
+            print("CUDA graphs: skipped, no CUDA GPU")
+        if args.only == "graphs":
+            print("PASS" if graphs_ok else "FAIL")
+            sys.exit(0 if graphs_ok else 1)
     from diffusers import AutoencoderKL as RefVAE, UNet2DConditionModel
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
@@ -126,7 +219,7 @@ def main():
                       "text_embeds": pl, "time_ids": i}).sample), device, grad=True)
     add_same_lora(unet, ref_unet, ucfg, rank=32, seed=3)
     ok &= compare("UNet with a LoRA", unet, ref_unet, run_unet, run_ref_unet, device)
-    del unet, ref_unet
+    unet = ref_unet = None  # frees the GPU for the VAE
 
     with torch.device(device):
         vae = random_weights(AutoencoderKL(vcfg), 2)
@@ -134,6 +227,7 @@ def main():
     z = torch.randn(1, 4, h, h, generator=g)
     ok &= compare("VAE decode", vae, ref_vae, lambda d: vae.decode(z.to(device, d)),
                   lambda d: ref_vae.decode(z.to(device, d)).sample, device)
+    ok &= graphs_ok
     print("PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)
 

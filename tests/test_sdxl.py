@@ -251,6 +251,8 @@ def test_impossible_sampling_settings_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit):
             sample.parse_args(["--model", "m", "--prompt", "p", *bad])
         assert needle in capsys.readouterr().err
+    with pytest.raises(ModelError, match="--cuda-graph needs a CUDA GPU"):  # before any model is read
+        sample.main(sample.parse_args(["--model", "m", "--prompt", "p", "--device", "cpu", "--cuda-graph"]))
 
 
 def test_saved_files_are_readable_by_others_and_their_folder_is_made(tmp_path):
@@ -306,8 +308,12 @@ def test_bench_smoke_on_cpu():
     assert "matmul:" in r.stdout and "TFLOP/s" in r.stdout  # the roofline is measured in the same run
     targets = [line for line in r.stdout.splitlines() if line.startswith("target ")]
     measured = [line for line in targets if line.endswith(("PASS", "MISS"))]
-    assert len(targets) == 9 and all(line.endswith(("PASS", "MISS", "n/a")) for line in targets), r.stdout
-    assert len(measured) == 4 and all(": time" in line for line in measured), r.stdout  # no memory, no compile on CPU
+    # 6 eager, 3 compiled and 8 CUDA-graph targets; measured on the CPU: the eager times (no memory, compile or graphs)
+    assert len(targets) == 17 and all(line.endswith(("PASS", "MISS", "n/a")) for line in targets), r.stdout
+    assert len(measured) == 4 and all(": time" in line and "CUDA graph" not in line for line in measured), r.stdout
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--tiny", "--cuda-graph"], capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and r.stderr.strip() == "error: --cuda-graph needs a CUDA GPU", r.stderr[-2000:]
 
 
 def test_the_single_file_reads_as_diffusers_reads_it(tmp_path):

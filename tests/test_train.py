@@ -92,10 +92,14 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     folder, data = tiny_sdxl[0], os.path.join(os.path.dirname(trained), "data")
     common = ("--model", folder, "--data", data, "--token", "<dog>", "--init-token", "dog", *TRAIN_ARGS)
     run_script("train.py", *common, "--steps", 3, "--out", tmp_path / "r")
+    with open(tmp_path / "r" / "log.jsonl", "a") as f:  # a step logged after the last save, as a crash leaves it
+        f.write(json.dumps({"step": 3, "loss": 9.0, "err_theta": 9.0, "err_phi": 9.0}) + "\n")
     run_script("train.py", *common, "--steps", 8, "--out", tmp_path / "r", "--resume")
     for f in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
         a, b = load_file(os.path.join(trained, f)), load_file(str(tmp_path / "r" / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    logs = [[json.loads(line) for line in open(os.path.join(out, "log.jsonl"))] for out in (trained, tmp_path / "r")]
+    assert logs[0] == logs[1] and [r["step"] for r in logs[0]] == list(range(8))  # the stale step 3 is gone
     r = run_script("train.py", *common, "--steps", 9, "--lr", 0.25, "--out", tmp_path / "r", "--resume", check=False)
     last = r.stderr.strip().splitlines()[-1]  # a changed recipe is refused, naming what changed
     assert r.returncode != 0 and "other settings" in last and "-> 0.25" in last, last
@@ -104,7 +108,8 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
                *map(str, TRAIN_ARGS), "--out", str(tmp_path / "r") + "/"]
     train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume"]))
     # What the README says a resume may change, and a change of anything else, each refused naming it
-    allowed = ["--save-every", "4", "--sample-steps", "3", "--grad-checkpointing", "--compile", "--device", "cpu"]
+    allowed = ["--save-every", "4", "--sample-steps", "3", "--grad-checkpointing", "--compile", "--cuda-graph",
+               "--device", "cpu"]
     train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *allowed]))
     for change in (["--ti-lr", "1e-4"], ["--batch-size", "2"], ["--weight-decay", "0.1"], ["--max-grad-norm", "2"],
                    ["--offset-noise", "0.05"], ["--snr-gamma", "5"], ["--prior-weight", "0.5"], ["--alpha", "3"],
@@ -171,6 +176,8 @@ def test_bad_data_is_refused_in_one_line(tiny_sdxl, tmp_path):
         f.write("not an image")
     shutil.copy(os.path.join(data, "00.txt"), os.path.join(data, "02.txt"))
     expect_error(("--data", data, *common), "02.jpg", out)
+    os.remove(os.path.join(data, "02.jpg"))
+    expect_error(("--data", data, *common, "--device", "cpu", "--cuda-graph"), "--cuda-graph needs a CUDA GPU", out)
 
 
 def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, monkeypatch):
