@@ -2,13 +2,18 @@
 
 One SDXL UNet call is thousands of small kernels, and with a LoRA on 560 projections even more. At the batch
 sizes of DCO (1 to 3) the CPU that issues them, not the GPU, can set the pace: on one H200 machine, an eager CFG
-step kept the GPU busy for 41 ms of its 75 ms. A CUDA graph replays all of a call's launches with one.
+step without a LoRA kept the GPU busy for 41 ms of its 75 ms. A CUDA graph replays all of a call's launches with one.
 
 The price of a replay: it reads and writes the same memory every time. So the inputs are copied into fixed
 buffers, the outputs are the same tensors every time (overwritten by the next replay), and nothing inside may
 depend on a value read back by the CPU or on a new tensor made on the CPU.
 """
 import torch
+
+
+def supported(device):
+    """CUDA graphs record the kernels of a CUDA device."""
+    return device.type == "cuda"
 
 
 def cuda_graph(fn, *inputs, warmup=2, after_warmup=None):

@@ -22,6 +22,7 @@ import lora as lora_lib
 from checkpoint import (ModelError, atomic, check_schedule, load_unet, load_vae, model_folder, read_metadata,
                         read_single_file)
 from dco import NUM_TRAIN_TIMESTEPS
+from graph import supported
 from sampler import sample
 from text import Cond, TextEncoders, time_ids
 from vae import decode_latents
@@ -231,7 +232,7 @@ def save_png(image, path, settings):
 
 
 def main(args):
-    if args.cuda_graph and resolve_device(args.device, args.dtype)[0].type != "cuda":
+    if args.cuda_graph and not supported(resolve_device(args.device, args.dtype)[0]):
         raise ModelError("--cuda-graph needs a CUDA GPU")
     pipe = load_pipeline(args.model, args.lora, args.embeds, args.device, args.dtype, args.config)
     if args.compile:

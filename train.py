@@ -25,8 +25,8 @@ import lora as lora_lib
 from checkpoint import (ModelError, check_schedule, load_training_state, model_folder,
                         save_safetensors, save_training_state, write_text)
 from data import IMAGE_SUFFIXES, encode_images, is_config, load_rgb, read_captions, read_config
-from graph import cuda_graph
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
+from graph import cuda_graph, supported
 from sample import Pipeline, generate, load_sdxl, positive_int, resolve_device, save_png, size_multiple, to_pil
 from text import Cond, time_ids
 
@@ -235,7 +235,7 @@ def save_grid(args, unet, vae, text, prompt, step, device):
 
 def main(args):
     device, dtype = resolve_device(args.device, args.dtype)
-    if args.cuda_graph and device.type != "cuda":
+    if args.cuda_graph and not supported(device):
         raise ModelError(f"--cuda-graph needs a CUDA GPU; the device is {device}")
     if is_config(args.data):
         items, token, word = read_config(args.data)

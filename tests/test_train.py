@@ -257,6 +257,48 @@ def test_each_step_compares_the_lora_with_the_frozen_model_on_one_draw(tiny_sdxl
         assert learned[key][0].norm().item() == pytest.approx(row.norm().item(), rel=1e-5)  # ... on the sphere
 
 
+def test_the_cuda_graph_path_trains_and_samples_as_the_eager_one(tiny_sdxl, tmp_path, monkeypatch):
+    """--cuda-graph's wiring, on the CPU: with the recording replaced by plain calls (after the same warm-up calls
+    and their undo), a run with a learned token, prior preservation and a resume equals the eager run, tensor for
+    tensor and logged step for logged step; sampling too. The recording itself needs a GPU: tests/gpu_check.py."""
+    import sample
+    import sampler
+
+    def no_recording(fn, *inputs, warmup=2, after_warmup=None):
+        for _ in range(warmup):
+            fn(*inputs)
+        if after_warmup is not None:
+            after_warmup()
+        return fn
+    data = write_images(str(tmp_path / "d"), ["a photo of a <dog>", "a <dog> in the snow"])
+    common = ["--model", tiny_sdxl[0], "--data", data, "--token", "<dog>", "--init-token", "dog", "--snr-gamma", 5,
+              "--prior-dir", tmp_path / "prior", "--prior-prompt", "a photo of a dog", "--num-prior", 2,
+              "--sample-steps", 2, *TRAIN_ARGS]
+
+    def run(out, *extra):
+        train.main(train.parse_args([str(a) for a in (*common, *extra, "--out", tmp_path / out)]))
+        with open(tmp_path / out / "log.jsonl") as f:
+            log = f.read()
+        return log, {k: v for name in ("pytorch_lora_weights", "learned_embeds")
+                     for k, v in load_file(str(tmp_path / out / f"{name}.safetensors")).items()}
+
+    def draw(out, *extra):
+        sample.main(sample.parse_args([str(a) for a in (
+            "--model", tiny_sdxl[0], "--lora", tmp_path / "eager", "--prompt", "a <dog> in the snow", "--w-con", 2,
+            "--steps", 3, "--width", 32, "--height", 32, "--quiet", *extra, "--out", tmp_path / out)]))
+        return np.asarray(Image.open(tmp_path / out))
+    (log, eager), image = run("eager", "--steps", 4), draw("eager.png")
+    for module in (train, sample):
+        monkeypatch.setattr(module, "supported", lambda device: True)
+    monkeypatch.setattr(train, "cuda_graph", no_recording)
+    monkeypatch.setattr(sampler, "cuda_graph", no_recording)
+    run("graph", "--steps", 2, "--cuda-graph")
+    log_graph, graphed = run("graph", "--steps", 4, "--cuda-graph", "--resume")
+    assert log_graph == log and len(log.splitlines()) == 4
+    assert eager.keys() == graphed.keys() and all(torch.equal(eager[k], graphed[k]) for k in eager)
+    assert np.array_equal(draw("graph.png", "--cuda-graph"), image)
+
+
 def test_impossible_settings_are_refused(tmp_path, capsys):
     data = write_images(str(tmp_path / "d"), ["a photo"])
     common = ["--model", "m", "--data", data]
