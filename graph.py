@@ -22,22 +22,29 @@ def cuda_graph(fn, *inputs, warmup=2, after_warmup=None):
 
     fn first runs `warmup` times as usual, so that cuBLAS, cuDNN and lazily made state (an optimizer's moments) are
     set up outside the recording; after_warmup() then undoes what those calls changed, if it matters."""
+    # Streams, the recording and the replays on the inputs' GPU: on another one (cuda:1 while cuda:0 is current),
+    # the kernels would run eagerly on that GPU's own stream and the graph would record nothing.
+    device = torch.cuda.device(inputs[0].device if inputs else None)
     static = [x.clone() for x in inputs]
-    side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graph's documentation asks
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    if after_warmup is not None:
-        after_warmup()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(*static)
+    with device:
+        side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graph's documentation asks
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        if after_warmup is not None:
+            after_warmup()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(*static)
 
     def run(*args):
         for buffer, x in zip(static, args):
+            if x.shape != buffer.shape:  # copy_ would broadcast it silently
+                raise ValueError(f"this CUDA graph was recorded for shape {tuple(buffer.shape)}, not {tuple(x.shape)}")
             buffer.copy_(x)
-        graph.replay()
+        with device:
+            graph.replay()
         return out
     return run

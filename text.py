@@ -1,7 +1,9 @@
 """SDXL's text conditioning: two CLIP text encoders (transformers) and the six size/crop "time ids".
 
     context (B, 77, 2048) = concat(CLIP-L penultimate hidden state (768), OpenCLIP bigG penultimate (1280))
-    pooled  (B, 1280)     = bigG's text projection of its EOS token
+    pooled  (B, 1280)     = bigG's text projection of its EOS token. (Where a config says eos_token_id 2, as configs
+                            written before transformers fixed that field do, transformers takes the highest token id
+                            instead: with a learned token, whose id is higher, that token's position, in diffusers too.)
     time_ids (B, 6)       = (original_h, original_w, crop_top, crop_left, target_h, target_w)
 
 Textual inversion adds a token (e.g. "<dog>") to both tokenizers, with a trainable row in both embedding tables.

@@ -285,8 +285,10 @@ def main(args):
     params = lora_lib.inject(unet, args.rank, args.alpha)
     trained = params + (ti.rows if ti else [])
     groups = [{"params": params, "lr": args.lr}] + ([{"params": ti.rows, "lr": args.ti_lr}] if ti else [])
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=device.type == "cuda",
-                                  capturable=device.type == "cuda")  # the same update, graphed or not
+    # Fused: one kernel for all parameters. Capturable, as a CUDA graph needs, it computes the same update.
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=fused,
+                                  capturable=fused and args.cuda_graph)
     rng = torch.Generator("cpu").manual_seed(args.seed)  # all randomness of the loop, saved for --resume
     a_bar = alphas_cumprod().to(device)
     os.makedirs(args.out, exist_ok=True)
