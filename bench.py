@@ -12,6 +12,7 @@ first call), and with --reference the ratios and the speed targets below. Compar
 machine.
 """
 import argparse
+import importlib.util
 import math
 import os
 import statistics
@@ -206,6 +207,53 @@ def check_targets(rows, compile_s, cfg_rate, roofline):
         print(f"target {what:92s} {value:8.2f}  ({'<=' if at_most else '>='} {bound})  {verdict}")
 
 
+def plan(args, unet, cfg, size, device, dtype):
+    """What to measure, in order: yields (stack, make_steps, first_call), where make_steps() readies the model and
+    returns the stack's {step: fn}. Eager first, both sides, so that a slow compile cannot cost the ratios; ours then
+    compiles from a cold cache, the reference last."""
+    def ours(train, graph=False):
+        def make_steps():
+            set_lora(unet, args.rank, None if train else dtype)  # trainable fp32, or frozen in dtype as sample.py has it
+            steps = (ours_train(unet, cfg, size, device, dtype, capturable=graph) if train
+                     else ours_sample(unet, cfg, size, device, dtype))
+            return {what: cuda_graph(fn) for what, fn in steps.items()} if graph else steps
+        return make_steps
+
+    def reference_alone(compiled):  # the reference on the GPU, ours on the CPU: each peak counts its own model only
+        ref, steps = reference(unet, cfg, size, device, dtype, args.rank)
+        unet.cpu()
+        torch.cuda.empty_cache()
+        if compiled:
+            ref.compile_repeated_blocks()  # diffusers' own regional compile (its transformer blocks)
+            yield "reference, compiled", lambda: steps, True
+        else:
+            yield "reference", lambda: steps, False
+            ref.enable_gradient_checkpointing()
+            yield "reference, checkpointing", lambda: {"DCO train step": steps["DCO train step"]}, False
+        ref = steps = None  # measured: free the reference before ours returns to the GPU
+        torch.cuda.empty_cache()
+        unet.to(device)
+
+    for graph in (False, True) if args.cuda_graph else (False,):
+        tag = ", CUDA graph" if graph else ""
+        yield "ours" + tag, ours(True, graph), False
+        unet.set_grad_checkpointing(True)
+        yield "ours, checkpointing" + tag, ours(True, graph), False
+        unet.set_grad_checkpointing(False)
+        yield "ours" + tag, ours(False, graph), False
+        if args.reference and not graph:
+            yield from reference_alone(compiled=False)
+    if args.compile:
+        unet.compile_blocks()
+        yield "ours, compiled", ours(True), True
+        yield "ours, compiled", ours(False), True
+        if args.cuda_graph:
+            yield "ours, compiled, CUDA graph", ours(True, graph=True), False
+            yield "ours, compiled, CUDA graph", ours(False, graph=True), False
+        if args.reference:
+            yield from reference_alone(compiled=True)
+
+
 def main(args):
     sys.stdout.reconfigure(line_buffering=True)  # each line as it is measured, even if the run is cut short
     if args.compile:  # compile times from a cold cache, as a user's first run has them
@@ -213,6 +261,8 @@ def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.cuda_graph and device.type != "cuda":
         sys.exit("error: --cuda-graph needs a CUDA GPU")
+    if args.reference and not all(importlib.util.find_spec(m) for m in ("diffusers", "peft")):
+        sys.exit("error: --reference needs diffusers and peft (pip install -r requirements-dev.txt)")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     size = args.size or (64 if args.tiny else 1024)
@@ -236,83 +286,26 @@ def main(args):
           f"fp32 (ours), {4 * n * dtype.itemsize / 2 ** 30:.2f} GiB in {dtype} (peft's, as the base weights)")
 
     rows, compile_s, cfg_rate = {}, {}, {}  # (stack, step) -> (s, GiB); (stack, step) -> s; stack -> TFLOP/s
-
-    def measure(stack, steps, first_call=False):
-        for what, fn in steps.items():
-            if first_call:  # the first call of a compiled step is its compile time
-                graphs = counters["stats"]["unique_graphs"]
-                sec, _ = timeit(fn, iters=1, warmup=0, device=device)
-                compile_s[stack, what] = sec
-                graphs = counters["stats"]["unique_graphs"] - graphs
-                print(f"{stack:28s} {what:20s} first call {sec:.1f} s (graphs compiled: {graphs})")
-            sec, peak = timeit(fn, args.iters, args.warmup, device)
-            rows[stack, what] = sec, peak
-            rate = ""
-            if what.startswith("CFG"):
-                cfg_rate[stack] = 2 * flops / sec / 1e12
-                rate = f"{cfg_rate[stack]:7.1f} TFLOP/s ({cfg_rate[stack] / roofline:.0%} of matmul)"
-            print(f"{stack:28s} {what:20s} {sec * 1e3:9.2f} ms  peak {peak:6.2f} GiB  {rate}")
-
-    def attempt(stack, make_steps, first_call=False):
-        try:
-            measure(stack, make_steps(), first_call)
-        except Exception as e:  # a compiler or capture failure is a result too, and must not lose the other numbers
-            print(f"{stack:28s} failed: {type(e).__name__}: {str(e)[:500]}")
-
-    def reference_stack(run):  # the reference on the GPU, ours on the CPU, so each peak counts its own model only
-        ref, steps = reference(unet, cfg, size, device, dtype, args.rank)
-        unet.cpu()
-        torch.cuda.empty_cache()
-        run(ref, steps)
-        del ref, steps
-        torch.cuda.empty_cache()
-        unet.to(device)
-
-    def reference_eager(ref, steps):
-        measure("reference", steps)
-        ref.enable_gradient_checkpointing()
-        measure("reference, checkpointing", {"DCO train step": steps["DCO train step"]})
-
-    def reference_compiled(ref, steps):
-        ref.compile_repeated_blocks()  # diffusers' own regional compile (its transformer blocks)
-        attempt("reference, compiled", lambda: steps, first_call=True)
-
-    def graphed(stack):  # our steps replayed from CUDA graphs: train (eager blocks: also checkpointed), then sample
-        def train_steps():
-            return {k: cuda_graph(fn) for k, fn in ours_train(unet, cfg, size, device, dtype, True).items()}
-        set_lora(unet, args.rank)
-        attempt(stack, train_steps)
-        if stack == "ours, CUDA graph":
-            unet.set_grad_checkpointing(True)
-            attempt("ours, checkpointing, CUDA graph", train_steps)
-            unet.set_grad_checkpointing(False)
-        set_lora(unet, args.rank, dtype)
-        attempt(stack, lambda: {k: cuda_graph(fn) for k, fn in ours_sample(unet, cfg, size, device, dtype).items()})
-
-    def run_all():  # eager first, so that a slow compile cannot cost the ratios; ours compiles from a cold cache
-        measure("ours", ours_train(unet, cfg, size, device, dtype))
-        unet.set_grad_checkpointing(True)
-        measure("ours, checkpointing", ours_train(unet, cfg, size, device, dtype))
-        unet.set_grad_checkpointing(False)
-        set_lora(unet, args.rank, dtype)
-        measure("ours", ours_sample(unet, cfg, size, device, dtype))
-        if args.reference:
-            reference_stack(reference_eager)
-        if args.cuda_graph:
-            graphed("ours, CUDA graph")
-        if args.compile:
-            unet.compile_blocks()
-            set_lora(unet, args.rank)
-            attempt("ours, compiled", lambda: ours_train(unet, cfg, size, device, dtype), first_call=True)
-            set_lora(unet, args.rank, dtype)
-            attempt("ours, compiled", lambda: ours_sample(unet, cfg, size, device, dtype), first_call=True)
-            if args.cuda_graph:
-                graphed("ours, compiled, CUDA graph")
-        if args.reference and args.compile:
-            reference_stack(reference_compiled)
-
+    failed = False
     try:
-        run_all()
+        for stack, make_steps, first_call in plan(args, unet, cfg, size, device, dtype):
+            try:
+                for what, fn in make_steps().items():
+                    if first_call:  # the first call of a compiled step is its compile time
+                        graphs = counters["stats"]["unique_graphs"]
+                        compile_s[stack, what], _ = timeit(fn, iters=1, warmup=0, device=device)
+                        graphs = counters["stats"]["unique_graphs"] - graphs
+                        print(f"{stack:28s} {what:20s} first call {compile_s[stack, what]:.1f} s "
+                              f"(graphs compiled: {graphs})")
+                    sec, peak = rows[stack, what] = timeit(fn, args.iters, args.warmup, device)
+                    rate = ""
+                    if what.startswith("CFG"):
+                        cfg_rate[stack] = 2 * flops / sec / 1e12
+                        rate = f"{cfg_rate[stack]:7.1f} TFLOP/s ({cfg_rate[stack] / roofline:.0%} of matmul)"
+                    print(f"{stack:28s} {what:20s} {sec * 1e3:9.2f} ms  peak {peak:6.2f} GiB  {rate}")
+            except Exception as e:  # a compile or capture failure is a result too, and must not lose the other numbers
+                failed = True
+                print(f"{stack:28s} failed: {type(e).__name__}: {str(e)[:500]}")
     except KeyboardInterrupt:  # e.g. timeout -s INT: the targets below still count what was measured
         print("interrupted")
     for (stack, what), (sec, _) in rows.items():
@@ -320,6 +313,8 @@ def main(args):
         if stack.startswith("ours") and (theirs, what) in rows:
             print(f"ratio {stack} / {theirs}, {what}: {sec / rows[theirs, what][0]:.2f}")
     check_targets(rows, compile_s, cfg_rate, roofline)
+    if failed:
+        sys.exit("error: a stack failed (above)")
 
 
 if __name__ == "__main__":
