@@ -333,8 +333,7 @@ def save_component(model, folder, sub):
     mapping = key_map(model.cfg)
     save_safetensors({mapping[k]: v for k, v in model.state_dict().items()},
                      os.path.join(d, "diffusion_pytorch_model.safetensors"))
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(to_diffusers(model.cfg), f, indent=2)
+    write_text(os.path.join(d, "config.json"), json.dumps(to_diffusers(model.cfg), indent=2))
 
 
 def load_unet(folder, dtype=torch.float32, device="cpu", tensors=None):

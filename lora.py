@@ -21,8 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import ModelError, read_metadata, read_safetensors, unet_key_map
+from unet_sdxl import UNet
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections the official DCO code trains
+DIFFUSERS_FILE, KOHYA_FILE = "pytorch_lora_weights.safetensors", "lora_kohya.safetensors"  # in an output folder
 
 
 class LoRALinear(nn.Linear):
@@ -114,6 +116,16 @@ def get_lora(model):
             for name, m in lora_modules(model).items()}
 
 
+def check_pair(name, down, up, shape):
+    """Refuse a (down, up) pair that is not a low-rank (out, in) = shape matrix, the shape of the layer it adapts."""
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise ModelError(f"LoRA module {name!r}: up {tuple(up.shape)} and down {tuple(down.shape)} do not "
+                         "make a linear low-rank pair")
+    if (up.shape[0], down.shape[1]) != tuple(shape):
+        raise ModelError(f"LoRA module {name!r} is {up.shape[0]}x{down.shape[1]}, the model's layer is "
+                         f"{shape[0]}x{shape[1]}: is it a LoRA for another model?")
+
+
 def apply_lora(model, lora, dtype=torch.float32):
     """Add a {module: (down, up)} LoRA to the model's linear layers, frozen, at scale 1. Sampling stores it in the
     activations' dtype: the product is computed in that dtype anyway, and then no cast runs on every call."""
@@ -122,12 +134,7 @@ def apply_lora(model, lora, dtype=torch.float32):
         base = modules.get(name)
         if type(base) is not nn.Linear:
             raise ModelError(f"LoRA module {name!r} matches no (unadapted) linear layer of this model")
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise ModelError(f"LoRA module {name!r}: up {tuple(up.shape)} and down {tuple(down.shape)} do not "
-                             "make a linear low-rank pair")
-        if down.shape[1] != base.in_features or up.shape[0] != base.out_features:
-            raise ModelError(f"LoRA module {name!r} is {up.shape[0]}x{down.shape[1]}, the model's layer is "
-                             f"{base.out_features}x{base.in_features}: is it a LoRA for another model?")
+        check_pair(name, down, up, base.weight.shape)
         dev, rank = base.weight.device, down.shape[0]
         m = LoRALinear(base, rank, alpha=rank, down=nn.Parameter(down.to(dev, dtype), requires_grad=False),
                        up=nn.Parameter(up.to(dev, dtype), requires_grad=False))  # alpha / rank is already in up
@@ -209,10 +216,19 @@ def parse_lora(tensors, unet_cfg, source):
         if name is None:
             raise ModelError(f"{source}: {key!r} matches no module of this UNet")
         parts.setdefault(name, {})[SUFFIXES[suffix]] = value.float()
+    with torch.device("meta"):  # the layers' shapes, without their memory
+        linear = {name: m.weight.shape for name, m in UNet(unet_cfg).named_modules() if type(m) is nn.Linear}
     lora = {}
     for name, p in parts.items():
         if "down" not in p or "up" not in p:
             raise ModelError(f"{source}: module {name!r} lacks its {'up' if 'down' in p else 'down'} matrix")
+        if name not in linear:
+            raise ModelError(f"{source}: module {name!r} is not a linear layer (a convolution LoRA?), which is not "
+                             "supported")
+        try:
+            check_pair(name, p["down"], p["up"], linear[name])
+        except ModelError as e:
+            raise ModelError(f"{source}: {e}") from None
         rank = p["down"].shape[0]
         lora[name] = (p["down"], p["up"] * (p["alpha"].item() / rank if "alpha" in p else 1.0))
     return lora
@@ -222,10 +238,10 @@ def lora_path(path):
     """A LoRA file, or the one in a train.py / merge.py output folder: its diffusers file, else its kohya file."""
     if not os.path.isdir(path):
         return path
-    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+    for name in (DIFFUSERS_FILE, KOHYA_FILE):
         if os.path.isfile(os.path.join(path, name)):
             return os.path.join(path, name)
-    raise ModelError(f"{path}: no pytorch_lora_weights.safetensors or lora_kohya.safetensors in this folder")
+    raise ModelError(f"{path}: no {DIFFUSERS_FILE} or {KOHYA_FILE} in this folder")
 
 
 def read_lora(path, unet_cfg):

@@ -13,13 +13,12 @@ default, as that file), the layout AUTOMATIC1111 and ComfyUI read; here, `--mode
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import torch
 
 import lora as lora_lib
-from checkpoint import (ModelError, component_files, model_folder, read_json, save_safetensors, save_single_file,
+from checkpoint import (ModelError, atomic, component_files, model_folder, read_json, save_safetensors, save_single_file,
                         unet_config_from_diffusers)
 from sample import folder_embeds, load_sdxl
 from unet_sdxl import UNetConfig
@@ -86,17 +85,24 @@ def main(args):
     if not path.endswith(".safetensors"):
         if os.path.isdir(path) and any(os.path.isdir(p) and os.path.samefile(p, path) for p in args.loras):
             raise ModelError(f"--out {path} is one of the inputs; merge into another folder")
+        if os.path.isfile(os.path.join(path, "settings.json")):
+            raise ModelError(f"--out {path} holds a training run; merge into another folder")
         embeds = args.embeds + [e for p in args.loras if os.path.isdir(p) for e in folder_embeds(p)]
+        tokens = []  # read now: clearing out an earlier merge in --out, below, may remove one of them
         for e in embeds:
             if not os.path.isfile(e):
                 raise ModelError(f"--embeds {e}: no such file")
+            with open(e, "rb") as f:
+                tokens.append(f.read())
         os.makedirs(path, exist_ok=True)
-        for stale in [f for f in os.listdir(path) if f.startswith("learned_embeds")]:  # from an earlier merge here
-            os.remove(os.path.join(path, stale))
-        for i, e in enumerate(embeds):
-            shutil.copyfile(e, os.path.join(path, "learned_embeds.safetensors" if i == 0 else
-                                            f"learned_embeds_{i}.safetensors"))
-        path = os.path.join(path, "lora_kohya.safetensors" if args.kohya else "pytorch_lora_weights.safetensors")
+        for stale in os.listdir(path):  # an earlier merge here: its tokens, and its LoRA in the other format
+            if stale.startswith("learned_embeds") or stale in (lora_lib.DIFFUSERS_FILE, lora_lib.KOHYA_FILE):
+                os.remove(os.path.join(path, stale))
+        for i, data in enumerate(tokens):
+            name = "learned_embeds.safetensors" if i == 0 else f"learned_embeds_{i}.safetensors"
+            with atomic(os.path.join(path, name)) as tmp, open(tmp, "wb") as f:
+                f.write(data)
+        path = os.path.join(path, lora_lib.KOHYA_FILE if args.kohya else lora_lib.DIFFUSERS_FILE)
     elif args.embeds:
         raise ModelError("--embeds needs a folder as --out, to put them beside the LoRA")
     save_safetensors(tensors, path, meta)

@@ -211,9 +211,9 @@ def check_resume(args):
 def save_outputs(args, unet, ti, step):
     meta = {"dco.settings": json.dumps(vars(args)), "dco.step": str(step)}
     lora = lora_lib.get_lora(unet)
-    save_safetensors(lora_lib.to_diffusers(lora, unet.cfg), os.path.join(args.out, "pytorch_lora_weights.safetensors"),
+    save_safetensors(lora_lib.to_diffusers(lora, unet.cfg), os.path.join(args.out, lora_lib.DIFFUSERS_FILE),
                      meta)
-    save_safetensors(lora_lib.to_kohya(lora), os.path.join(args.out, "lora_kohya.safetensors"), meta)
+    save_safetensors(lora_lib.to_kohya(lora), os.path.join(args.out, lora_lib.KOHYA_FILE), meta)
     if ti is not None:
         save_safetensors(ti.learned(), os.path.join(args.out, "learned_embeds.safetensors"),
                          {"token": ti.token, "init_token": ti.init_word})

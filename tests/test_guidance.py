@@ -191,7 +191,7 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path):
     merge_here(trained, style, "--weights", 1, 0.5, "--model", folder, "--kohya", "--out",
                tmp_path / "kohya")  # a kohya folder reads back as the same LoRA
     with pytest.raises(ModelError, match="is one of the inputs"):
-        merge_here(trained, "--out", trained)
+        merge_here(trained, "--model", folder, "--out", trained)
     with torch.no_grad():
         kohya = load_pipeline(folder, loras=[str(tmp_path / "kohya")]).unet(x, t, ctx, pooled, ids)
     torch.testing.assert_close(kohya, want, rtol=1e-4, atol=1e-4)
@@ -207,11 +207,18 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path):
     save_file(load_file(os.path.join(trained, "learned_embeds.safetensors")), str(cat / "learned_embeds.safetensors"),
               {"token": "<cat>", "init_token": "cat"})
     (tmp_path / "both").mkdir()
-    (tmp_path / "both" / "learned_embeds_5.safetensors").write_bytes(b"from an earlier merge")
+    for stale in ("learned_embeds_5.safetensors", "lora_kohya.safetensors"):  # an earlier merge's, both formats
+        (tmp_path / "both" / stale).write_bytes(b"from an earlier merge")
     merge_here(trained, cat, "--model", folder, "--out", tmp_path / "both")
     assert sorted(os.listdir(tmp_path / "both")) == ["learned_embeds.safetensors", "learned_embeds_1.safetensors",
                                                      "pytorch_lora_weights.safetensors"]
     assert load_pipeline(folder, loras=[str(tmp_path / "both")]).tokens == {"<dog>": "dog", "<cat>": "cat"}
+    # Merging again into that folder, with a token it holds: the token is read before the folder is cleared out
+    merge_here(cat / "pytorch_lora_weights.safetensors", "--embeds", tmp_path / "both" / "learned_embeds_1.safetensors",
+               "--model", folder, "--out", tmp_path / "both")
+    assert load_pipeline(folder, loras=[str(tmp_path / "both")]).tokens == {"<cat>": "cat"}
+    with pytest.raises(ModelError, match="holds a training run"):  # its LoRA and token would be replaced
+        merge_here(cat, "--model", folder, "--out", trained)
 
 
 def test_fused_checkpoint_equals_base_plus_lora(tiny_sdxl, trained, tmp_path):

@@ -226,6 +226,17 @@ def test_bad_loras_are_refused_with_the_key_named(tiny_sdxl):
         lora_lib.apply_lora(unet, {name: (torch.zeros(4, 64), torch.zeros(64, 8))})
     with pytest.raises(ModelError, match="no_such_block"):
         lora_lib.parse_lora({"unet.no_such_block.to_q.lora.down.weight": torch.zeros(4, 64)}, unet.cfg, "x")
+    # Reading a file checks each pair against the UNet's layer, as applying it does: merge.py applies nothing
+    kohya = "lora_unet_" + name.replace(".", "_")
+    for down, up, message in ((torch.zeros(4, 999), torch.zeros(64, 4), "another model"),
+                              (torch.zeros(4, 64), torch.zeros(64, 8), "low-rank pair")):
+        with pytest.raises(ModelError, match=f"^f.safetensors: LoRA module '{name}'.*{message}"):
+            lora_lib.parse_lora({f"{kohya}.lora_down.weight": down, f"{kohya}.lora_up.weight": up}, unet.cfg,
+                                "f.safetensors")
+    with pytest.raises(ModelError, match="'input_blocks.1.0.in_layers.2' is not a linear layer"):
+        lora_lib.parse_lora({"lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight": torch.zeros(4, 32, 3, 3),
+                             "lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight": torch.zeros(32, 4, 1, 1)},
+                            unet.cfg, "f.safetensors")
     with pytest.warns(UserWarning, match=r"adapts 1 layers; \d+ attention projections"):
         lora_lib.apply_lora(unet, {name: (torch.zeros(4, 64), torch.zeros(64, 4))})
 
