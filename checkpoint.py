@@ -368,6 +368,8 @@ def check_schedule(folder):
         return
     config = read_json(path)
     other = [f"{k} {config[k]!r}" for k, v in SCHEDULE.items() if k in config and config[k] != v]
+    if config.get("rescale_betas_zero_snr"):  # a zero-terminal-SNR schedule: another set of betas
+        other.append("rescale_betas_zero_snr True")
     if other:
         raise ModelError(f"{path}: {', '.join(other)}; only SDXL's own schedule is supported "
                          f"({', '.join(f'{k} {v!r}' for k, v in SCHEDULE.items())})")

@@ -19,26 +19,33 @@ from sample import split_spec
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: not UTF-8 text") from None
+
+
 def read_captions(folder, caption):
     """[(image path, caption)] from same-name .txt files, metadata.jsonl, or one caption for all."""
     if not os.path.isdir(folder):
         raise ModelError(f"{folder}: no such data folder")
     meta, captions = os.path.join(folder, "metadata.jsonl"), {}
     if os.path.isfile(meta):
-        with open(meta) as f:
-            for i, line in enumerate(l for l in f if l.strip()):
-                try:
-                    row = json.loads(line)
-                    captions[row["file_name"]] = row["text"]
-                except (json.JSONDecodeError, KeyError):
-                    raise ModelError(f"{meta}: line {i + 1} needs file_name and text") from None
+        for i, line in enumerate(l for l in read_text(meta).splitlines() if l.strip()):
+            try:
+                row = json.loads(line)
+                captions[row["file_name"]] = row["text"]
+            except (ValueError, KeyError, TypeError):  # not JSON, or not an object with both keys
+                raise ModelError(f"{meta}: line {i + 1} needs file_name and text") from None
     files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
     if not files:
         raise ModelError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     items = []
     for f in files:
         txt = os.path.join(folder, os.path.splitext(f)[0] + ".txt")
-        text = caption or captions.get(f) or (open(txt).read().strip() if os.path.isfile(txt) else None)
+        text = caption or captions.get(f) or (read_text(txt) if os.path.isfile(txt) else None)
         if not text:
             raise ModelError(f"{os.path.join(folder, f)}: no caption ({os.path.basename(txt)} is missing or empty; "
                              "or use --caption)")
@@ -74,7 +81,8 @@ def read_config(spec):
         raise ModelError(f"{where}: train.py learns one token from an initializer word; the config has "
                          f"inserting_tokens {tokens} and initializer_tokens {words}")
     token, word = (tokens[0], words[0]) if tokens else (None, None)
-    if token and cfg.get("base_prompts", prompts) != [p.replace(token, word) for p in prompts]:
+    # base_prompts (what the frozen model sees; the official code needs them with a token and DCO) are derived so.
+    if token and "base_prompts" in cfg and cfg["base_prompts"] != [p.replace(token, word) for p in prompts]:
         raise ModelError(f"{where}: base_prompts must be the prompts with {token} replaced by {word}, as train.py "
                          "makes them")
     items = []

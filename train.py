@@ -70,7 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each train step from a CUDA graph: much faster where launching kernels is the limit")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 on a GPU, float32 on the CPU (float16's small gradients would underflow "
+                        "without loss scaling, which this loop does not do)")
     args = p.parse_args(argv)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
@@ -83,6 +85,8 @@ def parse_args(argv=None):
         p.error("--caption is for a folder of images; a data config gives its own prompts")
     if args.prior_dir and os.path.realpath(args.prior_dir) == os.path.realpath(args.data):
         p.error("--prior-dir is the --data folder; class images go in a folder of their own")
+    if args.prior_dir and os.path.isfile(args.prior_dir):
+        p.error(f"--prior-dir {args.prior_dir} is a file; class images go in a folder")
     if os.path.isfile(args.out):
         p.error(f"--out {args.out} is a file; training writes a folder")
     if args.save_every < 0:
@@ -146,8 +150,8 @@ def open_log(path, start):
     """OUT/log.jsonl, opened to add a line per step; a resumed run keeps the lines of the steps before `start`."""
     kept = []
     if start and os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] < start]
+        with open(path) as f:  # a line cut short by a crash ends without a newline: dropped
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] < start]
     write_text(path, "".join(kept))
     return open(path, "a")
 
@@ -321,12 +325,12 @@ def main(args):
         if prior:
             loss = loss + args.prior_weight * err_theta[B:].mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ti is not None:
             ti.retract()
-        return loss.detach(), err_theta[:B].detach(), err_phi
+        return loss.detach(), grad_norm, err_theta[:B].detach(), err_phi
 
     if args.cuda_graph:
         dco_step = graph_step(dco_step, trained, optimizer, B * (2 if prior else 1), mean.shape[1:], device)
@@ -347,10 +351,11 @@ def main(args):
         z = torch.randn((len(idx), *mean.shape[1:]), generator=rng)
         noise = offset_noise(z.shape, args.offset_noise, rng)
         t = torch.randint(0, len(a_bar), (len(idx),), generator=rng)
-        loss, err_theta, err_phi = dco_step(*(v.to(device) for v in (idx, z, noise, t)))
-        if not torch.isfinite(loss):  # the step is taken, but never saved
+        loss, grad_norm, err_theta, err_phi = dco_step(*(v.to(device) for v in (idx, z, noise, t)))
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # the step is taken, but never saved
             kept = "keeping the last good checkpoint" if os.path.exists(ckpt) else "no checkpoint was saved before"
-            sys.exit(f"error: the loss is {loss.item()} at step {step}; stopped, {kept}")
+            sys.exit(f"error: the loss is {loss.item()} and the gradient norm {grad_norm.item()} at step {step}; "
+                     f"stopped, {kept}")
         record = {"step": step, "loss": loss.item(), "err_theta": err_theta.mean().item(),
                   "err_phi": err_phi.mean().item()}
         log.write(json.dumps(record) + "\n")

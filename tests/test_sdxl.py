@@ -231,7 +231,7 @@ def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
     with pytest.raises(ModelError, match="prediction_type 'v_prediction'; only SDXL's own schedule"):
         load_pipeline(str(bad))
     for key, value in [("beta_end", 0.02), ("beta_start", 0.001), ("beta_schedule", "linear"),
-                       ("num_train_timesteps", 2000)]:
+                       ("num_train_timesteps", 2000), ("rescale_betas_zero_snr", True)]:
         config = json.loads(sched.read_text().replace('"v_prediction"', '"epsilon"'))
         sched.write_text(json.dumps({**config, key: value}))
         with pytest.raises(ModelError, match=re.escape(f"{key} {value!r}")):

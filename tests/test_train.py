@@ -92,8 +92,9 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     folder, data = tiny_sdxl[0], os.path.join(os.path.dirname(trained), "data")
     common = ("--model", folder, "--data", data, "--token", "<dog>", "--init-token", "dog", *TRAIN_ARGS)
     run_script("train.py", *common, "--steps", 3, "--out", tmp_path / "r")
-    with open(tmp_path / "r" / "log.jsonl", "a") as f:  # a step logged after the last save, as a crash leaves it
-        f.write(json.dumps({"step": 3, "loss": 9.0, "err_theta": 9.0, "err_phi": 9.0}) + "\n")
+    with open(tmp_path / "r" / "log.jsonl", "a") as f:  # a step logged after the last save, and one cut short by
+        f.write(json.dumps({"step": 3, "loss": 9.0, "err_theta": 9.0, "err_phi": 9.0}) + "\n")  # the crash
+        f.write('{"step": 4, "loss": 0.6')
     run_script("train.py", *common, "--steps", 8, "--out", tmp_path / "r", "--resume")
     for f in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
         a, b = load_file(os.path.join(trained, f)), load_file(str(tmp_path / "r" / f))
@@ -178,6 +179,12 @@ def test_bad_data_is_refused_in_one_line(tiny_sdxl, tmp_path):
     expect_error(("--data", data, *common), "02.jpg", out)
     os.remove(os.path.join(data, "02.jpg"))
     expect_error(("--data", data, *common, "--device", "cpu", "--cuda-graph"), "--cuda-graph needs a CUDA GPU", out)
+    with open(os.path.join(data, "00.txt"), "wb") as f:
+        f.write("a photo of a <dog> in Köln".encode("latin-1"))
+    expect_error(("--data", data, *common), "00.txt: not UTF-8 text", out)
+    with open(os.path.join(data, "metadata.jsonl"), "w") as f:
+        f.write(json.dumps({"file_name": "00.png", "text": "a dog"}) + "\n" + json.dumps(["00.png", "a dog"]) + "\n")
+    expect_error(("--data", data, *common), "metadata.jsonl: line 2 needs file_name and text", out)
 
 
 def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, monkeypatch):
@@ -188,11 +195,13 @@ def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, 
             "inserting_tokens": ["<dog>"], "initializer_tokens": ["dog"]}
     configs = {"dreambooth": {"images": images, "prompts": ["a photo of sks dog"] * 2}, "full_ti": full,
                "two": {**full, "inserting_tokens": ["<dog>", "<cat>"], "initializer_tokens": ["dog", "cat"]},
-               "base": {**full, "base_prompts": prompts}, "missing": {**full, "images": ["x/05.png", images[1]]}}
+               "base": {**full, "base_prompts": prompts}, "missing": {**full, "images": ["x/05.png", images[1]]},
+               "derived": {k: v for k, v in full.items() if k != "base_prompts"}}  # base prompts made by train.py
     config = tmp_path / "dataset" / "dog" / "config.json"
     config.write_text(json.dumps(configs))
     monkeypatch.chdir(tmp_path)
     assert read_config("dataset/dog/config.json:full_ti") == (list(zip(images, prompts)), "<dog>", "dog")
+    assert read_config("dataset/dog/config.json:derived") == read_config("dataset/dog/config.json:full_ti")
     (tmp_path / "dataset" / "rel.json").write_text(json.dumps({"x": {"images": ["dog/00.png"], "prompts": ["a"]}}))
     assert read_config("dataset/rel.json")[0] == [("dataset/dog/00.png", "a")]  # or from the config's folder
     monkeypatch.chdir(config.parent)  # elsewhere, the images are found next to the config
@@ -308,6 +317,8 @@ def test_impossible_settings_are_refused(tmp_path, capsys):
                         (["--sample-steps", "1001"], "--sample-steps can be at most 1000"),
                         (["--prior-dir", data + "/", "--prior-prompt", "a dog"], "--prior-dir is the --data folder"),
                         (["--out", str(tmp_path / "file")], "is a file; training writes a folder"),
+                        (["--prior-dir", str(tmp_path / "file"), "--prior-prompt", "a dog"], "is a file; class images"),
+                        (["--dtype", "float16"], "invalid choice: 'float16'"),
                         (["--data", "config.json:full_ti", "--caption", "a dog"], "--caption is for a folder")]:
         with pytest.raises(SystemExit):
             train.parse_args(common + bad)
@@ -322,6 +333,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sdxl, trained, t
     assert r.returncode != 0 and "keeping the last good checkpoint" in r.stderr.strip().splitlines()[-1]
     tensors = load_file(os.path.join(out, "checkpoint.safetensors"))
     assert all(torch.isfinite(v.float()).all() for v in tensors.values())
+
+
+def test_an_infinite_gradient_under_a_finite_loss_is_never_saved(tiny_sdxl, trained, tmp_path, monkeypatch):
+    """Clipping an infinite gradient makes NaN weights (inf * 0); a save right after must not write them."""
+    data, out = os.path.join(os.path.dirname(trained), "data"), tmp_path / "inf"
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def overflow_at_step_1(params, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            params[0].grad[0, 0] = float("inf")
+        return clip(params, *a, **kw)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflow_at_step_1)
+    with pytest.raises(SystemExit, match="gradient norm inf at step 1; stopped, keeping the last good checkpoint"):
+        train.main(train.parse_args(["--model", tiny_sdxl[0], "--data", data, "--out", str(out), "--resolution", "32",
+                                     "--steps", "4", "--save-every", "1", "--sample-steps", "1", "--rank", "2"]))
+    assert json.load(open(out / "settings.json"))["step"] == 1
+    assert all(torch.isfinite(v.float()).all() for v in load_file(str(out / "checkpoint.safetensors")).values())
 
 
 def test_prior_preservation_generates_class_images(tiny_sdxl, trained, tmp_path, monkeypatch):
