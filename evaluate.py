@@ -406,5 +406,5 @@ def main(args, make_generator=make_generator):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (InputError, ModelError) as e:
+    except (InputError, ModelError, OSError) as e:  # OSError: a file that cannot be read or written
         sys.exit(f"error: {e}")

@@ -44,6 +44,13 @@ def float_list(s):
     return values
 
 
+def number(s):
+    value = finite(s)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
+    return value
+
+
 def positive_int(s):
     if not s.isdigit() or int(s) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {s!r}")
@@ -63,7 +70,7 @@ def parse_args(argv=None):
                    help="learned_embeds.safetensors; TOKEN/INITWORD are needed only if the file does not name them")
     p.add_argument("--w-con", type=float_list, help="consistency guidance scale; a comma list makes a grid")
     p.add_argument("--steps", type=positive_int, default=50)
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale w_txt")
+    p.add_argument("--cfg", type=number, default=5.0, help="classifier-free guidance scale w_txt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=positive_int, default=1,
                    help="images with seeds seed, seed+1, ... (a row each in a grid)")
@@ -82,14 +89,23 @@ def parse_args(argv=None):
         p.error(f"--out {args.out} is a folder; give the image's file name")
     if args.steps > NUM_TRAIN_TIMESTEPS:
         p.error(f"--steps can be at most {NUM_TRAIN_TIMESTEPS}, the number of training timesteps")
+    if not 0 <= args.seed <= 2 ** 64 - args.n:  # image i's generator is seeded with seed + i, 64 bits
+        p.error("--seed must be a whole number from 0 to 2^64 - n")
     return args
 
 
 def resolve_device(device, dtype):
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    """(torch.device, torch dtype) for --device and --dtype; auto: the GPU if there is one, bfloat16 on it."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {name}: this machine (or this build of torch) has no CUDA GPU")
     if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return torch.device(device), getattr(torch, dtype)
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return device, getattr(torch, dtype)
 
 
 def load_sdxl(model, device, dtype, config=None):
@@ -253,5 +269,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except ModelError as e:
+    except (ModelError, OSError) as e:  # OSError: a file that cannot be read or written, a full disk
         sys.exit(f"error: {e}")

@@ -378,5 +378,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except ModelError as e:
+    except (ModelError, OSError) as e:  # OSError: a file that cannot be read or written, a full disk
         sys.exit(f"error: {e}")

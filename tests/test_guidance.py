@@ -253,6 +253,13 @@ def test_merge_refuses_to_fuse_into_a_folder_or_read_a_missing_input(tmp_path, c
     assert "--out NAME.safetensors" in capsys.readouterr().err
     with pytest.raises(ModelError, match="nowhere.safetensors: no such LoRA file or folder$"):
         merge.main(merge.parse_args([str(tmp_path / "nowhere.safetensors"), "--out", str(tmp_path / "m.safetensors")]))
+    # A file that cannot be written is a one-line error too: here a file stands where --out's folder would be.
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"  # a layer of SDXL base, 640 x 640
+    save_file({f"{name}.lora_down.weight": torch.zeros(2, 640), f"{name}.lora_up.weight": torch.zeros(640, 2)},
+              str(tmp_path / "l.safetensors"))
+    (tmp_path / "taken").write_text("")
+    r = run_script("merge.py", tmp_path / "l.safetensors", "--out", tmp_path / "taken" / "m.safetensors", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error: [Errno"), r.stderr
 
 
 def test_foreign_lora_is_refused_in_one_line(tiny_sdxl, tmp_path):

@@ -247,12 +247,18 @@ def test_impossible_sampling_settings_are_refused(tmp_path, capsys):
     import sample
     for bad, needle in [(["--n", "0"], "expected a positive whole number"), (["--width", "-8"], "positive whole"),
                         (["--steps", "1001"], "at most 1000"), (["--w-con", "0,nan"], "comma list of numbers"),
-                        (["--out", str(tmp_path)], "is a folder")]:
+                        (["--out", str(tmp_path)], "is a folder"), (["--cfg", "nan"], "expected a number"),
+                        (["--seed", str(2 ** 64)], "--seed must be a whole number from 0 to 2^64 - n")]:
         with pytest.raises(SystemExit):
             sample.parse_args(["--model", "m", "--prompt", "p", *bad])
         assert needle in capsys.readouterr().err
     with pytest.raises(ModelError, match="--cuda-graph needs a CUDA GPU"):  # before any model is read
         sample.main(sample.parse_args(["--model", "m", "--prompt", "p", "--device", "cpu", "--cuda-graph"]))
+    with pytest.raises(ModelError, match="--device gpu: not a device name"):
+        sample.resolve_device("gpu", "auto")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="--device cuda:1: this machine .* has no CUDA GPU"):
+            sample.resolve_device("cuda:1", "auto")
 
 
 def test_saved_files_are_readable_by_others_and_their_folder_is_made(tmp_path):
