@@ -176,10 +176,13 @@ def module_names(unet_cfg):
 
 
 def to_diffusers(lora, unet_cfg):
-    names = module_names(unet_cfg)
+    """Every module at the largest rank, padded with zero rows (its delta is unchanged): a merge of LoRAs that adapt
+    different layers has mixed ranks, and older diffusers gave every module one alpha (the first module's rank)."""
+    names, rank = module_names(unet_cfg), max(down.shape[0] for down, _ in lora.values())
     out = {}
     for name, (down, up) in lora.items():
-        module = names[name]
+        module, pad = names[name], rank - down.shape[0]
+        down, up = F.pad(down, (0, 0, 0, pad)), F.pad(up, (0, pad))  # (r, in) -> (rank, in), (out, r) -> (out, rank)
         out[f"unet.{module}.lora.down.weight"], out[f"unet.{module}.lora.up.weight"] = down, up
     return out
 

@@ -172,6 +172,10 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path):
     run_script("merge.py", trained, style, "--weights", 1, 0.5, "--model", folder, "--out", tmp_path / "merged")
     merged = tmp_path / "merged"
     assert sorted(os.listdir(merged)) == ["learned_embeds.safetensors", "pytorch_lora_weights.safetensors"]
+    # to_q and to_v have rank 4 + 2, to_k and to_out.0 rank 4, written padded to one rank (older diffusers need it)
+    ranks = {k.split(".lora.")[0].rsplit(".", 1)[-1]: v.shape[0]
+             for k, v in load_file(str(merged / "pytorch_lora_weights.safetensors")).items() if k.endswith("down.weight")}
+    assert set(ranks) == {"to_q", "to_k", "to_v", "0"} and set(ranks.values()) == {6}
     x, t, ctx, pooled, ids = unet_inputs()
     ref = StableDiffusionXLPipeline.from_pretrained(folder)
     ref.load_lora_weights(trained, adapter_name="subject")
