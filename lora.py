@@ -9,6 +9,7 @@ up @ down. Files are written in two formats, and read in these and peft's:
   - diffusers (what the official DCO code writes, and what `pipe.load_lora_weights(dir)` reads):
       unet.<diffusers module>.lora.down.weight / .lora.up.weight   (also read: .lora_A/.lora_B, peft's names)
   - kohya (ComfyUI, AUTOMATIC1111): lora_unet_<official module, '.' -> '_'>.lora_down.weight / .lora_up.weight / .alpha
+  - read only, peft's save_pretrained folder: adapter_model.safetensors, its lora_alpha in adapter_config.json
 """
 import contextlib
 import json
@@ -237,30 +238,46 @@ def parse_lora(tensors, unet_cfg, source):
     return lora
 
 
+PEFT_FILE, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # what peft's save_pretrained writes
+
+
 def lora_path(path):
-    """A LoRA file, or the one in a train.py / merge.py output folder: its diffusers file, else its kohya file."""
+    """A LoRA file, or the one in a folder: a train.py / merge.py output's diffusers file, else its kohya file, else
+    a peft save_pretrained folder's."""
     if not os.path.isdir(path):
         return path
-    for name in (DIFFUSERS_FILE, KOHYA_FILE):
+    for name in (DIFFUSERS_FILE, KOHYA_FILE, PEFT_FILE):
         if os.path.isfile(os.path.join(path, name)):
             return os.path.join(path, name)
-    raise ModelError(f"{path}: no {DIFFUSERS_FILE} or {KOHYA_FILE} in this folder")
+    raise ModelError(f"{path}: no {DIFFUSERS_FILE}, {KOHYA_FILE} or {PEFT_FILE} in this folder")
+
+
+def lora_config(path):
+    """peft's LoraConfig of a LoRA file, where it has one: in the header of newer diffusers files (its keys prefixed
+    "unet."), or beside a peft file in adapter_config.json. {} for the files the official code writes (alpha = rank)."""
+    header = json.loads(read_metadata(path).get("lora_adapter_metadata") or "{}")
+    config = {k[len("unet."):]: v for k, v in header.items() if k.startswith("unet.")}
+    beside = os.path.join(os.path.dirname(path), PEFT_CONFIG)
+    if not config and os.path.basename(path) == PEFT_FILE and os.path.isfile(beside):
+        with open(beside) as f:
+            config = json.load(f)
+    return config
 
 
 def read_lora(path, unet_cfg):
-    """A LoRA file or output folder; newer diffusers files state peft's lora_alpha in their header, and alpha / rank
-    scales `up`."""
+    """A LoRA file or folder, with peft's lora_alpha (and alpha_pattern) applied where its config states them: alpha /
+    rank scales `up`."""
     path = lora_path(path)
     lora = parse_lora(read_safetensors(path), unet_cfg, path)
-    config = json.loads(read_metadata(path).get("lora_adapter_metadata") or "{}")
-    if "unet.lora_alpha" not in config:  # no header: alpha = rank, the files the official code writes
+    config = lora_config(path)
+    if "lora_alpha" not in config:
         return lora
-    if config.get("unet.use_rslora"):
+    if config.get("use_rslora"):
         raise ModelError(f"{path}: rank-stabilized LoRA (alpha / sqrt(rank)) is not supported")
     diffusers_name = module_names(unet_cfg)
-    patterns = config.get("unet.alpha_pattern") or {}
+    patterns = config.get("alpha_pattern") or {}
     for name, (down, up) in lora.items():  # peft's alpha_pattern keys match the end of a module name
         alpha = next((a for p, a in patterns.items() if re.match(rf"(.*\.)?({p})$", diffusers_name[name])),
-                     config["unet.lora_alpha"])
+                     config["lora_alpha"])
         lora[name] = (down, up * (alpha / down.shape[0]))
     return lora

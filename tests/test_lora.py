@@ -180,8 +180,9 @@ def test_we_read_peft_and_official_dco_files(tiny_sdxl):
             torch.testing.assert_close(unet(*inputs()), want, rtol=1e-4, atol=1e-4)
 
 
-def test_alpha_in_a_diffusers_file_header_is_applied(tiny_sdxl, tmp_path):
-    """Newer diffusers files carry peft's LoraConfig (lora_alpha, alpha_pattern) in the safetensors header."""
+def test_alpha_in_a_diffusers_file_header_or_a_peft_config_is_applied(tiny_sdxl, tmp_path):
+    """Newer diffusers files carry peft's LoraConfig (lora_alpha, alpha_pattern) in the safetensors header; peft's
+    save_pretrained writes it beside the weights."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
     folder = tiny_sdxl[0]
@@ -189,10 +190,16 @@ def test_alpha_in_a_diffusers_file_header_is_applied(tiny_sdxl, tmp_path):
         "attn2.to_v": 2, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": 16})  # diffusers' names
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
     type(pipe).save_lora_weights(str(tmp_path), unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict())
-    unet = load_unet(folder)
-    lora_lib.apply_lora(unet, lora_lib.read_lora(str(tmp_path / "pytorch_lora_weights.safetensors"), unet.cfg))
-    with torch.no_grad():
-        torch.testing.assert_close(unet(*inputs()), want, rtol=1e-4, atol=1e-4)
+    # peft's own save_pretrained folder: the same LoraConfig, in adapter_config.json beside the weights
+    peft = tmp_path / "peft"
+    config.save_pretrained(str(peft))
+    save_file({f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(pipe.unet).items()},
+              str(peft / "adapter_model.safetensors"))
+    for path in (tmp_path / "pytorch_lora_weights.safetensors", peft):
+        unet = load_unet(folder)
+        lora_lib.apply_lora(unet, lora_lib.read_lora(str(path), unet.cfg))
+        with torch.no_grad():
+            torch.testing.assert_close(unet(*inputs()), want, rtol=1e-4, atol=1e-4)
 
 
 def test_merge_is_exact_and_compress_reports_its_error():
