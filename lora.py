@@ -9,6 +9,7 @@ up @ down. Files are written in two formats, and read in these and peft's:
   - diffusers (what the official DCO code writes, and what `pipe.load_lora_weights(dir)` reads):
       unet.<diffusers module>.lora.down.weight / .lora.up.weight   (also read: .lora_A/.lora_B, peft's names)
   - kohya (ComfyUI, AUTOMATIC1111): lora_unet_<official module, '.' -> '_'>.lora_down.weight / .lora_up.weight / .alpha
+    (also read: diffusers' module names in place of the official ones, as diffusers' kohya converter writes them)
   - read only, peft's save_pretrained folder: adapter_model.safetensors, its lora_alpha in adapter_config.json
 """
 import contextlib
@@ -205,7 +206,9 @@ SUFFIXES = {  # key ending -> which matrix it holds; the module name is what pre
 def parse_lora(tensors, unet_cfg, source):
     """Read a diffusers / official DCO / peft / kohya LoRA file into {official module: (down, up)}."""
     diffusers_to_ours = {v: k for k, v in module_names(unet_cfg).items()}
-    kohya_to_ours = {"lora_unet_" + k.replace(".", "_"): k for k in diffusers_to_ours.values()}
+    # kohya names come from the official module names (sd-scripts, ours) or from diffusers' (its kohya converter)
+    kohya_to_ours = {"lora_unet_" + name.replace(".", "_"): k for k, v in module_names(unet_cfg).items()
+                     for name in (k, v)}
     parts = {}
     for key, value in tensors.items():
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)

@@ -111,7 +111,12 @@ def test_alpha_is_folded_exactly_into_every_format(tiny_sdxl):
     # kohya trainers write up unscaled, with alpha beside it: here up = B and alpha = 2 for rank 4
     trainer_kohya = {k: v / 0.5 if k.endswith(".lora_up.weight") else torch.tensor(2.0) if k.endswith(".alpha") else v
                      for k, v in lora_lib.to_kohya(lora).items()}
-    for tensors in (lora_lib.to_diffusers(lora, unet.cfg), lora_lib.to_kohya(lora), trainer_kohya):
+    from diffusers.utils import convert_state_dict_to_kohya  # kohya keys from diffusers' module names
+    peft_keys = {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v
+                 for k, v in lora_lib.to_diffusers(lora, unet.cfg).items()}
+    diffusers_kohya = convert_state_dict_to_kohya(peft_keys)
+    assert any(k.startswith("lora_unet_down_blocks_") for k in diffusers_kohya)
+    for tensors in (lora_lib.to_diffusers(lora, unet.cfg), lora_lib.to_kohya(lora), trainer_kohya, diffusers_kohya):
         fresh = load_unet(tiny_sdxl[0])
         lora_lib.apply_lora(fresh, lora_lib.parse_lora(tensors, fresh.cfg, "test"))
         with torch.no_grad():
