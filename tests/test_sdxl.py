@@ -322,6 +322,31 @@ def test_bench_smoke_on_cpu():
     assert r.returncode != 0 and r.stderr.strip() == "error: --cuda-graph needs a CUDA GPU", r.stderr[-2000:]
 
 
+def test_bench_measures_eager_stacks_first_then_graphs_then_compiled(monkeypatch):
+    """bench.plan's order and steps with every option, the CUDA graphs replaced by the plain steps (CPU)."""
+    import bench
+    monkeypatch.setattr(bench, "cuda_graph", lambda fn: fn)
+    args = bench.parse_args(["--tiny", "--reference", "--compile", "--cuda-graph", "--rank", "2"])
+    unet = UNet(UNetConfig.tiny()).requires_grad_(False)
+    seen = []
+    for stack, make_steps, first_call in bench.plan(args, unet, unet.cfg, 32, torch.device("cpu"), torch.float32):
+        steps = make_steps()
+        trains = any(p.requires_grad for p in unet.parameters())  # a fresh trainable LoRA, or a frozen one
+        seen.append((stack, sorted(steps), first_call, trains, unet.output_blocks[0][0].checkpointing))
+    train, sample, ref = ["DCO train step"], ["CFG step (batch 2)", "CG step"], ["CFG step (batch 2)", "CG step",
+                                                                                  "DCO train step"]
+    assert seen == [("ours", train, False, True, False), ("ours, checkpointing", train, False, True, True),
+                    ("ours", sample, False, False, False), ("reference", ref, False, False, False),
+                    ("reference, checkpointing", train, False, False, False),
+                    ("ours, CUDA graph", train, False, True, False),
+                    ("ours, checkpointing, CUDA graph", train, False, True, True),
+                    ("ours, CUDA graph", sample, False, False, False),
+                    ("ours, compiled", train, True, True, False), ("ours, compiled", sample, True, False, False),
+                    ("ours, compiled, CUDA graph", train, False, True, False),
+                    ("ours, compiled, CUDA graph", sample, False, False, False),
+                    ("reference, compiled", ref, True, False, False)]
+
+
 def test_the_single_file_reads_as_diffusers_reads_it(tmp_path):
     from diffusers import StableDiffusionXLPipeline
     # diffusers tells the two text encoders apart by width, as SDXL's are (768 and 1280); so must the tiny ones.
