@@ -51,6 +51,7 @@ import lora as lora_lib
 import sample
 from checkpoint import ModelError, atomic, write_text
 from data import IMAGE_SUFFIXES, load_rgb
+from dco import NUM_TRAIN_TIMESTEPS
 
 BATCH = 16
 
@@ -69,19 +70,22 @@ def parse_args(argv=None):
     p.add_argument("--subject", help="phrase that fills {} in the prompts, e.g. '<dog>' or 'sks dog'")
     p.add_argument("--suffix", default="", help="appended to every prompt, e.g. ' in watercolor painting style'")
     p.add_argument("--w-con", default="0,1,2,3,4,5", help="consistency-guidance scales; 'cfg': plain CFG")
-    p.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 for every prompt")
+    p.add_argument("--seeds", type=sample.positive_int, default=4, help="seeds 0..N-1 for every prompt")
     p.add_argument("--dino", required=True, help="local DINOv2 checkpoint folder (transformers, safetensors)")
     p.add_argument("--siglip", help="local SigLIP checkpoint folder")
     p.add_argument("--clip", help="local CLIP checkpoint folder")
     p.add_argument("--out", default="results")
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale w_txt")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--cfg", type=sample.number, default=5.0, help="classifier-free guidance scale w_txt")
+    p.add_argument("--steps", type=sample.positive_int, default=50)
+    p.add_argument("--width", type=sample.positive_int, default=1024)
+    p.add_argument("--height", type=sample.positive_int, default=1024)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps > NUM_TRAIN_TIMESTEPS:
+        p.error(f"--steps can be at most {NUM_TRAIN_TIMESTEPS}, the number of training timesteps")
+    return args
 
 
 class InputError(Exception):
@@ -130,10 +134,10 @@ def weights_digest(spec):
     path = sample.split_spec(spec, 2)[0]  # PATH[:SCALE], parsed as load_pipeline parses it
     if not os.path.exists(path):
         raise InputError(f"LoRA {path}: not found")
-    if os.path.isfile(path):
-        files = [path]
-    else:  # the files load_pipeline reads from a training output folder
-        files = [lora_lib.lora_path(path)] + sample.folder_embeds(path)
+    # The files load_pipeline reads: the weights, a peft file's config beside them, an output folder's learned tokens.
+    weights = lora_lib.lora_path(path)
+    files = [f for f in (weights, lora_lib.peft_config_path(weights)) if f]
+    files += sample.folder_embeds(path) if os.path.isdir(path) else []
     h = hashlib.sha1()
     for file in files:
         with open(file, "rb") as f:

@@ -255,14 +255,19 @@ def lora_path(path):
     raise ModelError(f"{path}: no {DIFFUSERS_FILE}, {KOHYA_FILE} or {PEFT_FILE} in this folder")
 
 
+def peft_config_path(path):
+    """The adapter_config.json beside a peft weights file, or None."""
+    beside = os.path.join(os.path.dirname(path), PEFT_CONFIG)
+    return beside if os.path.basename(path) == PEFT_FILE and os.path.isfile(beside) else None
+
+
 def lora_config(path):
     """peft's LoraConfig of a LoRA file, where it has one: in the header of newer diffusers files (its keys prefixed
     "unet."), or beside a peft file in adapter_config.json. {} for the files the official code writes (alpha = rank)."""
     header = json.loads(read_metadata(path).get("lora_adapter_metadata") or "{}")
     config = {k[len("unet."):]: v for k, v in header.items() if k.startswith("unet.")}
-    beside = os.path.join(os.path.dirname(path), PEFT_CONFIG)
-    if not config and os.path.basename(path) == PEFT_FILE and os.path.isfile(beside):
-        with open(beside) as f:
+    if not config and peft_config_path(path):
+        with open(peft_config_path(path)) as f:
             config = json.load(f)
     return config
 

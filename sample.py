@@ -212,6 +212,10 @@ def generate(pipe, prompt, seeds, w_con=None, cfg=5.0, steps=50, width=1024, hei
     multiple = size_multiple(pipe.unet, pipe.vae)
     if width % multiple or height % multiple:
         raise ModelError(f"width and height must be multiples of {multiple} for this model")
+    unknown = pipe.text.unknown_tokens(prompt)
+    if unknown:
+        raise ModelError(f"{unknown[0]} in the prompt is not a learned token of this model (it would be read letter "
+                         "by letter): load it with its LoRA's output folder, or with --embeds FILE")
     n, device = len(seeds), next(pipe.unet.parameters()).device
     cond = conditioning(pipe.text, [prompt] * n, height, width)
     base = None if w_con is None else conditioning(pipe.text, [base_prompt(pipe, prompt)] * n, height, width)

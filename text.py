@@ -9,6 +9,7 @@
 Textual inversion adds a token (e.g. "<dog>") to both tokenizers, with a trainable row in both embedding tables.
 """
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -114,6 +115,12 @@ class TextEncoders(torch.nn.Module):
         return torch.cat(hidden, dim=-1), out.text_embeds
 
     # --- textual inversion: a new token with its own embedding row in both encoders ---
+
+    def unknown_tokens(self, prompt):
+        """The <word>s of a prompt that are not one token of the vocabulary: learned tokens never loaded, which CLIP
+        would read letter by letter."""
+        return [w for w in re.findall(r"<[^<>\s]+>", prompt)
+                if len(self.tokenizers[0](w, add_special_tokens=False).input_ids) != 1]
 
     def add_token(self, token, vectors):
         """Add token to both tokenizers with the given embedding rows (one per encoder); returns the new ids."""

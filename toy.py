@@ -27,8 +27,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 import evaluate
 import toyworld as world
 import train
-from checkpoint import (SCHEDULE, load_training_state, load_vae, read_metadata, save_component, save_training_state,
-                        write_text)
+from checkpoint import (SCHEDULE, ModelError, load_training_state, load_vae, read_metadata, save_component,
+                        save_training_state, write_text)
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, eps_mse, min_snr_weight, q_sample
 from sample import conditioning, initial_noise, load_sdxl, to_pil
 from sampler import sample
@@ -237,15 +237,16 @@ def pretrain(out, seed=0, budget=FULL):
     SDXL's, it is a generic image codec, and what is held out is held out of the UNet and text encoders); then the
     UNet, with the text encoders trained jointly when TRAIN_TEXT_ENCODERS."""
     record, run = os.path.join(out, "toy_pretraining.json"), [seed, vars(budget)]
+    done = json.load(open(record)) if os.path.exists(record) else run  # written first, so a resumed run has it too
+    if done != run:  # say, the --quick model where the full one is asked for
+        sys.exit(f"error: {out} holds a toy model pretrained otherwise (seed {done[0]}, {done[1]['unet_steps']} "
+                 f"UNet steps, not {budget.unet_steps}); delete it to pretrain it again, or give another --out")
     if os.path.exists(os.path.join(out, "model_index.json")):
-        done = json.load(open(record)) if os.path.exists(record) else run
-        if done != run:  # say, the --quick model where the full one is asked for
-            sys.exit(f"error: {out} holds a toy model pretrained otherwise (seed {done[0]}, {done[1]['unet_steps']} "
-                     f"UNet steps, not {budget.unet_steps}); delete it to pretrain it again, or give another --out")
         print(f"{out} is already pretrained; delete it to pretrain again")
         return False
     torch.manual_seed(seed)
     os.makedirs(out, exist_ok=True)
+    write_text(record, json.dumps(run))
     state_path = os.path.join(out, "pretrain_state.safetensors")
     vae_cfg, unet_cfg = model_configs()
     tokenizer = write_tokenizer(os.path.join(out, "tokenizer"), "<|endoftext|>")
@@ -287,7 +288,6 @@ def pretrain(out, seed=0, budget=FULL):
     for sub, encoder in zip(("text_encoder", "text_encoder_2"), text.encoders):
         encoder.save_pretrained(os.path.join(out, sub))
     write_text(os.path.join(out, "scheduler", "scheduler_config.json"), json.dumps(SCHEDULER, indent=2))
-    write_text(record, json.dumps(run))
     write_text(os.path.join(out, "model_index.json"), json.dumps(MODEL_INDEX, indent=2))
     os.remove(state_path)
     return True
@@ -378,13 +378,12 @@ def fine_tune(model, out, target, method, plan, beta):
     if METHODS[method]["prior"]:
         argv += ["--prior-dir", os.path.join(out, "prior", name), "--prior-prompt", class_prompt,
                  "--num-prior", str(plan.num_prior)]
-    settings = os.path.join(run, "settings.json")
-    if os.path.exists(settings):  # train.py's record of its arguments and the step it reached
-        done, wanted = json.load(open(settings)), vars(train.parse_args(argv))
-        other = sorted(k for k in wanted if k != "resume" and done.get(k) != wanted[k])
-        if other:
-            sys.exit(f"error: {run} was trained with other settings ({', '.join(other)}); give compare another --out")
-        if done["step"] == plan.steps:
+    if os.path.exists(os.path.join(run, "settings.json")):  # train.py's record of its arguments and its step
+        try:  # the settings compared as train.py compares them for --resume
+            done = train.check_resume(train.parse_args(argv))
+        except ModelError as e:
+            sys.exit(f"error: {e} (or give compare another --out)")
+        if done == plan.steps:
             return run
         argv.append("--resume")
     world.write_training_folder(scenes, data)

@@ -251,7 +251,7 @@ def test_interrupted_run_resumes_without_recomputing(setup):
     assert len(eighth.drawn) == total  # its weights rewritten: nothing reused
 
 
-def test_a_lora_folder_digest_covers_its_learned_tokens(tmp_path):
+def test_a_lora_digest_covers_its_learned_tokens_and_peft_config(tmp_path):
     folder = tmp_path / "dog"
     folder.mkdir()
     (folder / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
@@ -261,6 +261,13 @@ def test_a_lora_folder_digest_covers_its_learned_tokens(tmp_path):
     second = evaluate.weights_digest(str(folder) + ":0.8")
     (folder / "pytorch_lora_weights.safetensors").write_bytes(b"lora, retrained")
     assert len({first, second, evaluate.weights_digest(str(folder))}) == 3
+    peft = tmp_path / "peft"  # peft's folder: the lora_alpha in adapter_config.json sets the LoRA's strength
+    peft.mkdir()
+    (peft / "adapter_model.safetensors").write_bytes(b"lora")
+    (peft / "adapter_config.json").write_text('{"lora_alpha": 4}')
+    digests = [evaluate.weights_digest(str(peft)), evaluate.weights_digest(str(peft / "adapter_model.safetensors"))]
+    (peft / "adapter_config.json").write_text('{"lora_alpha": 16}')
+    assert digests[0] == digests[1] != evaluate.weights_digest(str(peft))
 
 
 def test_merge_mode_scores_subject_and_style(setup):
@@ -360,3 +367,13 @@ def test_cli_end_to_end_with_the_tiny_sdxl(tiny_sdxl, trained, metric_models, tm
     pixels = {w: np.asarray(Image.open(out / "images" / index[w]["file"])).astype(int) for w in (None, 0.0)}
     assert pixels[None].shape == (32, 32, 3)
     assert np.abs(pixels[None] - pixels[0.0]).max() > 0  # fine-tuned CFG differs from the base model's
+
+
+def test_impossible_sampling_settings_are_refused_before_anything_loads(capsys):
+    required = ["--model", "m", "--lora", "x", "--ref-images", "r", "--prompts", "p", "--dino", "d"]
+    for bad, needle in [(["--cfg", "nan"], "expected a number"), (["--steps", "0"], "positive whole number"),
+                        (["--steps", "1001"], "--steps can be at most 1000"), (["--width", "-64"], "positive whole"),
+                        (["--seeds", "0"], "positive whole number")]:
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(required + bad)
+        assert needle in capsys.readouterr().err

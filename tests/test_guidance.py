@@ -49,6 +49,8 @@ def test_a_token_without_its_initializer_word_refuses_consistency_guidance(tiny_
         generate(pipe, PROMPT, [0], w_con=2.0, steps=2, width=64, height=64)
     pipe = load_pipeline(tiny_sdxl[0], loras=[lora], embeds=[emb + ":<dog>:dog"])
     assert base_prompt(pipe, PROMPT) == "a photo of a dog in the snow"
+    with pytest.raises(ModelError, match="<dog> in the prompt is not a learned token"):  # the LoRA file alone
+        generate(load_pipeline(tiny_sdxl[0], loras=[lora]), PROMPT, [0], steps=2, width=64, height=64)
     for scale in ("x", "nan"):
         with pytest.raises(ModelError, match=f"the scale '{scale}' is not a number"):
             load_pipeline(tiny_sdxl[0], loras=[lora + ":" + scale])

@@ -200,6 +200,8 @@ def test_pretraining_is_deterministic_and_resumes_exactly(tmp_path, monkeypatch)
         toy.pretrain(c, seed=0, budget=TINY)
     assert not os.path.exists(os.path.join(c, "unet"))
     monkeypatch.setattr(toy, "unet_loss", real_loss)
+    with pytest.raises(SystemExit, match="pretrained otherwise"):  # the interrupted run is seed 0's
+        toy.pretrain(c, seed=1, budget=TINY)
     toy.pretrain(c, seed=0, budget=TINY)  # continues from step 3
     resumed = weights(c)
     assert all(torch.equal(first[k], resumed[k]) for k in first)
@@ -243,6 +245,9 @@ def test_compare_quick_runs_the_experiments_end_to_end(quick_model, tmp_path):
             expected = np.mean([toyworld.toy_metrics([im], scenes[e["prompt"]])[key] for im, e in zip(images, entries)])
             assert float(row[f"{key}_mean"]) == pytest.approx(expected)
 
+    # A run recorded before train.py had some of its resumable options (here --cuda-graph) is still this run.
+    settings = out / "runs" / "sub0-DCO" / "settings.json"
+    settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "cuda_graph"}))
     again = subprocess.run(command, capture_output=True, text=True, check=True)  # nothing left to train or draw
     assert "fine-tuning" not in again.stdout and "generating" not in again.stderr
     assert (out / "results.md").read_text() == text
