@@ -356,11 +356,12 @@ FINE_TUNE = ["--rank", "8", "--lr", "1e-3", "--ti-lr", "1e-3", "--resolution", s
 
 def training_sets(plan):
     """(name, training scenes, token, initializer word, class prompt) for every subject and style of the plan. The
-    class prompt (prior preservation's) is the first caption with the subject's token or the style removed."""
+    class prompt (prior preservation's) is the first caption with the subject's token replaced by its initializer
+    word, or without the style."""
     found = []
     for i in plan.subjects:
         scenes, (token, init) = world.subject_scenes(i), world.learned_token(i)
-        found.append((f"sub{i}", scenes, token, init, world.caption(scenes[0]).replace(token + " ", "")))
+        found.append((f"sub{i}", scenes, token, init, world.caption(scenes[0]).replace(token, init)))
     for name in plan.styles:
         scenes, (token, init) = world.style_scenes(name), world.learned_token(style=name)
         found.append((name, scenes, token, init, world.caption(replace(scenes[0], style="none"))))

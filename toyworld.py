@@ -3,7 +3,7 @@
 An image holds one or two objects (shape, color, pattern, size, position) on a background, optionally in a
 whole-image style; its caption states every attribute. Held out of pretraining are a few personal subjects (a shape +
 color + pattern combination never shown) and styles (never shown at all); their captions name them with a learned
-token ("<sub0> star"). analyze() reads the same attributes back from any image, so subject, style and prompt
+token in place of the noun ("a big <sub0> at the left", "in <sty0>"), as the official data config does ("a <dog>"). analyze() reads the same attributes back from any image, so subject, style and prompt
 fidelity have exact meaning. toy.py pretrains a tiny SDXL on this world and runs the paper's experiments in it.
 """
 import os
@@ -40,7 +40,7 @@ class Obj:
     pattern_color: str = "white"  # the stripes' or dots' color; unused when plain
     size: str = "big"
     position: str = "center"
-    token: str = ""  # a learned word naming a held-out subject; the caption then says "<sub0> star" only
+    token: str = ""  # a learned word naming a held-out subject; the caption then says "<sub0>" only
 
 
 @dataclass(frozen=True)
@@ -86,20 +86,23 @@ def random_scene(rng, styles=STYLES):
 
 
 def describe(obj):
-    if obj.token:
-        return f"a {obj.size} {obj.token} {obj.shape}"
+    if obj.token:  # the token stands for the noun: with its initializer word in its place, "a big star"
+        return f"a {obj.size} {obj.token}"
     pattern = "" if obj.pattern == "plain" else f" with {obj.pattern_color} {obj.pattern}"
     return f"a {obj.size} {obj.color} {obj.shape}{pattern}"
 
 
 def caption(scene):
     """'a small red circle with white stripes at the left and a big blue star at the right on a sand background,
-    in shadow style': every attribute of the scene, except a subject's looks, which its token carries."""
+    in shadow style': every attribute of the scene, except a subject's looks, which its token carries. A held-out
+    style is its token alone, "in <sty0>", which the initializer word "style" replaces in the base prompt."""
     where = {p: "in the center" if p == "center" else f"at the {p}" for p in POSITIONS}
     text = " and ".join(f"{describe(o)} {where[o.position]}" for o in scene.objects)
     text += f" on a {scene.background} background"
-    if scene.style != "none":
-        text += f", in {HELD_OUT_STYLES.get(scene.style, scene.style)} style"
+    if scene.style in HELD_OUT_STYLES:
+        text += f", in {HELD_OUT_STYLES[scene.style]}"
+    elif scene.style != "none":
+        text += f", in {scene.style} style"
     return text
 
 
