@@ -269,6 +269,7 @@ def make_generator(args, loras):
     pipe = sample.load_pipeline(args.model, loras=loras, device=args.device, dtype=args.dtype, config=args.config)
 
     def draw(prompt, seed, w_con):
+        sample.warn_unloaded_tokens(pipe, prompt)
         images = sample.generate(pipe, prompt, seed, w_con=w_con, cfg=args.cfg, steps=args.steps, width=args.width,
                                  height=args.height, negative_prompt=args.negative_prompt)
         return sample.to_pil(images)

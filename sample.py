@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -185,6 +186,14 @@ def base_prompt(pipe, prompt):
     return prompt
 
 
+def warn_unloaded_tokens(pipe, prompt):
+    """A <word> the model has no token for is read letter by letter: right for a LoRA trained without --token (the
+    word is then a rare identifier, as "sks" is), wrong for one whose learned embeddings were not loaded."""
+    for word in pipe.text.unknown_tokens(prompt):
+        warnings.warn(f"{word} is not a learned token of this model and is read letter by letter; if its LoRA learned "
+                      "it, load the LoRA's output folder or give --embeds FILE")
+
+
 def conditioning(text, prompts, height, width, zero_empty=False):
     """Cond for prompts at a target size, with SDXL's default micro-conditioning: uncropped, original = target."""
     context, pooled = text.encode(prompts, zero_empty=zero_empty)
@@ -212,10 +221,6 @@ def generate(pipe, prompt, seeds, w_con=None, cfg=5.0, steps=50, width=1024, hei
     multiple = size_multiple(pipe.unet, pipe.vae)
     if width % multiple or height % multiple:
         raise ModelError(f"width and height must be multiples of {multiple} for this model")
-    unknown = pipe.text.unknown_tokens(prompt)
-    if unknown:
-        raise ModelError(f"{unknown[0]} in the prompt is not a learned token of this model (it would be read letter "
-                         "by letter): load it with its LoRA's output folder, or with --embeds FILE")
     n, device = len(seeds), next(pipe.unet.parameters()).device
     cond = conditioning(pipe.text, [prompt] * n, height, width)
     base = None if w_con is None else conditioning(pipe.text, [base_prompt(pipe, prompt)] * n, height, width)
@@ -257,6 +262,7 @@ def main(args):
     pipe = load_pipeline(args.model, args.lora, args.embeds, args.device, args.dtype, args.config)
     if args.compile:
         pipe.unet.compile_blocks()
+    warn_unloaded_tokens(pipe, args.prompt)
     seeds = [args.seed + i for i in range(args.n)]
     kw = dict(cfg=args.cfg, steps=args.steps, width=args.width, height=args.height,
               negative_prompt=args.negative_prompt, progress=not args.quiet, graph=args.cuda_graph)

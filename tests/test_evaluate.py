@@ -337,6 +337,7 @@ def test_make_generator_calls_the_sampling_api(monkeypatch):
     record("load_pipeline", "PIPE")
     record("generate", torch.full((1, 3, 8, 8), 0.5))
     record("base_prompt", "a dog")
+    record("warn_unloaded_tokens", None)
     args = evaluate.parse_args(["--model", "sdxl", "--lora", "x", "--ref-images", "r", "--prompts", "p", "--dino", "d",
                                 "--cfg", "7", "--steps", "12", "--width", "768", "--height", "512",
                                 "--dtype", "float16", "--config", "cfg"])
@@ -347,6 +348,7 @@ def test_make_generator_calls_the_sampling_api(monkeypatch):
     assert calls["generate"] == (("PIPE", "a <dog>", 3), dict(w_con=2.0, cfg=7.0, steps=12, width=768, height=512,
                                                               negative_prompt=""))
     assert image.size == (8, 8) and image.getpixel((0, 0)) == (128, 128, 128)
+    assert calls["warn_unloaded_tokens"] == (("PIPE", "a <dog>"), {})
     assert base("a <dog>") == "a dog" and calls["base_prompt"] == (("PIPE", "a <dog>"), {})
 
 
