@@ -213,7 +213,7 @@ def plan(args, unet, cfg, size, device, dtype):
     compiles from a cold cache, the reference last."""
     def ours(train, graph=False):
         def make_steps():
-            set_lora(unet, args.rank, None if train else dtype)  # trainable fp32, or frozen in dtype as sample.py has it
+            set_lora(unet, args.rank, None if train else dtype)  # trainable fp32, or frozen in dtype as in sample.py
             steps = (ours_train(unet, cfg, size, device, dtype, capturable=graph) if train
                      else ours_sample(unet, cfg, size, device, dtype))
             return {what: cuda_graph(fn) for what, fn in steps.items()} if graph else steps

@@ -18,8 +18,8 @@ import sys
 import torch
 
 import lora as lora_lib
-from checkpoint import (ModelError, atomic, component_files, model_folder, read_json, save_safetensors, save_single_file,
-                        unet_config_from_diffusers)
+from checkpoint import (ModelError, atomic, component_files, model_folder, read_json, save_safetensors,
+                        save_single_file, unet_config_from_diffusers)
 from sample import folder_embeds, load_sdxl
 from unet_sdxl import UNetConfig
 
