@@ -13,6 +13,7 @@ up @ down. Files are written in two formats, and read in these and peft's:
   - read only, peft's save_pretrained folder: adapter_model.safetensors, its lora_alpha in adapter_config.json
 """
 import contextlib
+import functools
 import json
 import os
 import re
@@ -171,10 +172,18 @@ def compress(lora, rank):
 
 # ------------------------------------------------------------------------------------- file formats
 
+@functools.cache  # each builds the UNet on the meta device: once per config, not on every file read
 def module_names(unet_cfg):
-    """{official module name: diffusers module name} for every weight of the UNet."""
+    """{official module name: diffusers module name} for every weight of the UNet (read-only)."""
     return {k[: -len(".weight")]: v[: -len(".weight")] for k, v in unet_key_map(unet_cfg).items()
             if k.endswith(".weight")}
+
+
+@functools.cache
+def linear_shapes(unet_cfg):
+    """{official module name: (out, in)} of the UNet's linear layers (read-only)."""
+    with torch.device("meta"):
+        return {name: m.weight.shape for name, m in UNet(unet_cfg).named_modules() if type(m) is nn.Linear}
 
 
 def to_diffusers(lora, unet_cfg):
@@ -223,8 +232,7 @@ def parse_lora(tensors, unet_cfg, source):
         if name is None:
             raise ModelError(f"{source}: {key!r} matches no module of this UNet")
         parts.setdefault(name, {})[SUFFIXES[suffix]] = value.float()
-    with torch.device("meta"):  # the layers' shapes, without their memory
-        linear = {name: m.weight.shape for name, m in UNet(unet_cfg).named_modules() if type(m) is nn.Linear}
+    linear = linear_shapes(unet_cfg)
     lora = {}
     for name, p in parts.items():
         if "down" not in p or "up" not in p:
@@ -266,8 +274,9 @@ def lora_config(path):
     "unet."), or beside a peft file in adapter_config.json. {} for the files the official code writes (alpha = rank)."""
     header = json.loads(read_metadata(path).get("lora_adapter_metadata") or "{}")
     config = {k[len("unet."):]: v for k, v in header.items() if k.startswith("unet.")}
-    if not config and peft_config_path(path):
-        with open(peft_config_path(path)) as f:
+    beside = peft_config_path(path)
+    if not config and beside:
+        with open(beside) as f:
             config = json.load(f)
     return config
 
