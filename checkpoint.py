@@ -119,7 +119,8 @@ def component_files(folder, sub, weights=True):
             return config, os.path.join(d, name)
     pickles = [f for f in os.listdir(d) if f.endswith(PICKLE_SUFFIXES)]
     if pickles:
-        raise ModelError(f"{os.path.join(d, pickles[0])}: only .safetensors files are loaded (pickle files can run code)")
+        raise ModelError(f"{os.path.join(d, pickles[0])}: only .safetensors files are loaded "
+                         "(pickle files can run code)")
     raise ModelError(f"{d}: no diffusion_pytorch_model[.fp16].safetensors")
 
 

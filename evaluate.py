@@ -51,7 +51,6 @@ import lora as lora_lib
 import sample
 from checkpoint import ModelError, atomic, write_text
 from data import IMAGE_SUFFIXES, load_rgb
-from dco import NUM_TRAIN_TIMESTEPS
 
 BATCH = 16
 
@@ -83,8 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
-    if args.steps > NUM_TRAIN_TIMESTEPS:
-        p.error(f"--steps can be at most {NUM_TRAIN_TIMESTEPS}, the number of training timesteps")
+    sample.check_steps(p, "--steps", args.steps)
     return args
 
 

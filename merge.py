@@ -20,14 +20,14 @@ import torch
 import lora as lora_lib
 from checkpoint import (ModelError, atomic, component_files, model_folder, read_json, save_safetensors,
                         save_single_file, unet_config_from_diffusers)
-from sample import folder_embeds, load_sdxl
+from sample import folder_embeds, load_sdxl, number
 from unet_sdxl import UNetConfig
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("loras", nargs="+", help="LoRA files or train.py output folders")
-    p.add_argument("--weights", type=float, nargs="+", help="one per LoRA (default 1 each)")
+    p.add_argument("--weights", type=number, nargs="+", help="one per LoRA (default 1 each)")
     p.add_argument("--out", required=True, help="a .safetensors file, or a folder")
     p.add_argument("--rank", type=int, help="compress the sum to this rank by SVD (prints the error it introduces)")
     p.add_argument("--kohya", action="store_true", help="write the kohya format (ComfyUI, AUTOMATIC1111)")

@@ -52,10 +52,30 @@ def number(s):
     return value
 
 
+def non_negative(s):
+    value = number(s)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    return value
+
+
+def positive(s):
+    value = number(s)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
+    return value
+
+
 def positive_int(s):
     if not s.isdigit() or int(s) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {s!r}")
     return int(s)
+
+
+def check_steps(p, flag, steps):
+    """Sampling steps are a subset of the training timesteps, so there can be no more of them."""
+    if steps > NUM_TRAIN_TIMESTEPS:
+        p.error(f"{flag} can be at most {NUM_TRAIN_TIMESTEPS}, the number of training timesteps")
 
 
 def parse_args(argv=None):
@@ -88,8 +108,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if os.path.isdir(args.out):
         p.error(f"--out {args.out} is a folder; give the image's file name")
-    if args.steps > NUM_TRAIN_TIMESTEPS:
-        p.error(f"--steps can be at most {NUM_TRAIN_TIMESTEPS}, the number of training timesteps")
+    check_steps(p, "--steps", args.steps)
     if not 0 <= args.seed <= 2 ** 64 - args.n:  # image i's generator is seeded with seed + i, 64 bits
         p.error("--seed must be a whole number from 0 to 2^64 - n")
     return args
@@ -115,7 +134,8 @@ def load_sdxl(model, device, dtype, config=None):
     folder, single = model_folder(model, config)
     parts = read_single_file(single) if single else {}
     return (load_unet(folder, dtype, device, parts.get("unet")),
-            load_vae(folder, torch.float32, device, parts.get("vae")), TextEncoders(folder, dtype, device, parts or None))
+            load_vae(folder, torch.float32, device, parts.get("vae")),
+            TextEncoders(folder, dtype, device, parts or None))
 
 
 @dataclass

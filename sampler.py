@@ -42,7 +42,8 @@ def euler_step(x, eps, sigma, sigma_next):
 
 def guidance(eps_uncond, eps_base, w_txt, eps_lora=None, w_con=0.0):
     """Classifier-free guidance, plus the paper's consistency guidance when eps_lora is given:
-    eps_hat = eps_phi(x; 0) + w_txt (eps_phi(x; c_base) - eps_phi(x; 0)) + w_con (eps_theta(x; c) - eps_phi(x; c_base))."""
+    eps_hat = eps_phi(x; 0) + w_txt (eps_phi(x; c_base) - eps_phi(x; 0))
+                            + w_con (eps_theta(x; c) - eps_phi(x; c_base))."""
     eps = eps_uncond + w_txt * (eps_base - eps_uncond)
     if eps_lora is not None:
         eps = eps + w_con * (eps_lora - eps_base)

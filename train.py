@@ -25,9 +25,10 @@ import lora as lora_lib
 from checkpoint import (ModelError, check_schedule, load_training_state, model_folder,
                         save_safetensors, save_training_state, write_text)
 from data import IMAGE_SUFFIXES, encode_images, is_config, load_rgb, read_captions, read_config
-from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
+from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from graph import cuda_graph, supported
-from sample import Pipeline, generate, load_sdxl, positive_int, resolve_device, save_png, size_multiple, to_pil
+from sample import (Pipeline, check_steps, generate, load_sdxl, non_negative, positive, positive_int, resolve_device,
+                    save_png, size_multiple, to_pil)
 from text import Cond, time_ids
 
 PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict(rank=64, steps=1000, offset_noise=0.1)}
@@ -41,12 +42,12 @@ def parse_args(argv=None):
                    "or the official code's data config as CONFIG.json[:NAME]")
     p.add_argument("--out", default="out")
     p.add_argument("--preset", choices=PRESETS, default="subject", help="official defaults for rank/steps/offset noise")
-    p.add_argument("--beta", type=float, default=1000.0, help="DCO beta; 0 is the plain loss (DreamBooth-LoRA)")
+    p.add_argument("--beta", type=non_negative, default=1000.0, help="DCO beta; 0 is the plain loss (DreamBooth-LoRA)")
     p.add_argument("--steps", type=positive_int)
     p.add_argument("--rank", type=positive_int)
-    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--ti-lr", type=float, default=5e-6, help="learning rate of the textual-inversion embeddings")
+    p.add_argument("--alpha", type=positive, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    p.add_argument("--lr", type=non_negative, default=5e-5)
+    p.add_argument("--ti-lr", type=non_negative, default=5e-6, help="learning rate of the textual-inversion embeddings")
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--resolution", type=positive_int, default=1024)
     p.add_argument("--caption", help="one caption for every image (instead of .txt files)")
@@ -54,12 +55,13 @@ def parse_args(argv=None):
     p.add_argument("--init-token", help="the word the token starts from, e.g. dog")
     p.add_argument("--prior-dir", help="class images for prior preservation (generated if too few)")
     p.add_argument("--prior-prompt")
-    p.add_argument("--prior-weight", type=float, default=1.0)
+    p.add_argument("--prior-weight", type=non_negative, default=1.0)
     p.add_argument("--num-prior", type=positive_int, default=100, help="class images wanted in --prior-dir")
-    p.add_argument("--offset-noise", type=float)
-    p.add_argument("--snr-gamma", type=float, help="min-SNR-gamma loss weighting (off by default, as officially)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--offset-noise", type=non_negative)
+    p.add_argument("--snr-gamma", type=non_negative,
+                   help="min-SNR-gamma loss weighting (0 or unset: off, as officially)")
+    p.add_argument("--max-grad-norm", type=positive, default=1.0)
+    p.add_argument("--weight-decay", type=non_negative, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500, help="checkpoint + sample grid every N steps (0: never)")
     p.add_argument("--sample-steps", type=positive_int, default=30, help="sampler steps for grids and class images")
@@ -91,8 +93,7 @@ def parse_args(argv=None):
         p.error(f"--out {args.out} is a file; training writes a folder")
     if args.save_every < 0:
         p.error("--save-every must be 0 (never) or a number of steps")
-    if args.sample_steps > NUM_TRAIN_TIMESTEPS:
-        p.error(f"--sample-steps can be at most {NUM_TRAIN_TIMESTEPS}, the number of training timesteps")
+    check_steps(p, "--sample-steps", args.sample_steps)
     return args
 
 

@@ -261,6 +261,9 @@ def test_merge_refuses_to_fuse_into_a_folder_or_read_a_missing_input(tmp_path, c
     with pytest.raises(SystemExit):
         merge.parse_args(["a.safetensors", "--fuse", "--model", "m", "--out", str(tmp_path / "fused")])
     assert "--out NAME.safetensors" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        merge.parse_args(["a.safetensors", "b.safetensors", "--weights", "1", "nan", "--out", "m.safetensors"])
+    assert "expected a number, got 'nan'" in capsys.readouterr().err
     with pytest.raises(ModelError, match="nowhere.safetensors: no such LoRA file or folder$"):
         merge.main(merge.parse_args([str(tmp_path / "nowhere.safetensors"), "--out", str(tmp_path / "m.safetensors")]))
     # A file that cannot be written is a one-line error too: here a file stands where --out's folder would be.

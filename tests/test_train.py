@@ -315,6 +315,10 @@ def test_impossible_settings_are_refused(tmp_path, capsys):
     for bad, needle in [(["--rank", "0"], "expected a positive whole number"),
                         (["--batch-size", "-1"], "expected a positive whole number"),
                         (["--sample-steps", "1001"], "--sample-steps can be at most 1000"),
+                        (["--lr", "nan"], "argument --lr: expected a number, got 'nan'"),
+                        (["--beta", "-1"], "expected a number >= 0, got '-1'"),
+                        (["--alpha", "0"], "expected a number > 0, got '0'"),  # would silently mean alpha = rank
+                        (["--max-grad-norm", "0"], "expected a number > 0"),  # would zero every gradient
                         (["--prior-dir", data + "/", "--prior-prompt", "a dog"], "--prior-dir is the --data folder"),
                         (["--out", str(tmp_path / "file")], "is a file; training writes a folder"),
                         (["--prior-dir", str(tmp_path / "file"), "--prior-prompt", "a dog"], "is a file; class images"),
