@@ -28,7 +28,7 @@ from data import IMAGE_SUFFIXES, encode_images, is_config, load_rgb, read_captio
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from graph import cuda_graph, supported
 from sample import (Pipeline, check_steps, generate, load_sdxl, non_negative, positive, positive_int, resolve_device,
-                    save_png, size_multiple, to_pil)
+                    save_png, size_multiple, to_pil, warn_unloaded_tokens)
 from text import Cond, time_ids
 
 PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict(rank=64, steps=1000, offset_noise=0.1)}
@@ -65,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500, help="checkpoint + sample grid every N steps (0: never)")
     p.add_argument("--sample-steps", type=positive_int, default=30, help="sampler steps for grids and class images")
+    p.add_argument("--sample-prompt", help="the prompt of the sample drawn at every save (default: the first caption)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each ResBlock and transformer block in the backward pass: less memory, slower")
@@ -187,8 +188,8 @@ def load_checkpoint(path, params, optimizer, rng):
 
 
 # What a resumed run may change: none of it alters what is trained (and --out is where the run is, however named).
-RESUMABLE = {"steps", "save_every", "sample_steps", "resume", "grad_checkpointing", "compile", "cuda_graph", "device",
-             "out"}
+RESUMABLE = {"steps", "save_every", "sample_steps", "sample_prompt", "resume", "grad_checkpointing", "compile",
+             "cuda_graph", "device", "out"}
 PATHS = {"model", "config", "data", "prior_dir"}  # compared as the folders they name: ./data/ is data
 
 
@@ -227,13 +228,13 @@ def save_outputs(args, unet, ti, step):
 
 @torch.no_grad()
 def save_grid(args, unet, vae, text, prompt, step, device):
-    """A sample of the first caption with a fixed seed, to watch the run."""
+    """A sample of the prompt with a fixed seed, to watch the run."""
     vae.to(device)
     image = generate(Pipeline(unet, vae, text), prompt, args.seed, steps=args.sample_steps, width=args.resolution,
                      height=args.resolution)
     vae.cpu()
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    save_png(to_pil(image), os.path.join(args.out, "samples", f"step-{step:06d}.png"), {"step": step})
+    save_png(to_pil(image), os.path.join(args.out, "samples", f"step-{step:06d}.png"), {"step": step, "prompt": prompt})
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -265,6 +266,9 @@ def main(args):
     ti = TokenEmbeddings(text, args.token, args.init_token) if args.token else None  # a bad token fails now
     if ti is not None:
         ti.check_reach(items)
+    sample_prompt = args.sample_prompt or items[0][1]
+    if args.sample_prompt:
+        warn_unloaded_tokens(Pipeline(unet, vae, text), args.sample_prompt)  # a mistyped learned token, say
     unet.requires_grad_(False)
     unet.set_grad_checkpointing(args.grad_checkpointing)
     if args.compile:
@@ -368,11 +372,11 @@ def main(args):
             sys.exit(f"interrupted: saved step {step + 1} in {args.out}; continue with --resume")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save(step + 1)
-            save_grid(args, unet, vae, text, captions[0], step + 1, device)
+            save_grid(args, unet, vae, text, sample_prompt, step + 1, device)
     log.close()
     save(args.steps)
     if args.save_every:
-        save_grid(args, unet, vae, text, captions[0], args.steps, device)
+        save_grid(args, unet, vae, text, sample_prompt, args.steps, device)
     print(f"wrote {args.out}/pytorch_lora_weights.safetensors")
 
 

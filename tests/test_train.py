@@ -361,10 +361,12 @@ def test_prior_preservation_generates_class_images(tiny_sdxl, trained, tmp_path,
     data, prior = os.path.join(os.path.dirname(trained), "data"), tmp_path / "prior"
     run_script("train.py", "--model", tiny_sdxl[0], "--data", data, "--out", tmp_path / "p", "--resolution", 32,
                "--steps", 2, "--beta", 0, "--prior-dir", prior, "--prior-prompt", "a photo of a dog", "--num-prior",
-               2, "--sample-steps", 2, "--rank", 2)
+               2, "--sample-steps", 2, "--rank", 2, "--sample-prompt", "a dog at night")
     assert sorted(os.listdir(prior)) == ["class-00000.png", "class-00001.png"]
     assert os.path.isfile(tmp_path / "p" / "pytorch_lora_weights.safetensors")
-    assert os.listdir(tmp_path / "p" / "samples") == ["step-000002.png"]  # the last step's grid
+    assert os.listdir(tmp_path / "p" / "samples") == ["step-000002.png"]  # the last step's grid, of --sample-prompt
+    assert json.loads(Image.open(tmp_path / "p" / "samples" / "step-000002.png").text["parameters"])["prompt"] == \
+        "a dog at night"
 
     # In process, watched: with more class images than --num-prior, --num-prior of them are used and none is made;
     # the loss is the instance half's plus prior_weight times the class half's mean error.
