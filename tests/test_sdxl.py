@@ -325,7 +325,8 @@ def test_bench_smoke_on_cpu():
 def test_bench_measures_eager_stacks_first_then_graphs_then_compiled(monkeypatch):
     """bench.plan's order and steps with every option, the CUDA graphs replaced by the plain steps (CPU)."""
     import bench
-    monkeypatch.setattr(bench, "cuda_graph", lambda fn: fn)
+    recorded = []  # a graph is recorded at the step's first call, in its warm-up, where its memory is counted
+    monkeypatch.setattr(bench, "cuda_graph", lambda fn: recorded.append(fn) or fn)
     args = bench.parse_args(["--tiny", "--reference", "--compile", "--cuda-graph", "--rank", "2"])
     unet = UNet(UNetConfig.tiny()).requires_grad_(False)
     seen = []
@@ -333,6 +334,11 @@ def test_bench_measures_eager_stacks_first_then_graphs_then_compiled(monkeypatch
         steps = make_steps()
         trains = any(p.requires_grad for p in unet.parameters())  # a fresh trainable LoRA, or a frozen one
         seen.append((stack, sorted(steps), first_call, trains, unet.output_blocks[0][0].checkpointing))
+        if stack == "ours, CUDA graph" and not trains:
+            assert not recorded
+            steps["CFG step (batch 2)"]()
+            steps["CFG step (batch 2)"]()
+            assert len(recorded) == 1
     train, sample, ref = ["DCO train step"], ["CFG step (batch 2)", "CG step"], ["CFG step (batch 2)", "CG step",
                                                                                   "DCO train step"]
     assert seen == [("ours", train, False, True, False), ("ours, checkpointing", train, False, True, True),
