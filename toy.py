@@ -485,8 +485,12 @@ def main(args):
     if args.command == "compare":
         suffix = "-quick" if args.quick else ""
         model, out = args.model or f"toy-sdxl{suffix}", args.out or f"toy-compare{suffix}"
+        record = os.path.join(model, "toy_pretraining.json")
         if not os.path.exists(os.path.join(model, "model_index.json")):
             pretrain(model, 0, QUICK if args.quick else FULL)
+        elif not args.quick and os.path.exists(record) and json.load(open(record))[1] == vars(QUICK):
+            sys.exit(f"error: {model} holds the --quick toy model, which is too rough for these results; pretrain the "
+                     "full one (python toy.py --out DIR, then --model DIR), or give compare --quick")
         start = time.time()
         compare(model, out, QUICK_COMPARE if args.quick else COMPARE, args.beta)
         print(f"compared in {time.time() - start:.0f} s")

@@ -154,6 +154,9 @@ def test_quick_pretraining_makes_an_sdxl_folder(quick_model):
     assert 0.05 < vae.cfg.scaling_factor < 5
     with pytest.raises(SystemExit, match="pretrained otherwise"):  # not taken for the full model
         toy.pretrain(folder, 0, toy.FULL)
+    with pytest.raises(SystemExit, match="holds the --quick toy model"):  # nor compared as if it were
+        toy.main(toy.parse_args(["compare", "--model", folder, "--out", os.path.dirname(folder) + "/cmp"]))
+    assert not os.path.exists(os.path.dirname(folder) + "/cmp")
 
 
 def test_quick_model_loads_in_diffusers_and_agrees(quick_model):
