@@ -33,7 +33,9 @@ def read_captions(folder, caption):
         raise ModelError(f"{folder}: no such data folder")
     meta, captions = os.path.join(folder, "metadata.jsonl"), {}
     if os.path.isfile(meta):
-        for i, line in enumerate(l for l in read_text(meta).splitlines() if l.strip()):
+        for i, line in enumerate(read_text(meta).split("\n")):  # not splitlines: JSON strings may hold U+2028
+            if not line.strip():
+                continue
             try:
                 row = json.loads(line)
                 captions[row["file_name"]] = row["text"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import ModelError, read_metadata, read_safetensors, unet_key_map
+from checkpoint import ModelError, read_json, read_metadata, read_safetensors, unet_key_map
 from unet_sdxl import UNet
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections the official DCO code trains
@@ -232,6 +232,8 @@ def parse_lora(tensors, unet_cfg, source):
         if name is None:
             raise ModelError(f"{source}: {key!r} matches no module of this UNet")
         parts.setdefault(name, {})[SUFFIXES[suffix]] = value.float()
+    if not parts:
+        raise ModelError(f"{source}: holds no LoRA weights")
     linear = linear_shapes(unet_cfg)
     lora = {}
     for name, p in parts.items():
@@ -272,12 +274,21 @@ def peft_config_path(path):
 def lora_config(path):
     """peft's LoraConfig of a LoRA file, where it has one: in the header of newer diffusers files (its keys prefixed
     "unet."), or beside a peft file in adapter_config.json. {} for the files the official code writes (alpha = rank)."""
-    header = json.loads(read_metadata(path).get("lora_adapter_metadata") or "{}")
+    try:
+        header = json.loads(read_metadata(path).get("lora_adapter_metadata") or "{}")
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: its lora_adapter_metadata header is not a JSON object")
     config = {k[len("unet."):]: v for k, v in header.items() if k.startswith("unet.")}
     beside = peft_config_path(path)
     if not config and beside:
-        with open(beside) as f:
-            config = json.load(f)
+        config = read_json(beside)
+    patterns = (config.get("alpha_pattern") or {}) if isinstance(config, dict) else None
+    alphas = [config["lora_alpha"]] if "lora_alpha" in (config or {}) else []
+    if not isinstance(patterns, dict) or not all(type(a) in (int, float) for a in alphas + list(patterns.values())):
+        raise ModelError(f"{beside or path}: its LoRA config is not an object with a numeric lora_alpha and "
+                         "alpha_pattern")
     return config
 
 

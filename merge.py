@@ -58,6 +58,11 @@ def main(args):
     for path in args.loras:
         if not os.path.exists(path):
             raise ModelError(f"{path}: no such LoRA file or folder")
+    if os.path.isdir(args.out) and any(os.path.isdir(p) and os.path.samefile(p, args.out) for p in args.loras):
+        raise ModelError(f"--out {args.out} is one of the inputs; merge into another folder")
+    run = args.out if not args.out.endswith(".safetensors") else os.path.dirname(args.out) or "."
+    if os.path.isfile(os.path.join(run, "settings.json")):  # train.py's: its files must stay the run's
+        raise ModelError(f"--out {args.out}: {run} holds a training run; merge into another folder")
     try:
         loras = [lora_lib.read_lora(p, cfg) for p in args.loras]
     except ModelError as e:
@@ -82,30 +87,30 @@ def main(args):
     tensors = lora_lib.to_kohya(merged) if args.kohya else lora_lib.to_diffusers(merged, cfg)
     meta = {"dco.merged_from": json.dumps(args.loras), "dco.weights": json.dumps(args.weights)}
     path = args.out
-    if not path.endswith(".safetensors"):
-        if os.path.isdir(path) and any(os.path.isdir(p) and os.path.samefile(p, path) for p in args.loras):
-            raise ModelError(f"--out {path} is one of the inputs; merge into another folder")
-        if os.path.isfile(os.path.join(path, "settings.json")):
-            raise ModelError(f"--out {path} holds a training run; merge into another folder")
+    if path.endswith(".safetensors"):
+        if args.embeds:
+            raise ModelError("--embeds needs a folder as --out, to put them beside the LoRA")
+        save_safetensors(tensors, path, meta)
+    else:
         embeds = args.embeds + [e for p in args.loras if os.path.isdir(p) for e in folder_embeds(p)]
-        tokens = []  # read now: clearing out an earlier merge in --out, below, may remove one of them
+        tokens = []  # read now: they may be files of an earlier merge in --out, which this one replaces
         for e in embeds:
             if not os.path.isfile(e):
                 raise ModelError(f"--embeds {e}: no such file")
             with open(e, "rb") as f:
                 tokens.append(f.read())
-        os.makedirs(path, exist_ok=True)
-        for stale in os.listdir(path):  # an earlier merge here: its tokens, and its LoRA in the other format
-            if stale.startswith("learned_embeds") or stale in (lora_lib.DIFFUSERS_FILE, lora_lib.KOHYA_FILE):
-                os.remove(os.path.join(path, stale))
-        for i, data in enumerate(tokens):
-            name = "learned_embeds.safetensors" if i == 0 else f"learned_embeds_{i}.safetensors"
-            with atomic(os.path.join(path, name)) as tmp, open(tmp, "wb") as f:
+        # The LoRA first: until it is written, an earlier merge in --out stays whole.
+        name, other = ((lora_lib.KOHYA_FILE, lora_lib.DIFFUSERS_FILE) if args.kohya
+                       else (lora_lib.DIFFUSERS_FILE, lora_lib.KOHYA_FILE))
+        save_safetensors(tensors, os.path.join(path, name), meta)
+        names = [f"learned_embeds{f'_{i}' if i else ''}.safetensors" for i in range(len(tokens))]
+        for token_file, data in zip(names, tokens):
+            with atomic(os.path.join(path, token_file)) as tmp, open(tmp, "wb") as f:
                 f.write(data)
-        path = os.path.join(path, lora_lib.KOHYA_FILE if args.kohya else lora_lib.DIFFUSERS_FILE)
-    elif args.embeds:
-        raise ModelError("--embeds needs a folder as --out, to put them beside the LoRA")
-    save_safetensors(tensors, path, meta)
+        for stale in os.listdir(path):  # what an earlier merge left: more tokens, its LoRA in the other format
+            if stale == other or (stale.startswith("learned_embeds") and stale not in names):
+                os.remove(os.path.join(path, stale))
+        path = os.path.join(path, name)
     ranks = sorted({down.shape[0] for down, _ in merged.values()})
     print(f"wrote {path}: {len(merged)} layers, rank {ranks[0]}" + (f"..{ranks[-1]}" if len(ranks) > 1 else ""))
 

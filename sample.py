@@ -72,6 +72,13 @@ def positive_int(s):
     return int(s)
 
 
+def seed_int(s):
+    """A generator seed: a whole number that fits torch's 64 bits."""
+    if not s.isdigit() or int(s) >= 2 ** 64:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2^64 - 1, got {s!r}")
+    return int(s)
+
+
 def check_steps(p, flag, steps):
     """Sampling steps are a subset of the training timesteps, so there can be no more of them."""
     if steps > NUM_TRAIN_TIMESTEPS:
@@ -92,7 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--w-con", type=float_list, help="consistency guidance scale; a comma list makes a grid")
     p.add_argument("--steps", type=positive_int, default=50)
     p.add_argument("--cfg", type=number, default=5.0, help="classifier-free guidance scale w_txt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--n", type=positive_int, default=1,
                    help="images with seeds seed, seed+1, ... (a row each in a grid)")
     p.add_argument("--width", type=positive_int, default=1024)
@@ -109,7 +116,7 @@ def parse_args(argv=None):
     if os.path.isdir(args.out):
         p.error(f"--out {args.out} is a folder; give the image's file name")
     check_steps(p, "--steps", args.steps)
-    if not 0 <= args.seed <= 2 ** 64 - args.n:  # image i's generator is seeded with seed + i, 64 bits
+    if args.seed + args.n > 2 ** 64:  # image i's generator is seeded with seed + i
         p.error("--seed must be a whole number from 0 to 2^64 - n")
     return args
 
@@ -123,6 +130,8 @@ def resolve_device(device, dtype):
         raise ModelError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"--device {name}: this machine (or this build of torch) has no CUDA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ModelError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     return device, getattr(torch, dtype)

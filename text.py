@@ -116,11 +116,13 @@ class TextEncoders(torch.nn.Module):
 
     # --- textual inversion: a new token with its own embedding row in both encoders ---
 
+    def is_token(self, word):
+        """Whether the vocabulary has word as one token (else CLIP reads it in pieces, letter by letter at worst)."""
+        return len(self.tokenizers[0](word, add_special_tokens=False).input_ids) == 1
+
     def unknown_tokens(self, prompt):
-        """The <word>s of a prompt that are not one token of the vocabulary: learned tokens never loaded, which CLIP
-        would read letter by letter."""
-        return [w for w in re.findall(r"<[^<>\s]+>", prompt)
-                if len(self.tokenizers[0](w, add_special_tokens=False).input_ids) != 1]
+        """The <word>s of a prompt that are not one token of the vocabulary: learned tokens never loaded."""
+        return [w for w in re.findall(r"<[^<>\s]+>", prompt) if not self.is_token(w)]
 
     def add_token(self, token, vectors):
         """Add token to both tokenizers with the given embedding rows (one per encoder); returns the new ids."""

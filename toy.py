@@ -30,7 +30,7 @@ import train
 from checkpoint import (SCHEDULE, ModelError, load_training_state, load_vae, read_metadata, save_component,
                         save_training_state, write_text)
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, eps_mse, min_snr_weight, q_sample
-from sample import conditioning, initial_noise, load_sdxl, to_pil
+from sample import conditioning, initial_noise, load_sdxl, seed_int, to_pil
 from sampler import sample
 from text import TextEncoders, time_ids
 from unet_sdxl import UNet, UNetConfig
@@ -447,7 +447,7 @@ def parse_args(argv=None):
     commands = p.add_subparsers(dest="command")
     pre = commands.add_parser("pretrain", help="pretrain the toy SDXL (the default command)")
     pre.add_argument("--out", default="toy-sdxl")
-    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--seed", type=seed_int, default=0)
     pre.add_argument("--quick", action="store_true", help="a few hundred steps: a working folder, not a good model")
     data = commands.add_parser("data", help="write a held-out subject's or style's training folder")
     which = data.add_mutually_exclusive_group(required=True)
@@ -455,7 +455,7 @@ def parse_args(argv=None):
     which.add_argument("--style", type=int, help=f"0..{len(world.HELD_OUT_STYLES) - 1}")
     data.add_argument("--out", required=True)
     data.add_argument("--n", type=int, default=4, help="images of a subject (a style has one)")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=seed_int, default=0)
     cmp = commands.add_parser("compare", help="DreamBooth vs DreamBooth + prior vs DCO: Pareto and merge tables")
     cmp.add_argument("--model", help="default toy-sdxl (toy-sdxl-quick with --quick); pretrained first if missing")
     cmp.add_argument("--out", help="default toy-compare (toy-compare-quick with --quick)")

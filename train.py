@@ -28,7 +28,7 @@ from data import IMAGE_SUFFIXES, encode_images, is_config, load_rgb, read_captio
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from graph import cuda_graph, supported
 from sample import (Pipeline, check_steps, generate, load_sdxl, non_negative, positive, positive_int, resolve_device,
-                    save_png, size_multiple, to_pil, warn_unloaded_tokens)
+                    save_png, seed_int, size_multiple, to_pil, warn_unloaded_tokens)
 from text import Cond, time_ids
 
 PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict(rank=64, steps=1000, offset_noise=0.1)}
@@ -62,7 +62,7 @@ def parse_args(argv=None):
                    help="min-SNR-gamma loss weighting (0 or unset: off, as officially)")
     p.add_argument("--max-grad-norm", type=positive, default=1.0)
     p.add_argument("--weight-decay", type=non_negative, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--save-every", type=int, default=500, help="checkpoint + sample grid every N steps (0: never)")
     p.add_argument("--sample-steps", type=positive_int, default=30, help="sampler steps for grids and class images")
     p.add_argument("--sample-prompt", help="the prompt of the sample drawn at every save (default: the first caption)")
@@ -123,7 +123,7 @@ class TokenEmbeddings:
 
     def __init__(self, text, token, init_word):
         self.token, self.init_word = token, init_word
-        if len(text.tokenizers[0](token, add_special_tokens=False).input_ids) == 1:
+        if text.is_token(token):
             warnings.warn(f"--token {token!r} is already a word of CLIP's vocabulary; from now on it means the learned "
                           "token wherever it appears (a new string such as <dog> avoids that)")
         self.rows = text.train_token(token, init_word)

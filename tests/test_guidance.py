@@ -171,7 +171,7 @@ def merge_here(*args):
     merge.main(merge.parse_args([str(a) for a in args]))
 
 
-def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path):
+def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path, monkeypatch):
     from diffusers import StableDiffusionXLPipeline
     folder = tiny_sdxl[0]
     style = random_lora_file(folder, str(tmp_path / "style.safetensors"), seed=1)
@@ -229,6 +229,18 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path):
     assert load_pipeline(folder, loras=[str(tmp_path / "both")]).tokens == {"<cat>": "cat"}
     with pytest.raises(ModelError, match="holds a training run"):  # its LoRA and token would be replaced
         merge_here(cat, "--model", folder, "--out", trained)
+    with pytest.raises(ModelError, match="holds a training run"):
+        merge_here(cat, "--model", folder, "--out", os.path.join(trained, "pytorch_lora_weights.safetensors"))
+    # A merge that fails to write its LoRA (a full disk, say) leaves the earlier merge in --out as it was.
+    before = {f: (tmp_path / "both" / f).read_bytes() for f in os.listdir(tmp_path / "both")}
+    import merge
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(merge, "save_safetensors", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        merge_here(trained, cat, "--model", folder, "--kohya", "--out", tmp_path / "both")
+    assert {f: (tmp_path / "both" / f).read_bytes() for f in os.listdir(tmp_path / "both")} == before
 
 
 def test_fused_checkpoint_equals_base_plus_lora(tiny_sdxl, trained, tmp_path):

@@ -205,6 +205,12 @@ def test_alpha_in_a_diffusers_file_header_or_a_peft_config_is_applied(tiny_sdxl,
         lora_lib.apply_lora(unet, lora_lib.read_lora(str(path), unet.cfg))
         with torch.no_grad():
             torch.testing.assert_close(unet(*inputs()), want, rtol=1e-4, atol=1e-4)
+    # A config that cannot be read, or whose alphas are not numbers, is an error that names the file
+    for text, message in (("{bad", "adapter_config.json: Expecting property name"),
+                          ('{"lora_alpha": null}', "adapter_config.json: its LoRA config is not an object")):
+        (peft / "adapter_config.json").write_text(text)
+        with pytest.raises(ModelError, match=message):
+            lora_lib.read_lora(str(peft), unet.cfg)
 
 
 def test_merge_is_exact_and_compress_reports_its_error():
@@ -236,6 +242,8 @@ def test_bad_loras_are_refused_with_the_key_named(tiny_sdxl):
         lora_lib.apply_lora(unet, {name: (torch.zeros(4, 999), torch.zeros(64, 4))})
     with pytest.raises(ModelError, match="to_q.*low-rank pair"):
         lora_lib.apply_lora(unet, {name: (torch.zeros(4, 64), torch.zeros(64, 8))})
+    with pytest.raises(ModelError, match="^f.safetensors: holds no LoRA weights$"):
+        lora_lib.parse_lora({}, unet.cfg, "f.safetensors")
     with pytest.raises(ModelError, match="no_such_block"):
         lora_lib.parse_lora({"unet.no_such_block.to_q.lora.down.weight": torch.zeros(4, 64)}, unet.cfg, "x")
     # Reading a file checks each pair against the UNet's layer, as applying it does: merge.py applies nothing

@@ -243,12 +243,13 @@ def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error:") and "nowhere: no such model folder" in r.stderr
 
 
-def test_impossible_sampling_settings_are_refused(tmp_path, capsys):
+def test_impossible_sampling_settings_are_refused(tmp_path, capsys, monkeypatch):
     import sample
     for bad, needle in [(["--n", "0"], "expected a positive whole number"), (["--width", "-8"], "positive whole"),
                         (["--steps", "1001"], "at most 1000"), (["--w-con", "0,nan"], "comma list of numbers"),
                         (["--out", str(tmp_path)], "is a folder"), (["--cfg", "nan"], "expected a number"),
-                        (["--seed", str(2 ** 64)], "--seed must be a whole number from 0 to 2^64 - n")]:
+                        (["--seed", str(2 ** 64)], "expected a whole number from 0 to 2^64 - 1"),
+                        (["--seed", str(2 ** 64 - 1), "--n", "2"], "--seed must be a whole number from 0 to 2^64 - n")]:
         with pytest.raises(SystemExit):
             sample.parse_args(["--model", "m", "--prompt", "p", *bad])
         assert needle in capsys.readouterr().err
@@ -259,6 +260,11 @@ def test_impossible_sampling_settings_are_refused(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="--device cuda:1: this machine .* has no CUDA GPU"):
             sample.resolve_device("cuda:1", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ModelError, match="--device cuda:1: this machine has 1 CUDA GPU"):
+        sample.resolve_device("cuda:1", "auto")
+    assert sample.resolve_device("cuda", "auto") == (torch.device("cuda"), torch.bfloat16)
 
 
 def test_saved_files_are_readable_by_others_and_their_folder_is_made(tmp_path):

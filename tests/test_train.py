@@ -319,6 +319,7 @@ def test_impossible_settings_are_refused(tmp_path, capsys):
                         (["--beta", "-1"], "expected a number >= 0, got '-1'"),
                         (["--alpha", "0"], "expected a number > 0, got '0'"),  # would silently mean alpha = rank
                         (["--max-grad-norm", "0"], "expected a number > 0"),  # would zero every gradient
+                        (["--seed", "-1"], "expected a whole number from 0 to 2^64 - 1"),
                         (["--prior-dir", data + "/", "--prior-prompt", "a dog"], "--prior-dir is the --data folder"),
                         (["--out", str(tmp_path / "file")], "is a file; training writes a folder"),
                         (["--prior-dir", str(tmp_path / "file"), "--prior-prompt", "a dog"], "is a file; class images"),
@@ -390,8 +391,10 @@ def test_prior_preservation_generates_class_images(tiny_sdxl, trained, tmp_path,
 
 def test_captions_come_from_caption_then_metadata_then_txt(tmp_path):
     data = write_images(str(tmp_path / "d"), ["from txt", "from txt too"])
-    (tmp_path / "d" / "metadata.jsonl").write_text(json.dumps({"file_name": "00.png", "text": "from meta"}) + "\n")
-    assert [c for _, c in read_captions(data, None)] == ["from meta", "from txt too"]
+    # JSON written unescaped may hold U+2028 in a string: still one line of metadata.jsonl
+    (tmp_path / "d" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "00.png", "text": "from\u2028meta"}, ensure_ascii=False) + "\n\n", encoding="utf-8")
+    assert [c for _, c in read_captions(data, None)] == ["from\u2028meta", "from txt too"]
     assert [c for _, c in read_captions(data, "for all")] == ["for all", "for all"]
 
 
