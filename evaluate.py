@@ -47,6 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, Dinov2Model, SiglipModel
 
+import cli
 import lora as lora_lib
 import sample
 from checkpoint import ModelError, atomic, write_text
@@ -69,20 +70,20 @@ def parse_args(argv=None):
     p.add_argument("--subject", help="phrase that fills {} in the prompts, e.g. '<dog>' or 'sks dog'")
     p.add_argument("--suffix", default="", help="appended to every prompt, e.g. ' in watercolor painting style'")
     p.add_argument("--w-con", default="0,1,2,3,4,5", help="consistency-guidance scales; 'cfg': plain CFG")
-    p.add_argument("--seeds", type=sample.positive_int, default=4, help="seeds 0..N-1 for every prompt")
+    p.add_argument("--seeds", type=cli.positive_int, default=4, help="seeds 0..N-1 for every prompt")
     p.add_argument("--dino", required=True, help="local DINOv2 checkpoint folder (transformers, safetensors)")
     p.add_argument("--siglip", help="local SigLIP checkpoint folder")
     p.add_argument("--clip", help="local CLIP checkpoint folder")
     p.add_argument("--out", default="results")
-    p.add_argument("--cfg", type=sample.number, default=5.0, help="classifier-free guidance scale w_txt")
-    p.add_argument("--steps", type=sample.positive_int, default=50)
-    p.add_argument("--width", type=sample.positive_int, default=1024)
-    p.add_argument("--height", type=sample.positive_int, default=1024)
+    p.add_argument("--cfg", type=cli.number, default=5.0, help="classifier-free guidance scale w_txt")
+    p.add_argument("--steps", type=cli.positive_int, default=50)
+    p.add_argument("--width", type=cli.positive_int, default=1024)
+    p.add_argument("--height", type=cli.positive_int, default=1024)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
-    sample.check_steps(p, "--steps", args.steps)
+    cli.check_steps(p, "--steps", args.steps)
     return args
 
 
@@ -282,7 +283,7 @@ def base_model_id(args):
         os.path.join(args.model, sub, f) for sub in ("unet", "vae", "text_encoder", "text_encoder_2")
         if os.path.isdir(os.path.join(args.model, sub))
         for f in os.listdir(os.path.join(args.model, sub)) if f.endswith(".safetensors"))
-    device, dtype = sample.resolve_device(args.device, args.dtype)
+    device, dtype = cli.resolve_device(args.device, args.dtype)
     return dict(path=args.model, files=[(f, os.path.getsize(f), os.path.getmtime(f)) for f in files],
                 config=args.config, device=device.type, dtype=str(dtype))
 
@@ -387,7 +388,7 @@ def main(args, make_generator=make_generator):
     refs = {"subject_dino": list_images(args.ref_images, "--ref-images"),
             "style_dino": list_images(args.style_images, "--style-images")} if merge \
         else {"image_dino": list_images(args.ref_images, "--ref-images")}
-    device = sample.resolve_device(args.device, args.dtype)[0]
+    device = cli.resolve_device(args.device, args.dtype)[0]
     metrics = {k: Embedder(k, getattr(args, k)) for k in ("dino", "siglip", "clip") if getattr(args, k)}
 
     cache = ImageCache(os.path.join(args.out, "images"))

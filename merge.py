@@ -20,7 +20,8 @@ import torch
 import lora as lora_lib
 from checkpoint import (ModelError, atomic, component_files, model_folder, read_json, save_safetensors,
                         save_single_file, unet_config_from_diffusers)
-from sample import folder_embeds, load_sdxl, number
+from cli import number
+from sample import folder_embeds, load_sdxl
 from unet_sdxl import UNetConfig
 
 

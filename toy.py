@@ -29,8 +29,9 @@ import toyworld as world
 import train
 from checkpoint import (SCHEDULE, ModelError, load_training_state, load_vae, read_metadata, save_component,
                         save_training_state, write_text)
+from cli import seed_int
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, eps_mse, min_snr_weight, q_sample
-from sample import conditioning, initial_noise, load_sdxl, seed_int, to_pil
+from sample import conditioning, initial_noise, load_sdxl, to_pil
 from sampler import sample
 from text import TextEncoders, time_ids
 from unet_sdxl import UNet, UNetConfig

@@ -24,11 +24,11 @@ from tqdm import tqdm
 import lora as lora_lib
 from checkpoint import (ModelError, check_schedule, load_training_state, model_folder,
                         save_safetensors, save_training_state, write_text)
+from cli import check_steps, non_negative, positive, positive_int, resolve_device, seed_int
 from data import IMAGE_SUFFIXES, encode_images, is_config, load_rgb, read_captions, read_config
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from graph import cuda_graph, supported
-from sample import (Pipeline, check_steps, generate, load_sdxl, non_negative, positive, positive_int, resolve_device,
-                    save_png, seed_int, size_multiple, to_pil, warn_unloaded_tokens)
+from sample import Pipeline, generate, load_sdxl, save_png, size_multiple, to_pil, warn_unloaded_tokens
 from text import Cond, time_ids
 
 PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict(rank=64, steps=1000, offset_noise=0.1)}

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import checkpoint
+import cli
 from checkpoint import ModelError, load_unet, load_vae, unet_key_map, vae_key_map
 from conftest import reference_tiny_sdxl, run_script, write_single_file
 from sample import generate, load_pipeline, load_sdxl, to_pil
@@ -256,15 +257,15 @@ def test_impossible_sampling_settings_are_refused(tmp_path, capsys, monkeypatch)
     with pytest.raises(ModelError, match="--cuda-graph needs a CUDA GPU"):  # before any model is read
         sample.main(sample.parse_args(["--model", "m", "--prompt", "p", "--device", "cpu", "--cuda-graph"]))
     with pytest.raises(ModelError, match="--device gpu: not a device name"):
-        sample.resolve_device("gpu", "auto")
+        cli.resolve_device("gpu", "auto")
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="--device cuda:1: this machine .* has no CUDA GPU"):
-            sample.resolve_device("cuda:1", "auto")
+            cli.resolve_device("cuda:1", "auto")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ModelError, match="--device cuda:1: this machine has 1 CUDA GPU"):
-        sample.resolve_device("cuda:1", "auto")
-    assert sample.resolve_device("cuda", "auto") == (torch.device("cuda"), torch.bfloat16)
+        cli.resolve_device("cuda:1", "auto")
+    assert cli.resolve_device("cuda", "auto") == (torch.device("cuda"), torch.bfloat16)
 
 
 def test_saved_files_are_readable_by_others_and_their_folder_is_made(tmp_path):

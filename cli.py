@@ -1,0 +1,83 @@
+"""What the scripts share on their command lines: argument types that refuse bad values in one line, and the device.
+
+argparse turns an ArgumentTypeError into "script.py: error: argument --flag: <message>" and exit status 2.
+"""
+import argparse
+
+import numpy as np
+import torch
+
+from checkpoint import ModelError
+from dco import NUM_TRAIN_TIMESTEPS
+
+
+def finite(s):
+    """float(s) if s is a finite number, else None."""
+    try:
+        value = float(s)
+    except ValueError:
+        return None
+    return value if np.isfinite(value) else None
+
+
+def float_list(s):
+    values = [finite(v) for v in s.split(",")]
+    if None in values:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, got {s!r}")
+    return values
+
+
+def number(s):
+    value = finite(s)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
+    return value
+
+
+def non_negative(s):
+    value = number(s)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    return value
+
+
+def positive(s):
+    value = number(s)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
+    return value
+
+
+def positive_int(s):
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {s!r}")
+    return int(s)
+
+
+def seed_int(s):
+    """A generator seed: a whole number that fits torch's 64 bits."""
+    if not s.isdigit() or int(s) >= 2 ** 64:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2^64 - 1, got {s!r}")
+    return int(s)
+
+
+def check_steps(p, flag, steps):
+    """Sampling steps are a subset of the training timesteps, so there can be no more of them."""
+    if steps > NUM_TRAIN_TIMESTEPS:
+        p.error(f"{flag} can be at most {NUM_TRAIN_TIMESTEPS}, the number of training timesteps")
+
+
+def resolve_device(device, dtype):
+    """(torch.device, torch dtype) for --device and --dtype; auto: the GPU if there is one, bfloat16 on it."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {name}: this machine (or this build of torch) has no CUDA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ModelError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return device, getattr(torch, dtype)
