@@ -127,7 +127,8 @@ def write_images(folder, captions, size=(40, 48), seed=0):
     rng = np.random.default_rng(seed)
     for i, cap in enumerate(captions):
         small = rng.random((4, 5, 3)) * 255
-        Image.fromarray(small.astype(np.uint8)).resize(size[::-1], Image.BICUBIC).save(os.path.join(folder, f"{i:02d}.png"))
+        image = Image.fromarray(small.astype(np.uint8)).resize(size[::-1], Image.BICUBIC)
+        image.save(os.path.join(folder, f"{i:02d}.png"))
         with open(os.path.join(folder, f"{i:02d}.txt"), "w") as f:
             f.write(cap)
     return folder

@@ -50,8 +50,9 @@ def test_dco_at_init_is_ln2_with_half_beta_gradient():
     unet = UNet(UNetConfig.tiny()).requires_grad_(False)
     params = lora_lib.inject(unet, rank=4)
     g = torch.Generator().manual_seed(1)
-    x, ctx, pooled = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.randn(2, 32, generator=g)
-    ids, t, noise = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2), torch.tensor([300, 700]), torch.randn(2, 4, 8, 8, generator=g)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    pooled, noise = torch.randn(2, 32, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    ids, t = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2), torch.tensor([300, 700])
     beta = 1000.0
     err_theta = eps_mse(unet(x, t, ctx, pooled, ids), noise)
     with torch.no_grad(), lora_lib.lora_scale(unet, 0.0):

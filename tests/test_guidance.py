@@ -83,7 +83,8 @@ def reference_cg_image(folder, out, prompt, base, w_con, seed, steps, size, cfg)
     pipe.load_lora_weights(out)
     emb = load_file(os.path.join(out, "learned_embeds.safetensors"))
     pipe.load_textual_inversion(emb["clip_l"], token="<dog>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-    pipe.load_textual_inversion(emb["clip_g"], token="<dog>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    pipe.load_textual_inversion(emb["clip_g"], token="<dog>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
     lora_ctx, _, lora_pooled, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
     base_ctx, neg_ctx, base_pooled, neg_pooled = pipe.encode_prompt(base, do_classifier_free_guidance=True)
     ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
@@ -179,8 +180,9 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path, 
     merged = tmp_path / "merged"
     assert sorted(os.listdir(merged)) == ["learned_embeds.safetensors", "pytorch_lora_weights.safetensors"]
     # to_q and to_v have rank 4 + 2, to_k and to_out.0 rank 4, written padded to one rank (older diffusers need it)
+    written = load_file(str(merged / "pytorch_lora_weights.safetensors"))
     ranks = {k.split(".lora.")[0].rsplit(".", 1)[-1]: v.shape[0]
-             for k, v in load_file(str(merged / "pytorch_lora_weights.safetensors")).items() if k.endswith("down.weight")}
+             for k, v in written.items() if k.endswith("down.weight")}
     assert set(ranks) == {"to_q", "to_k", "to_v", "0"} and set(ranks.values()) == {6}
     x, t, ctx, pooled, ids = unet_inputs()
     ref = StableDiffusionXLPipeline.from_pretrained(folder)
@@ -265,7 +267,8 @@ def test_rank_compression_prints_its_error(tiny_sdxl, trained, tmp_path, capsys)
     merge_here(trained, trained, "--model", tiny_sdxl[0], "--rank", 2, "--out", tmp_path / "m.safetensors")
     err = float(capsys.readouterr().out.split("relative error of the summed delta ")[1].split()[0])
     assert 0 < err < 1
-    assert {v.shape[0] for k, v in load_file(str(tmp_path / "m.safetensors")).items() if k.endswith("lora.down.weight")} == {2}
+    written = load_file(str(tmp_path / "m.safetensors"))
+    assert {v.shape[0] for k, v in written.items() if k.endswith("lora.down.weight")} == {2}
 
 
 def test_merge_refuses_to_fuse_into_a_folder_or_read_a_missing_input(tmp_path, capsys):
@@ -289,8 +292,9 @@ def test_merge_refuses_to_fuse_into_a_folder_or_read_a_missing_input(tmp_path, c
 
 def test_foreign_lora_is_refused_in_one_line(tiny_sdxl, tmp_path):
     bad = str(tmp_path / "bad.safetensors")
-    save_file({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight": torch.zeros(2, 320),
-               "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight": torch.zeros(640, 2)}, bad)
+    module = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{module}.lora.down.weight": torch.zeros(2, 320), f"{module}.lora.up.weight": torch.zeros(640, 2)}, bad)
     r = run_script("sample.py", "--model", tiny_sdxl[0], "--lora", bad, "--prompt", "x", check=False)
     last = r.stderr.strip().splitlines()[-1]
-    assert r.returncode != 0 and last.startswith("error:") and "input_blocks.4.1.transformer_blocks.0.attn1.to_q" in last
+    assert r.returncode != 0 and last.startswith("error:")
+    assert "input_blocks.4.1.transformer_blocks.0.attn1.to_q" in last

@@ -91,7 +91,8 @@ def test_subject_scores_high_and_other_objects_low():
         others = [toyworld.subject_fidelity(toyworld.render(s, rng), subject) for s in rendered(40, 4, ("none",))[0]]
         assert np.mean(others) <= 0.4, np.mean(others)
         plain = toyworld.Scene((replace(subject, pattern="plain", token=""),), "night")
-        assert toyworld.subject_fidelity(toyworld.render(plain, rng), subject) == 0.5  # shape and color, not the pattern
+        # shape and color, not the pattern
+        assert toyworld.subject_fidelity(toyworld.render(plain, rng), subject) == 0.5
         in_style = toyworld.eval_scenes(subject, style="vignette", n=1)[0]
         assert toyworld.subject_fidelity(toyworld.render(in_style, rng), subject) == 1.0
     assert toyworld.subject_fidelity(toyworld.render(toyworld.Scene((), "sky"), rng), toyworld.SUBJECTS[0]) == 0.0
@@ -113,9 +114,9 @@ def test_held_out_subjects_and_styles_never_appear_in_pretraining():
     assert not any((o.shape, o.color, o.pattern) in looks for s in scenes for o in s.objects)
     assert all(toyworld.is_held_out(replace(s, pattern_color="red", token="")) for s in toyworld.SUBJECTS)
     assert not any("<" in c for c in captions) and {s.style for s in scenes} <= set(toyworld.STYLES)
-    metrics = toyworld.toy_metrics([toyworld.render(s, np.random.default_rng(0)) for s in toyworld.eval_scenes(toyworld.SUBJECTS[0],
-                                                                                                "frame", 2)],
-                              toyworld.eval_scenes(toyworld.SUBJECTS[0], "frame", 2)[0])
+    merged_scenes = toyworld.eval_scenes(toyworld.SUBJECTS[0], "frame", 2)
+    metrics = toyworld.toy_metrics([toyworld.render(s, np.random.default_rng(0)) for s in merged_scenes],
+                                   merged_scenes[0])
     assert set(metrics) == {"prompt", "subject", "style"} and all(0 <= v <= 1 for v in metrics.values())
 
 

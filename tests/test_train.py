@@ -67,7 +67,8 @@ def diffusers_image(folder, out, prompt, weight_name=None):
     if out:
         pipe.load_lora_weights(out, weight_name=weight_name)
         emb = load_file(os.path.join(out, "learned_embeds.safetensors"))
-        pipe.load_textual_inversion(emb["clip_l"], token="<dog>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(emb["clip_l"], token="<dog>", text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
         pipe.load_textual_inversion(emb["clip_g"], token="<dog>", text_encoder=pipe.text_encoder_2,
                                     tokenizer=pipe.tokenizer_2)
     image = pipe(prompt, num_inference_steps=8, width=64, height=64, guidance_scale=5.0,
@@ -130,7 +131,8 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
 def test_ctrl_c_saves_a_checkpoint(tiny_sdxl, trained, tmp_path):
     data, out = os.path.join(os.path.dirname(trained), "data"), tmp_path / "c"
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--model", tiny_sdxl[0], "--data", data,
-                          "--out", str(out), "--steps", "100000", *map(str, TRAIN_ARGS)], stderr=subprocess.PIPE, text=True)
+                          "--out", str(out), "--steps", "100000", *map(str, TRAIN_ARGS)],
+                         stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not os.path.isdir(out) and time.time() < deadline:  # OUT appears when the loop is about to start
         time.sleep(0.2)
