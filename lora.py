@@ -285,8 +285,8 @@ def lora_config(path):
     if not config and beside:
         config = read_json(beside)
     patterns = (config.get("alpha_pattern") or {}) if isinstance(config, dict) else None
-    alphas = [config["lora_alpha"]] if "lora_alpha" in (config or {}) else []
-    if not isinstance(patterns, dict) or not all(type(a) in (int, float) for a in alphas + list(patterns.values())):
+    alphas = [config.get("lora_alpha", 1), *patterns.values()] if isinstance(patterns, dict) else [None]
+    if not all(type(a) in (int, float) for a in alphas):  # as peft reads them: numbers, and {module pattern: number}
         raise ModelError(f"{beside or path}: its LoRA config is not an object with a numeric lora_alpha and "
                          "alpha_pattern")
     return config
