@@ -12,7 +12,6 @@ as they use SDXL. compare fine-tunes with train.py and samples through evaluate.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -390,9 +389,10 @@ def fine_tune(model, out, target, method, plan, beta):
         argv.append("--resume")
     world.write_training_folder(scenes, data)
     print(f"fine-tuning {name} with {method}")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    if subprocess.run([sys.executable, script, *argv]).returncode:
-        sys.exit(f"error: train.py stopped on {name} with {method} (its message is above); rerun to continue")
+    try:  # train.py's command line, in this process (a process each would start Python and torch 15 times)
+        train.main(train.parse_args(argv))
+    except (ModelError, OSError) as e:
+        sys.exit(f"error: train.py on {name} with {method}: {e}; rerun to continue")
     return run
 
 

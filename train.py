@@ -12,6 +12,7 @@ OUT/settings.json. OUT/checkpoint.safetensors holds what --resume needs; OUT/log
 loss, and the mean denoising errors of the LoRA model (err_theta) and of the frozen one (err_phi, 0 when beta is 0).
 """
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -237,6 +238,17 @@ def save_grid(args, unet, vae, text, prompt, step, device):
     save_png(to_pil(image), os.path.join(args.out, "samples", f"step-{step:06d}.png"), {"step": step, "prompt": prompt})
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """Within: Ctrl-C only sets the yielded flag, which the loop reads after each step. After: Ctrl-C as before."""
+    flag = []
+    before = signal.signal(signal.SIGINT, lambda *_: flag.append(True))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def main(args):
@@ -345,39 +357,38 @@ def main(args):
         save_outputs(args, unet, ti, step)
 
     log = open_log(os.path.join(args.out, "log.jsonl"), start)
-    interrupted = []  # Ctrl-C finishes the current step, then saves
-    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training")
-    for step in bar:
-        # A batch of instance images, plus as many class images for prior preservation.
-        idx = torch.randint(0, n, (B,), generator=rng)
-        if prior:
-            idx = torch.cat([idx, n + torch.randint(0, len(prior), (B,), generator=rng)])
-        z = torch.randn((len(idx), *mean.shape[1:]), generator=rng)
-        noise = offset_noise(z.shape, args.offset_noise, rng)
-        t = torch.randint(0, len(a_bar), (len(idx),), generator=rng)
-        loss, grad_norm, err_theta, err_phi = dco_step(*(v.to(device) for v in (idx, z, noise, t)))
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # the step is taken, but never saved
-            kept = "keeping the last good checkpoint" if os.path.exists(ckpt) else "no checkpoint was saved before"
-            sys.exit(f"error: the loss is {loss.item()} and the gradient norm {grad_norm.item()} at step {step}; "
-                     f"stopped, {kept}")
-        record = {"step": step, "loss": loss.item(), "err_theta": err_theta.mean().item(),
-                  "err_phi": err_phi.mean().item()}
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['err_theta'] - record['err_phi']:+.2e}")
+    with ctrl_c_deferred() as interrupted:  # Ctrl-C finishes the current step, then saves
+        bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training")
+        for step in bar:
+            # A batch of instance images, plus as many class images for prior preservation.
+            idx = torch.randint(0, n, (B,), generator=rng)
+            if prior:
+                idx = torch.cat([idx, n + torch.randint(0, len(prior), (B,), generator=rng)])
+            z = torch.randn((len(idx), *mean.shape[1:]), generator=rng)
+            noise = offset_noise(z.shape, args.offset_noise, rng)
+            t = torch.randint(0, len(a_bar), (len(idx),), generator=rng)
+            loss, grad_norm, err_theta, err_phi = dco_step(*(v.to(device) for v in (idx, z, noise, t)))
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # the step is taken, but never saved
+                kept = "keeping the last good checkpoint" if os.path.exists(ckpt) else "no checkpoint was saved before"
+                sys.exit(f"error: the loss is {loss.item()} and the gradient norm {grad_norm.item()} at step {step}; "
+                         f"stopped, {kept}")
+            record = {"step": step, "loss": loss.item(), "err_theta": err_theta.mean().item(),
+                      "err_phi": err_phi.mean().item()}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['err_theta'] - record['err_phi']:+.2e}")
 
-        if interrupted:
-            save(step + 1)
-            sys.exit(f"interrupted: saved step {step + 1} in {args.out}; continue with --resume")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save(step + 1)
-            save_grid(args, unet, vae, text, sample_prompt, step + 1, device)
-    log.close()
-    save(args.steps)
-    if args.save_every:
-        save_grid(args, unet, vae, text, sample_prompt, args.steps, device)
-    print(f"wrote {args.out}/pytorch_lora_weights.safetensors")
+            if interrupted:
+                save(step + 1)
+                sys.exit(f"interrupted: saved step {step + 1} in {args.out}; continue with --resume")
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+                save(step + 1)
+                save_grid(args, unet, vae, text, sample_prompt, step + 1, device)
+        log.close()
+        save(args.steps)
+        if args.save_every:
+            save_grid(args, unet, vae, text, sample_prompt, args.steps, device)
+        print(f"wrote {args.out}/pytorch_lora_weights.safetensors")
 
 
 if __name__ == "__main__":
