@@ -363,10 +363,11 @@ SCHEDULE = {"prediction_type": "epsilon", "beta_schedule": "scaled_linear", "bet
 
 def check_schedule(folder):
     """Refuse a model trained for another schedule or prediction (a v-prediction fine-tune, say): our loss and
-    sampler would use it wrongly without a sign. A folder without scheduler/ (a --config folder) is taken as SDXL's."""
+    sampler would use it wrongly without a sign. A folder without scheduler/ (a --config folder) is taken as SDXL's.
+    Returns the config ({} without one)."""
     path = os.path.join(folder, "scheduler", "scheduler_config.json")
     if not os.path.isfile(path):
-        return
+        return {}
     config = read_json(path)
     other = [f"{k} {config[k]!r}" for k, v in SCHEDULE.items() if k in config and config[k] != v]
     if config.get("rescale_betas_zero_snr"):  # a zero-terminal-SNR schedule: another set of betas
@@ -374,6 +375,7 @@ def check_schedule(folder):
     if other:
         raise ModelError(f"{path}: {', '.join(other)}; only SDXL's own schedule is supported "
                          f"({', '.join(f'{k} {v!r}' for k, v in SCHEDULE.items())})")
+    return config
 
 
 def model_folder(model, config=None):

@@ -24,7 +24,7 @@ from checkpoint import (ModelError, atomic, check_schedule, load_unet, load_vae,
                         read_single_file)
 from cli import check_steps, finite, float_list, number, positive_int, resolve_device, seed_int
 from graph import supported
-from sampler import sample
+from sampler import EULER, sample
 from text import Cond, TextEncoders, time_ids
 from vae import decode_latents
 
@@ -114,7 +114,11 @@ def folder_embeds(folder):
 def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", config=None):
     """The base model plus LoRAs ('PATH[:SCALE]', summed exactly) and learned tokens ('FILE[:TOKEN[:INIT]]')."""
     device, dtype = resolve_device(device, dtype)
-    check_schedule(model_folder(model, config)[0])
+    scheduler = check_schedule(model_folder(model, config)[0])
+    other = {k: scheduler[k] for k, v in EULER.items() if k in scheduler and scheduler[k] != v}
+    if other:  # a fine-tune shipped with, say, DPM++ or Karras sigmas: diffusers' pipeline would sample with those
+        warnings.warn(f"the model's scheduler config asks for {other}; this sampler is SDXL base's Euler ({EULER}), "
+                      "so its images differ from those of diffusers' pipeline with that scheduler")
     pipe = Pipeline(*load_sdxl(model, device, dtype, config))
     files, weights, given = [], [], {os.path.realpath(split_spec(e, 1)[0]) for e in embeds}
     for spec in loras:

@@ -16,6 +16,11 @@ from graph import cuda_graph
 from lora import lora_scale
 from text import Cond
 
+# SDXL base's scheduler_config.json, in the fields that set the sampling steps: what euler_schedule implements.
+EULER = {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading", "steps_offset": 1,
+         "interpolation_type": "linear", "use_karras_sigmas": False, "use_exponential_sigmas": False,
+         "use_beta_sigmas": False, "final_sigmas_type": "zero"}
+
 
 def euler_schedule(steps, steps_offset=1, a_bar=None):
     """timesteps (steps,) from T to 1, "leading" spacing: 958, 925, ..., 34, 1 for 30 steps;

@@ -228,6 +228,7 @@ def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
     with pytest.raises(ModelError, match="text_encoder_2: missing"):
         TextEncoders(str(bad))
     sched = bad / "scheduler" / "scheduler_config.json"  # a v-prediction model would be trained and sampled wrongly
+    good = json.loads(sched.read_text())
     sched.write_text(sched.read_text().replace('"epsilon"', '"v_prediction"'))
     with pytest.raises(ModelError, match="prediction_type 'v_prediction'; only SDXL's own schedule"):
         load_pipeline(str(bad))
@@ -237,6 +238,11 @@ def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
         sched.write_text(json.dumps({**config, key: value}))
         with pytest.raises(ModelError, match=re.escape(f"{key} {value!r}")):
             checkpoint.check_schedule(str(bad))
+    # Sampling settings other than SDXL base's: sampled anyway (with this Euler), and said so.
+    sched.write_text(json.dumps({**good, "timestep_spacing": "trailing"}))
+    with pytest.warns(UserWarning, match="asks for {'timestep_spacing': 'trailing'}; this sampler is SDXL base's"), \
+            pytest.raises(ModelError):  # warned before this broken copy of the model fails to load
+        load_pipeline(str(bad))
     # The command line says it in one line, without a stack trace.
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", str(tmp_path / "nowhere"),
                         "--prompt", "x"], capture_output=True, text=True)
