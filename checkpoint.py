@@ -32,11 +32,15 @@ class ModelError(Exception):
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
+def check_file(path):
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
+
+
 def read_safetensors(path):
     if path.endswith(PICKLE_SUFFIXES):
         raise ModelError(f"{path}: only .safetensors files are loaded (pickle files can run code); convert it first")
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such file")
+    check_file(path)
     try:
         return load_file(path)
     except Exception as e:  # safetensors raises several types for a damaged file

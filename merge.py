@@ -18,8 +18,8 @@ import sys
 import torch
 
 import lora as lora_lib
-from checkpoint import (ModelError, atomic, component_files, model_folder, read_json, save_safetensors,
-                        save_single_file, unet_config_from_diffusers)
+from checkpoint import (ModelError, atomic, check_file, component_files, model_folder, read_json, read_metadata,
+                        save_safetensors, save_single_file, unet_config_from_diffusers)
 from cli import number
 from sample import folder_embeds, load_sdxl
 from unet_sdxl import UNetConfig
@@ -45,7 +45,8 @@ def parse_args(argv=None):
         p.error("--fuse needs --model")
     if args.rank is not None and args.rank < 1:
         p.error("--rank must be at least 1")
-    if args.fuse and not args.out.endswith(".safetensors"):
+    args.to_file = args.out.lower().endswith(".safetensors")
+    if args.fuse and not args.to_file:
         p.error("--fuse writes one file: give --out NAME.safetensors")
     return args
 
@@ -61,7 +62,7 @@ def main(args):
             raise ModelError(f"{path}: no such LoRA file or folder")
     if os.path.isdir(args.out) and any(os.path.isdir(p) and os.path.samefile(p, args.out) for p in args.loras):
         raise ModelError(f"--out {args.out} is one of the inputs; merge into another folder")
-    run = args.out if not args.out.endswith(".safetensors") else os.path.dirname(args.out) or "."
+    run = (os.path.dirname(args.out) or ".") if args.to_file else args.out
     if os.path.isfile(os.path.join(run, "settings.json")):  # train.py's: its files must stay the run's
         raise ModelError(f"--out {args.out}: {run} holds a training run; merge into another folder")
     try:
@@ -88,24 +89,29 @@ def main(args):
     tensors = lora_lib.to_kohya(merged) if args.kohya else lora_lib.to_diffusers(merged, cfg)
     meta = {"dco.merged_from": json.dumps(args.loras), "dco.weights": json.dumps(args.weights)}
     path = args.out
-    if path.endswith(".safetensors"):
+    if args.to_file:
         if args.embeds:
             raise ModelError("--embeds needs a folder as --out, to put them beside the LoRA")
         save_safetensors(tensors, path, meta)
     else:
         embeds = args.embeds + [e for p in args.loras if os.path.isdir(p) for e in folder_embeds(p)]
-        tokens = []  # read now: they may be files of an earlier merge in --out, which this one replaces
+        tokens = {}  # token -> (file, its bytes), read now: they may be files of an earlier merge in --out
         for e in embeds:
-            if not os.path.isfile(e):
-                raise ModelError(f"--embeds {e}: no such file")
+            check_file(e)
             with open(e, "rb") as f:
-                tokens.append(f.read())
+                data = f.read()
+            token = read_metadata(e).get("token") or os.path.realpath(e)  # the official code's files name none
+            if token in tokens and tokens[token][1] != data:  # the same bytes (a run given twice) are carried once
+                raise ModelError(f"{tokens[token][0]} and {e} both learned {token!r}, as other vectors, and a folder "
+                                 "carries one: give one run's LoRA file (DIR/pytorch_lora_weights.safetensors) rather "
+                                 "than its folder, so that its tokens stay behind")
+            tokens.setdefault(token, (e, data))
         # The LoRA first: until it is written, an earlier merge in --out stays whole.
         name, other = ((lora_lib.KOHYA_FILE, lora_lib.DIFFUSERS_FILE) if args.kohya
                        else (lora_lib.DIFFUSERS_FILE, lora_lib.KOHYA_FILE))
         save_safetensors(tensors, os.path.join(path, name), meta)
         names = [f"learned_embeds{f'_{i}' if i else ''}.safetensors" for i in range(len(tokens))]
-        for token_file, data in zip(names, tokens):
+        for token_file, (_, data) in zip(names, tokens.values()):
             with atomic(os.path.join(path, token_file)) as tmp, open(tmp, "wb") as f:
                 f.write(data)
         for stale in os.listdir(path):  # what an earlier merge left: more tokens, its LoRA in the other format

@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
 import lora as lora_lib
-from checkpoint import (ModelError, atomic, check_schedule, load_unet, load_vae, model_folder, read_metadata,
-                        read_single_file)
+from checkpoint import (ModelError, atomic, check_file, check_schedule, load_unet, load_vae, model_folder,
+                        read_metadata, read_single_file)
 from cli import check_steps, finite, float_list, number, positive_int, resolve_device, seed_int
 from graph import supported
 from sampler import EULER, sample
@@ -93,8 +93,7 @@ def split_spec(spec, n):
 
 def load_embeds(pipe, spec):
     path, token, init = split_spec(spec, 3)
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such file")
+    check_file(path)
     meta = read_metadata(path)
     token, init = token or meta.get("token"), init or meta.get("init_token")
     if not token:  # the official code's files name no token
@@ -131,8 +130,15 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", confi
             raise ModelError(f"--lora {spec}: the scale {scale!r} is not a number")
     if files:
         lora_lib.apply_lora(pipe.unet, lora_lib.merge(files, weights), dtype)
+    loaded = set()
     for spec in embeds:
-        load_embeds(pipe, spec)
+        path, *names = split_spec(spec, 3)
+        check_file(path)
+        with open(path, "rb") as f:
+            key = (f.read(), *names)
+        if key not in loaded:  # the same file given twice (a run and a merge that carries its token, say): once
+            loaded.add(key)
+            load_embeds(pipe, spec)
     return pipe
 
 

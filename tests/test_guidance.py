@@ -1,5 +1,6 @@
 """Consistency guidance, several LoRAs at once, and merge.py."""
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -9,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import lora as lora_lib
-from checkpoint import ModelError, load_unet
+from checkpoint import ModelError, load_unet, read_metadata
 from conftest import run_script, write_single_file
 from sample import Pipeline, base_prompt, generate, grid, load_pipeline, split_spec, warn_unloaded_tokens
 from sampler import guidance
@@ -245,6 +246,26 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path, 
     assert {f: (tmp_path / "both" / f).read_bytes() for f in os.listdir(tmp_path / "both")} == before
 
 
+def test_each_learned_token_is_carried_once(tiny_sdxl, trained, tmp_path):
+    folder = tiny_sdxl[0]
+    merge_here(trained, trained, "--model", folder, "--out", tmp_path / "twice")  # the same run twice: its token once
+    assert sorted(os.listdir(tmp_path / "twice")) == ["learned_embeds.safetensors", "pytorch_lora_weights.safetensors"]
+    assert load_pipeline(folder, loras=[str(tmp_path / "twice"), trained + ":0.5"]).tokens == {"<dog>": "dog"}
+    other = tmp_path / "other"  # another run that learned <dog>, as other vectors: which to keep is the user's call
+    other.mkdir()
+    shutil.copy(os.path.join(trained, "pytorch_lora_weights.safetensors"), other)
+    embeds = load_file(os.path.join(trained, "learned_embeds.safetensors"))
+    save_file({k: v + 1 for k, v in embeds.items()}, str(other / "learned_embeds.safetensors"),
+              read_metadata(os.path.join(trained, "learned_embeds.safetensors")))
+    with pytest.raises(ModelError, match="both learned '<dog>'"):
+        merge_here(trained, other, "--model", folder, "--out", tmp_path / "clash")
+    assert not os.path.exists(tmp_path / "clash")
+    merge_here(trained, other / "pytorch_lora_weights.safetensors", "--model", folder, "--out", tmp_path / "kept")
+    assert load_pipeline(folder, loras=[str(tmp_path / "kept")]).tokens == {"<dog>": "dog"}
+    with pytest.raises(ModelError, match="a folder, not a file"):
+        merge_here(trained, "--embeds", trained, "--model", folder, "--out", tmp_path / "e")
+
+
 def test_fused_checkpoint_equals_base_plus_lora(tiny_sdxl, trained, tmp_path):
     folder = tiny_sdxl[0]
     run_script("merge.py", trained, "--fuse", "--model", folder, "--dtype", "float32", "--out",
@@ -276,6 +297,7 @@ def test_merge_refuses_to_fuse_into_a_folder_or_read_a_missing_input(tmp_path, c
     with pytest.raises(SystemExit):
         merge.parse_args(["a.safetensors", "--fuse", "--model", "m", "--out", str(tmp_path / "fused")])
     assert "--out NAME.safetensors" in capsys.readouterr().err
+    assert merge.parse_args(["a.safetensors", "--fuse", "--model", "m", "--out", "F.SAFETENSORS"]).to_file
     with pytest.raises(SystemExit):
         merge.parse_args(["a.safetensors", "b.safetensors", "--weights", "1", "nan", "--out", "m.safetensors"])
     assert "expected a number, got 'nan'" in capsys.readouterr().err
