@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import warnings
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--resolution", type=positive_int, default=1024)
     p.add_argument("--caption", help="one caption for every image (instead of .txt files)")
-    p.add_argument("--token", help='learned token, e.g. "<dog>"; every caption must contain it')
+    p.add_argument("--token", help='learned token, e.g. "<dog>"; every caption must contain it, as a word of its own')
     p.add_argument("--init-token", help="the word the token starts from, e.g. dog")
     p.add_argument("--prior-dir", help="class images for prior preservation (generated if too few)")
     p.add_argument("--prior-prompt")
@@ -83,6 +84,8 @@ def parse_args(argv=None):
             setattr(args, k, v)
     if bool(args.token) != bool(args.init_token):
         p.error("--token and --init-token go together")
+    if args.token and args.token.split() != [args.token]:
+        p.error(f"--token {args.token!r}: a learned token is one word, without spaces, e.g. <dog>")
     if bool(args.prior_dir) != bool(args.prior_prompt):
         p.error("--prior-dir and --prior-prompt go together")
     if args.caption and is_config(args.data):
@@ -251,6 +254,18 @@ def ctrl_c_deferred():
 
 # ------------------------------------------------------------------------------------------------ main
 
+def check_token(path, caption, token):
+    """The learned token must stand as a word of every caption, punctuation around it allowed. Inside a longer word
+    it is most likely a typo (sub0 for <sub0>): it would train there all the same, and the base caption that the
+    frozen model sees (DCO's reference, consistency guidance) would read <star>."""
+    if token not in caption:
+        raise ModelError(f"{path}: caption {caption!r} does not contain the token {token!r}")
+    for word in caption.split():
+        if token in word and not re.fullmatch(r"[\"'(\[]*" + re.escape(token) + r"(?:'s)?[\"')\],.;:!?]*", word):
+            raise ModelError(f"{path}: caption {caption!r} has the token {token!r} inside the word {word!r}; a "
+                             "learned token is a word of its own (the whole of <dog>, with its brackets)")
+
+
 def main(args):
     device, dtype = resolve_device(args.device, args.dtype)
     if args.cuda_graph and not supported(device):
@@ -261,8 +276,8 @@ def main(args):
     else:
         items = read_captions(args.data, args.caption)
     for path, cap in items:
-        if args.token and args.token not in cap:
-            raise ModelError(f"{path}: caption {cap!r} does not contain the token {args.token!r}")
+        if args.token:
+            check_token(path, cap, args.token)
         load_rgb(path)  # fail on a bad image now, before anything is written
     ckpt = os.path.join(args.out, "checkpoint.safetensors")
     if args.resume or os.path.exists(os.path.join(args.out, "settings.json")):

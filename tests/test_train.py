@@ -164,6 +164,8 @@ def test_bad_data_is_refused_in_one_line(tiny_sdxl, tmp_path):
     out = str(tmp_path / "out")
     expect_error(("--data", data, "--token", "<cat>", "--init-token", "cat", *common), "00.png", out, cli=True)
     expect_error(("--data", data, "--token", "<dog>", "--init-token", "big dog", *common), "single token", out)
+    for typo in ("dog", "<do"):  # inside <dog>: it would train there, and the base captions would read <dog>
+        expect_error(("--data", data, "--token", typo, "--init-token", "dog", *common), "inside the word '<dog>'", out)
     long = write_images(str(tmp_path / "long"), [" ".join(["word"] * 80) + " a <dog>"])  # CLIP reads 77 tokens
     expect_error(("--data", long, "--token", "<dog>", "--init-token", "dog", *common), "first 77 tokens", out)
     open(os.path.join(long, "00.txt"), "w").close()
@@ -326,6 +328,7 @@ def test_impossible_settings_are_refused(tmp_path, capsys):
                         (["--out", str(tmp_path / "file")], "is a file; training writes a folder"),
                         (["--prior-dir", str(tmp_path / "file"), "--prior-prompt", "a dog"], "is a file; class images"),
                         (["--dtype", "float16"], "invalid choice: 'float16'"),
+                        (["--token", "<my dog>", "--init-token", "dog"], "one word, without spaces"),
                         (["--data", "config.json:full_ti", "--caption", "a dog"], "--caption is for a folder")]:
         with pytest.raises(SystemExit):
             train.parse_args(common + bad)
