@@ -28,7 +28,7 @@ import toyworld as world
 import train
 from checkpoint import (SCHEDULE, ModelError, load_training_state, load_vae, read_metadata, save_component,
                         save_training_state, write_text)
-from cli import seed_int
+from cli import non_negative, positive_int, seed_int
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, eps_mse, min_snr_weight, q_sample
 from sample import conditioning, initial_noise, load_sdxl, to_pil
 from sampler import sample
@@ -455,13 +455,13 @@ def parse_args(argv=None):
     which.add_argument("--subject", type=int, help=f"0..{len(world.SUBJECTS) - 1}")
     which.add_argument("--style", type=int, help=f"0..{len(world.HELD_OUT_STYLES) - 1}")
     data.add_argument("--out", required=True)
-    data.add_argument("--n", type=int, default=4, help="images of a subject (a style has one)")
+    data.add_argument("--n", type=positive_int, default=4, help="images of a subject (a style has one)")
     data.add_argument("--seed", type=seed_int, default=0)
     cmp = commands.add_parser("compare", help="DreamBooth vs DreamBooth + prior vs DCO: Pareto and merge tables")
     cmp.add_argument("--model", help="default toy-sdxl (toy-sdxl-quick with --quick); pretrained first if missing")
     cmp.add_argument("--out", help="default toy-compare (toy-compare-quick with --quick)")
     cmp.add_argument("--quick", action="store_true", help="one subject and style, a few steps: minutes, not results")
-    cmp.add_argument("--beta", type=float, default=1000.0, help="DCO's beta (the paper's 1000)")
+    cmp.add_argument("--beta", type=non_negative, default=1000.0, help="DCO's beta (the paper's 1000)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in ("pretrain", "data", "compare", "-h", "--help"):
         argv = ["pretrain", *argv]
@@ -480,7 +480,10 @@ def main(args):
         else:
             name = list(world.HELD_OUT_STYLES)[args.style]
             scenes, (token, init) = world.style_scenes(name, args.seed), world.learned_token(style=name)
-        world.write_training_folder(scenes, args.out, args.seed)
+        try:
+            world.write_training_folder(scenes, args.out, args.seed)
+        except (ValueError, OSError) as e:
+            sys.exit(f"error: {e}")
         print(f"wrote {len(scenes)} images to {args.out}; token {token}, initializer word {init!r}")
         return
     if args.command == "compare":

@@ -395,12 +395,21 @@ def eval_scenes(subject=None, style=None, n=8, seed=0):
 
 
 def write_training_folder(scenes, out, seed=0):
-    """Render scenes into out/ as NAME.png + NAME.txt (its caption), the format train.py reads."""
+    """Render scenes into out/ as NAME.png + NAME.txt (its caption), the format train.py reads. A folder that holds
+    other files is refused: train.py would take them as part of the training set (another subject, say)."""
+    names = [f"{i:02d}" for i in range(len(scenes))]
+    if os.path.isfile(out):
+        raise ValueError(f"{out} is a file; the training images go in a folder")
+    mine = {n + suffix for n in names for suffix in (".png", ".txt")}
+    other = sorted(set(os.listdir(out) if os.path.isdir(out) else ()) - mine)
+    if other:
+        raise ValueError(f"{out} holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}), which "
+                         "train.py would read as training data too; give a new folder")
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for i, scene in enumerate(scenes):
-        render(scene, rng).save(os.path.join(out, f"{i:02d}.png"))
-        with open(os.path.join(out, f"{i:02d}.txt"), "w") as f:
+    for name, scene in zip(names, scenes):
+        render(scene, rng).save(os.path.join(out, f"{name}.png"))
+        with open(os.path.join(out, f"{name}.txt"), "w") as f:
             f.write(caption(scene) + "\n")
 
 

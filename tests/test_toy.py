@@ -131,6 +131,21 @@ def test_data_command_writes_a_training_folder(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "toy.py"), "data", "--style", "9", "--out",
                         str(tmp_path / "x")], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+    toy.main(toy.parse_args(["data", "--subject", "0", "--out", str(tmp_path / "sub0")]))  # the same again: fine
+    assert sorted(os.listdir(tmp_path / "sub0")) == names
+    with pytest.raises(SystemExit, match="holds other files .02.png, 02.txt, 03.png, ...., which train.py would"):
+        toy.main(toy.parse_args(["data", "--subject", "1", "--n", "2", "--out", str(tmp_path / "sub0")]))
+    with pytest.raises(SystemExit, match="00.png is a file"):
+        toy.main(toy.parse_args(["data", "--subject", "1", "--out", str(tmp_path / "sub0" / "00.png")]))
+    assert sorted(os.listdir(tmp_path / "sub0")) == names and "<sub0>" in (tmp_path / "sub0" / "00.txt").read_text()
+
+
+def test_bad_numbers_are_refused_before_any_work(capsys):
+    for argv, needle in [(["compare", "--beta", "-5"], "expected a number >= 0"),  # not after the DreamBooth runs
+                         (["data", "--subject", "0", "--n", "0", "--out", "x"], "expected a positive whole number")]:
+        with pytest.raises(SystemExit):
+            toy.parse_args(argv)
+        assert needle in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
