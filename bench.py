@@ -25,7 +25,8 @@ from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
 import lora as lora_lib
-from checkpoint import load_unet, unet_config_to_diffusers, unet_key_map
+from checkpoint import ModelError, load_unet, unet_config_to_diffusers, unet_key_map
+from cli import positive_int
 from dco import dco_loss, eps_mse
 from graph import cuda_graph
 from unet_sdxl import UNet, UNetConfig
@@ -35,15 +36,20 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="an SDXL folder (default: random weights)")
     p.add_argument("--tiny", action="store_true", help="tiny config at 64x64 (CPU smoke test)")
-    p.add_argument("--size", type=int, help="image size (default 1024, tiny 64)")
-    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--size", type=positive_int, help="image size, a multiple of 32 (default 1024, tiny 64)")
+    p.add_argument("--rank", type=positive_int, default=32)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=positive_int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reference", action="store_true", help="also time diffusers + peft")
     p.add_argument("--compile", action="store_true", help="also time our UNet with its blocks compiled")
     p.add_argument("--cuda-graph", action="store_true", help="also time our steps replayed from CUDA graphs (GPU)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.size is not None and args.size % 32:  # the latents (size / 8) go through SDXL's two downsamplings
+        p.error("--size must be a multiple of 32")
+    if args.warmup < 0:
+        p.error("--warmup must be 0 or more")
+    return args
 
 
 def timeit(fn, iters, warmup, device):
@@ -273,6 +279,9 @@ def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.cuda_graph and device.type != "cuda":
         sys.exit("error: --cuda-graph needs a CUDA GPU")
+    if device.type == "cpu" and not args.tiny and args.size is None:
+        sys.exit("error: there is no GPU, and the full SDXL UNet at 1024x1024 would take hours on the CPU; --tiny is "
+                 "a smoke test (or give --size, e.g. 128)")
     if args.reference and not all(importlib.util.find_spec(m) for m in ("diffusers", "peft")):
         sys.exit("error: --reference needs diffusers and peft (pip install -r requirements-dev.txt)")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
@@ -332,4 +341,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except ModelError as e:  # --model: not an SDXL folder
+        sys.exit(f"error: {e}")

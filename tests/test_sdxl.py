@@ -335,6 +335,20 @@ def test_bench_smoke_on_cpu():
     assert r.returncode != 0 and r.stderr.strip() == "error: --cuda-graph needs a CUDA GPU", r.stderr[-2000:]
 
 
+def test_bench_refuses_bad_settings_before_building_anything(monkeypatch, capsys):
+    import bench
+    for bad, needle in [(["--iters", "0"], "positive whole number"), (["--rank", "0"], "positive whole number"),
+                        (["--size", "60"], "multiple of 32"), (["--warmup", "-1"], "0 or more")]:
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--tiny", *bad])
+        assert needle in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no GPU, and the full SDXL UNet at 1024x1024 would take hours"):
+        bench.main(bench.parse_args([]))
+    with pytest.raises(ModelError, match="nowhere/unet: missing"):
+        bench.main(bench.parse_args(["--tiny", "--model", "nowhere"]))
+
+
 def test_bench_measures_eager_stacks_first_then_graphs_then_compiled(monkeypatch):
     """bench.plan's order and steps with every option, the CUDA graphs replaced by the plain steps (CPU)."""
     import bench
