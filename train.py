@@ -206,10 +206,15 @@ def check_resume(args):
     with open(path) as f:
         before = json.load(f)
 
+    def effective(settings):  # alpha None is the rank; dtype auto is the device's (this run's device, for both)
+        return {**settings, "alpha": settings.get("alpha") or settings.get("rank"),
+                "dtype": resolve_device(args.device, settings.get("dtype"))[1]}
+
     def same(k, old, new):
         return old == new or (k in PATHS and None not in (old, new) and os.path.realpath(old) == os.path.realpath(new))
+    now, then = effective(vars(args)), effective(before)
     changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {v}" for k, v in vars(args).items()
-               if k not in RESUMABLE and not same(k, before.get(k), v)]
+               if k not in RESUMABLE and not same(k, then.get(k), now[k])]
     if changed:
         raise ModelError(f"{args.out} was trained with other settings ({'; '.join(changed)}); "
                          "give the same ones, or train into another --out")

@@ -113,6 +113,8 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     allowed = ["--save-every", "4", "--sample-steps", "3", "--grad-checkpointing", "--compile", "--cuda-graph",
                "--device", "cpu"]
     train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *allowed]))
+    same = ["--alpha", "4", "--dtype", "float32"]  # as given: alpha = rank 4; auto on the CPU is float32
+    train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *same]))
     for change in (["--ti-lr", "1e-4"], ["--batch-size", "2"], ["--weight-decay", "0.1"], ["--max-grad-norm", "2"],
                    ["--offset-noise", "0.05"], ["--snr-gamma", "5"], ["--prior-weight", "0.5"], ["--alpha", "3"],
                    ["--rank", "8"], ["--beta", "10"], ["--seed", "3"], ["--resolution", "64"], ["--dtype", "bfloat16"],
