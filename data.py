@@ -44,9 +44,13 @@ def read_captions(folder, caption):
     files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
     if not files:
         raise ModelError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    other_case = {os.path.splitext(f)[0]: f for f in os.listdir(folder) if f.lower().endswith(".txt")}  # NAME.TXT
     items = []
     for f in files:
-        txt = os.path.join(folder, os.path.splitext(f)[0] + ".txt")
+        stem = os.path.splitext(f)[0]
+        txt = os.path.join(folder, stem + ".txt")
+        if not os.path.isfile(txt) and stem in other_case:
+            txt = os.path.join(folder, other_case[stem])
         text = caption or captions.get(f) or (read_text(txt) if os.path.isfile(txt) else None)
         if not text:
             raise ModelError(f"{os.path.join(folder, f)}: no caption ({os.path.basename(txt)} is missing or empty; "

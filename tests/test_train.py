@@ -405,6 +405,9 @@ def test_captions_come_from_caption_then_metadata_then_txt(tmp_path):
         json.dumps({"file_name": "00.png", "text": "from\u2028meta"}, ensure_ascii=False) + "\n\n", encoding="utf-8")
     assert [c for _, c in read_captions(data, None)] == ["from\u2028meta", "from txt too"]
     assert [c for _, c in read_captions(data, "for all")] == ["for all", "for all"]
+    os.rename(tmp_path / "d" / "01.png", tmp_path / "d" / "01.PNG")  # a camera's upper-case names, both files
+    os.rename(tmp_path / "d" / "01.txt", tmp_path / "d" / "01.TXT")
+    assert [c for _, c in read_captions(data, None)] == ["from\u2028meta", "from txt too"]
 
 
 def test_every_image_mode_becomes_upright_rgb(tmp_path):
