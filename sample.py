@@ -59,6 +59,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if os.path.isdir(args.out):
         p.error(f"--out {args.out} is a folder; give the image's file name")
+    if not args.out.lower().endswith(".png"):
+        p.error(f"--out {args.out}: the image is a PNG (its text holds the settings); give a name ending in .png")
+    if args.w_con is not None and not (args.lora or args.embeds):  # it contrasts them with the base model
+        p.error("--w-con needs what was fine-tuned: --lora or --embeds")
     check_steps(p, "--steps", args.steps)
     if args.seed + args.n > 2 ** 64:  # image i's generator is seeded with seed + i
         p.error("--seed must be a whole number from 0 to 2^64 - n")

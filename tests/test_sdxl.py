@@ -256,7 +256,9 @@ def test_impossible_sampling_settings_are_refused(tmp_path, capsys, monkeypatch)
                         (["--steps", "1001"], "at most 1000"), (["--w-con", "0,nan"], "comma list of numbers"),
                         (["--out", str(tmp_path)], "is a folder"), (["--cfg", "nan"], "expected a number"),
                         (["--seed", str(2 ** 64)], "expected a whole number from 0 to 2^64 - 1"),
-                        (["--seed", str(2 ** 64 - 1), "--n", "2"], "--seed must be a whole number from 0 to 2^64 - n")]:
+                        (["--seed", str(2 ** 64 - 1), "--n", "2"], "--seed must be a whole number from 0 to 2^64 - n"),
+                        (["--out", "a.jpg"], "the image is a PNG"),  # it used to write PNG bytes into a.jpg
+                        (["--w-con", "2"], "--w-con needs what was fine-tuned")]:  # without, it changes nothing
         with pytest.raises(SystemExit):
             sample.parse_args(["--model", "m", "--prompt", "p", *bad])
         assert needle in capsys.readouterr().err
