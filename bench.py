@@ -25,8 +25,8 @@ from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
 import lora as lora_lib
-from checkpoint import ModelError, load_unet, unet_config_to_diffusers, unet_key_map
-from cli import positive_int
+from checkpoint import load_unet, unet_config_to_diffusers, unet_key_map
+from cli import positive_int, run
 from dco import dco_loss, eps_mse
 from graph import cuda_graph
 from unet_sdxl import UNet, UNetConfig
@@ -341,7 +341,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except ModelError as e:  # --model: not an SDXL folder
-        sys.exit(f"error: {e}")
+    run(main, parse_args)

@@ -1,8 +1,10 @@
-"""What the scripts share on their command lines: argument types that refuse bad values in one line, and the device.
+"""What the scripts share on their command lines: argument types that refuse bad values in one line, the device,
+and the entry point that reports errors in one line.
 
 argparse turns an ArgumentTypeError into "script.py: error: argument --flag: <message>" and exit status 2.
 """
 import argparse
+import sys
 
 import numpy as np
 import torch
@@ -81,3 +83,15 @@ def resolve_device(device, dtype):
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     return device, getattr(torch, dtype)
+
+
+def run(main, parse_args, errors=(ModelError, OSError)):
+    """A script's entry: main(parse_args()), its expected errors as one line (OSError: a file that cannot be read or
+    written, a full disk), and Ctrl-C where the script does not handle it itself as one word, exit status 130."""
+    try:
+        main(parse_args())
+    except errors as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -37,7 +37,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 from collections import defaultdict
 
 import numpy as np
@@ -408,7 +407,4 @@ def main(args, make_generator=make_generator):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (InputError, ModelError, OSError) as e:  # OSError: a file that cannot be read or written
-        sys.exit(f"error: {e}")
+    cli.run(main, parse_args, (InputError, ModelError, OSError))

@@ -13,14 +13,13 @@ default, as that file), the layout AUTOMATIC1111 and ComfyUI read; here, `--mode
 import argparse
 import json
 import os
-import sys
 
 import torch
 
 import lora as lora_lib
 from checkpoint import (ModelError, atomic, check_file, component_files, model_folder, read_json, read_metadata,
                         save_safetensors, save_single_file, unet_config_from_diffusers)
-from cli import number
+from cli import number, run
 from sample import folder_embeds, load_sdxl
 from unet_sdxl import UNetConfig
 
@@ -123,7 +122,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ModelError, OSError) as e:  # OSError: a file that cannot be read or written, a full disk
-        sys.exit(f"error: {e}")
+    run(main, parse_args)

@@ -10,7 +10,6 @@ so the same settings give the same image as StableDiffusionXLPipeline.
 import argparse
 import json
 import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 import lora as lora_lib
 from checkpoint import (ModelError, atomic, check_file, check_schedule, load_unet, load_vae, model_folder,
                         read_metadata, read_single_file)
-from cli import check_steps, finite, float_list, number, positive_int, resolve_device, seed_int
+from cli import check_steps, finite, float_list, number, positive_int, resolve_device, run, seed_int
 from graph import supported
 from sampler import EULER, sample
 from text import Cond, TextEncoders, time_ids
@@ -248,7 +247,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ModelError, OSError) as e:  # OSError: a file that cannot be read or written, a full disk
-        sys.exit(f"error: {e}")
+    run(main, parse_args)

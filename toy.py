@@ -28,7 +28,7 @@ import toyworld as world
 import train
 from checkpoint import (SCHEDULE, ModelError, load_training_state, load_vae, read_metadata, save_component,
                         save_training_state, write_text)
-from cli import non_negative, positive_int, seed_int
+from cli import non_negative, positive_int, run, seed_int
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, eps_mse, min_snr_weight, q_sample
 from sample import conditioning, initial_noise, load_sdxl, to_pil
 from sampler import sample
@@ -506,4 +506,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import lora as lora_lib
 from checkpoint import (ModelError, check_schedule, load_training_state, model_folder,
                         save_safetensors, save_training_state, write_text)
-from cli import check_steps, non_negative, positive, positive_int, resolve_device, seed_int
+from cli import check_steps, non_negative, positive, positive_int, resolve_device, run, seed_int
 from data import IMAGE_SUFFIXES, encode_images, is_config, load_rgb, read_captions, read_config
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from graph import cuda_graph, supported
@@ -412,7 +412,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ModelError, OSError) as e:  # OSError: a file that cannot be read or written, a full disk
-        sys.exit(f"error: {e}")
+    run(main, parse_args)

@@ -276,6 +276,20 @@ def test_impossible_sampling_settings_are_refused(tmp_path, capsys, monkeypatch)
     assert cli.resolve_device("cuda", "auto") == (torch.device("cuda"), torch.bfloat16)
 
 
+def test_scripts_end_in_one_line_on_an_expected_error_or_ctrl_c(capsys):
+    def failing(error):
+        def main(args):
+            raise error
+        return main
+    with pytest.raises(SystemExit, match="^error: nowhere: no such file$"):
+        cli.run(failing(ModelError("nowhere: no such file")), lambda: None)
+    with pytest.raises(SystemExit) as stop:  # Ctrl-C while a model loads, say: no traceback
+        cli.run(failing(KeyboardInterrupt()), lambda: None)
+    assert stop.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+    with pytest.raises(ZeroDivisionError):  # a bug is not an expected error: its traceback stays
+        cli.run(failing(ZeroDivisionError()), lambda: None)
+
+
 def test_saved_files_are_readable_by_others_and_their_folder_is_made(tmp_path):
     path = str(tmp_path / "new" / "x.safetensors")
     umask = os.umask(0o022)
