@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import lora as lora_lib
 from checkpoint import load_unet, unet_config_to_diffusers, unet_key_map
-from cli import positive_int, run
+from cli import positive_int, resolve_device, run
 from dco import dco_loss, eps_mse
 from graph import cuda_graph
 from unet_sdxl import UNet, UNetConfig
@@ -276,7 +276,7 @@ def main(args):
     sys.stdout.reconfigure(line_buffering=True)  # each line as it is measured, even if the run is cut short
     if args.compile:  # compile times from a cold cache, as a user's first run has them
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-inductor-"))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device, dtype = resolve_device("auto", args.dtype)
     if args.cuda_graph and device.type != "cuda":
         sys.exit("error: --cuda-graph needs a CUDA GPU")
     if device.type == "cpu" and not args.tiny and args.size is None:
@@ -284,8 +284,6 @@ def main(args):
                  "a smoke test (or give --size, e.g. 128)")
     if args.reference and not all(importlib.util.find_spec(m) for m in ("diffusers", "peft")):
         sys.exit("error: --reference needs diffusers and peft (pip install -r requirements-dev.txt)")
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
     size = args.size or (64 if args.tiny else 1024)
     if args.model:
         unet = load_unet(args.model, dtype, device)

@@ -1,4 +1,5 @@
-"""Reading and writing SDXL in the official download layout. All key mapping lives here.
+"""Reading and writing SDXL in the official download layout. All of the models' key mapping lives here (a LoRA
+file's, in its formats, is in lora.py).
 
 A model folder is the diffusers layout of the official download:
     unet/  config.json + diffusion_pytorch_model[.fp16].safetensors
@@ -24,7 +25,8 @@ from vae import AutoencoderKL, VAEConfig
 
 
 class ModelError(Exception):
-    """A model file or folder that cannot be used; the message names the path or key."""
+    """Input the scripts cannot use (a model, LoRA or data file, a setting); the message names the path, key or
+    flag, and cli.run prints it as one line."""
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -307,15 +309,21 @@ COMPONENTS = {  # folder -> (model class, config from diffusers, config to diffu
 }
 
 
+def component_config(folder, sub):
+    """The UNetConfig or VAEConfig of folder/sub/config.json."""
+    config_path, _ = component_files(folder, sub, weights=False)
+    try:
+        return COMPONENTS[sub][1](read_json(config_path), config_path)
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        raise ModelError(f"{config_path}: not a valid {sub} config ({e!r})") from None
+
+
 def load_component(folder, sub, dtype=torch.float32, device="cpu", tensors=None):
     """Build unet/ or vae/ from its config.json and load its weights strictly: the folder's safetensors (diffusers
     names), or `tensors` under our (official) names, as read from the single-file checkpoint."""
-    cls, from_diffusers, _, key_map = COMPONENTS[sub]
-    config_path, weights_path = component_files(folder, sub, weights=tensors is None)
-    try:
-        cfg = from_diffusers(read_json(config_path), config_path)
-    except (KeyError, TypeError, ZeroDivisionError) as e:
-        raise ModelError(f"{config_path}: not a valid {sub} config ({e!r})") from None
+    cls, _, _, key_map = COMPONENTS[sub]
+    cfg = component_config(folder, sub)
+    _, weights_path = component_files(folder, sub, weights=tensors is None)
     with torch.device("meta"):
         model = cls(cfg)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -445,6 +453,13 @@ def openclip_to_transformers(t):
 def with_text_model_prefix(t):
     """A CLIP text model's state dict under the classic names: newer transformers drop CLIPTextModel's "text_model."."""
     return {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in t.items()}
+
+
+def for_this_transformers(t, model_keys):
+    """The inverse: classic names -> the names of the installed transformers' model (model_keys)."""
+    if any(k.startswith("text_model.") for k in model_keys):
+        return t
+    return {k.removeprefix("text_model."): v for k, v in t.items()}
 
 
 def transformers_to_openclip(t):

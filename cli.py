@@ -63,6 +63,14 @@ def seed_int(s):
     return int(s)
 
 
+def split_spec(spec, n):
+    """'path:a:b' -> [path, a, b] padded with None; a colon in a Windows drive letter stays in the path."""
+    head, sep, tail = spec.partition(":") if len(spec) > 2 and spec[1] == ":" else ("", "", spec)
+    parts = tail.split(":")
+    parts[0] = head + sep + parts[0]
+    return (parts + [None] * n)[:n]
+
+
 def check_steps(p, flag, steps):
     """Sampling steps are a subset of the training timesteps, so there can be no more of them."""
     if steps > NUM_TRAIN_TIMESTEPS:
@@ -85,12 +93,12 @@ def resolve_device(device, dtype):
     return device, getattr(torch, dtype)
 
 
-def run(main, parse_args, errors=(ModelError, OSError)):
+def run(main, parse_args):
     """A script's entry: main(parse_args()), its expected errors as one line (OSError: a file that cannot be read or
     written, a full disk), and Ctrl-C where the script does not handle it itself as one word, exit status 130."""
     try:
         main(parse_args())
-    except errors as e:
+    except (ModelError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

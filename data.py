@@ -14,9 +14,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from checkpoint import ModelError
-from sample import split_spec
+from cli import split_spec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def image_files(folder):
+    """The names of a folder's images, sorted."""
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
 
 
 def read_text(path):
@@ -41,7 +46,7 @@ def read_captions(folder, caption):
                 captions[row["file_name"]] = row["text"]
             except (ValueError, KeyError, TypeError):  # not JSON, or not an object with both keys
                 raise ModelError(f"{meta}: line {i + 1} needs file_name and text") from None
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+    files = image_files(folder)
     if not files:
         raise ModelError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     other_case = {os.path.splitext(f)[0]: f for f in os.listdir(folder) if f.lower().endswith(".txt")}  # NAME.TXT

@@ -50,7 +50,7 @@ import cli
 import lora as lora_lib
 import sample
 from checkpoint import ModelError, atomic, write_text
-from data import IMAGE_SUFFIXES, load_rgb
+from data import IMAGE_SUFFIXES, image_files, load_rgb
 
 BATCH = 16
 
@@ -86,28 +86,24 @@ def parse_args(argv=None):
     return args
 
 
-class InputError(Exception):
-    """Bad user input: reported as one line."""
-
-
 def read_prompts(path, subject, suffix):
     if not os.path.isfile(path):
-        raise InputError(f"{path}: no such prompts file")
+        raise ModelError(f"{path}: no such prompts file")
     with open(path) as f:
         lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
-        raise InputError(f"{path}: no prompts (one a line; lines starting with # are comments)")
+        raise ModelError(f"{path}: no prompts (one a line; lines starting with # are comments)")
     if subject is None and any("{}" in line for line in lines):
-        raise InputError(f"{path}: the prompts have a {{}} placeholder; give the subject phrase with --subject")
+        raise ModelError(f"{path}: the prompts have a {{}} placeholder; give the subject phrase with --subject")
     return [line.replace("{}", subject or "") + suffix for line in lines]
 
 
 def list_images(folder, flag):
     if not folder or not os.path.isdir(folder):
-        raise InputError(f"{flag} {folder}: no such folder")
-    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+        raise ModelError(f"{flag} {folder}: no such folder")
+    paths = [os.path.join(folder, f) for f in image_files(folder)]
     if not paths:
-        raise InputError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ModelError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return paths
 
 
@@ -115,11 +111,11 @@ def parse_w_con(text):
     try:
         w_cons = [None if w.strip() == "cfg" else float(w) for w in text.split(",")]
     except ValueError:
-        raise InputError(f"--w-con {text!r}: expected numbers or 'cfg', comma separated") from None
+        raise ModelError(f"--w-con {text!r}: expected numbers or 'cfg', comma separated") from None
     if not all(w is None or np.isfinite(w) for w in w_cons):
-        raise InputError(f"--w-con {text!r}: expected finite numbers")
+        raise ModelError(f"--w-con {text!r}: expected finite numbers")
     if len(set(w_cons)) != len(w_cons):  # a repeated value would count its images twice
-        raise InputError(f"--w-con {text!r}: a value is repeated")
+        raise ModelError(f"--w-con {text!r}: a value is repeated")
     return w_cons
 
 
@@ -129,9 +125,9 @@ def w_label(w):
 
 def weights_digest(spec):
     """sha1 of the files a LoRA spec loads, so that retraining into the same folder invalidates its cached images."""
-    path = sample.split_spec(spec, 2)[0]  # PATH[:SCALE], parsed as load_pipeline parses it
+    path = cli.split_spec(spec, 2)[0]  # PATH[:SCALE], parsed as load_pipeline parses it
     if not os.path.exists(path):
-        raise InputError(f"LoRA {path}: not found")
+        raise ModelError(f"LoRA {path}: not found")
     # The files load_pipeline reads: the weights, a peft file's config beside them, an output folder's learned tokens.
     weights = lora_lib.lora_path(path)
     files = [f for f in (weights, lora_lib.peft_config_path(weights)) if f]
@@ -155,17 +151,17 @@ class Embedder:
 
     def __init__(self, kind, folder):
         if not os.path.isfile(os.path.join(str(folder), "model.safetensors")):
-            raise InputError(f"--{kind} {folder}: no model.safetensors there (a local transformers checkpoint folder)")
+            raise ModelError(f"--{kind} {folder}: no model.safetensors there (a local transformers checkpoint folder)")
         try:
             self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
             self.tokenizer = None if kind == "dino" else AutoTokenizer.from_pretrained(folder, local_files_only=True)
             model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
             if model_type != METRIC_MODELS[kind][0]:  # transformers would load it anyway, with random weights
-                raise InputError(f"--{kind} {folder}: a {model_type} checkpoint, not {METRIC_MODELS[kind][0]}")
+                raise ModelError(f"--{kind} {folder}: a {model_type} checkpoint, not {METRIC_MODELS[kind][0]}")
             self.model = METRIC_MODELS[kind][1].from_pretrained(folder, local_files_only=True,
                                                                 use_safetensors=True).eval()
         except (OSError, ValueError, ImportError) as e:
-            raise InputError(f"--{kind} {folder}: cannot load: {str(e).splitlines()[0]}") from None
+            raise ModelError(f"--{kind} {folder}: cannot load: {str(e).splitlines()[0]}") from None
         self.kind, self.device = kind, "cpu"
 
     def to(self, device):
@@ -372,17 +368,17 @@ def plot_pareto(rows, x_name, y_name, path, size=(900, 650), margin=80):
 def main(args, make_generator=make_generator):
     merge = bool(args.subject_lora or args.style_lora)
     if merge and (len(args.subject_lora) != len(args.style_lora) or not args.style_images or args.lora):
-        raise InputError("merge mode needs as many --subject-lora as --style-lora, --style-images, and no --lora")
+        raise ModelError("merge mode needs as many --subject-lora as --style-lora, --style-images, and no --lora")
     if not merge and not args.lora:
-        raise InputError("give at least one --lora (or --subject-lora with --style-lora)")
+        raise ModelError("give at least one --lora (or --subject-lora with --style-lora)")
     if not (args.siglip or args.clip):
-        raise InputError("give --siglip and/or --clip for the text similarity")
+        raise ModelError("give --siglip and/or --clip for the text similarity")
     methods = ([(f"{a} + {b}", [a, b]) for a, b in zip(args.subject_lora, args.style_lora)] if merge
                else [(spec, [spec]) for spec in args.lora])
     if len({label for label, _ in methods}) != len(methods):
-        raise InputError("a --lora (or subject + style pair) is given twice")
+        raise ModelError("a --lora (or subject + style pair) is given twice")
     if args.seeds < 1:
-        raise InputError(f"--seeds {args.seeds}: needs at least 1")
+        raise ModelError(f"--seeds {args.seeds}: needs at least 1")
     prompts, w_cons = read_prompts(args.prompts, args.subject, args.suffix), parse_w_con(args.w_con)
     refs = {"subject_dino": list_images(args.ref_images, "--ref-images"),
             "style_dino": list_images(args.style_images, "--style-images")} if merge \
@@ -407,4 +403,4 @@ def main(args, make_generator=make_generator):
 
 
 if __name__ == "__main__":
-    cli.run(main, parse_args, (InputError, ModelError, OSError))
+    cli.run(main, parse_args)

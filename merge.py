@@ -17,8 +17,8 @@ import os
 import torch
 
 import lora as lora_lib
-from checkpoint import (ModelError, atomic, check_file, component_files, model_folder, read_json, read_metadata,
-                        save_safetensors, save_single_file, unet_config_from_diffusers)
+from checkpoint import (ModelError, atomic, check_file, component_config, model_folder, read_metadata, save_safetensors,
+                        save_single_file)
 from cli import number, run
 from sample import folder_embeds, load_sdxl
 from unet_sdxl import UNetConfig
@@ -51,19 +51,15 @@ def parse_args(argv=None):
 
 
 def main(args):
-    cfg = UNetConfig()
-    if args.model:
-        folder, _ = model_folder(args.model, args.config)
-        config_path, _ = component_files(folder, "unet", weights=False)
-        cfg = unet_config_from_diffusers(read_json(config_path), config_path)
+    cfg = component_config(model_folder(args.model, args.config)[0], "unet") if args.model else UNetConfig()
     for path in args.loras:
         if not os.path.exists(path):
             raise ModelError(f"{path}: no such LoRA file or folder")
     if os.path.isdir(args.out) and any(os.path.isdir(p) and os.path.samefile(p, args.out) for p in args.loras):
         raise ModelError(f"--out {args.out} is one of the inputs; merge into another folder")
-    run = (os.path.dirname(args.out) or ".") if args.to_file else args.out
-    if os.path.isfile(os.path.join(run, "settings.json")):  # train.py's: its files must stay the run's
-        raise ModelError(f"--out {args.out}: {run} holds a training run; merge into another folder")
+    out_dir = (os.path.dirname(args.out) or ".") if args.to_file else args.out
+    if os.path.isfile(os.path.join(out_dir, "settings.json")):  # train.py's: its files must stay the run's
+        raise ModelError(f"--out {args.out}: {out_dir} holds a training run; merge into another folder")
     try:
         loras = [lora_lib.read_lora(p, cfg) for p in args.loras]
     except ModelError as e:

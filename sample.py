@@ -21,7 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 import lora as lora_lib
 from checkpoint import (ModelError, atomic, check_file, check_schedule, load_unet, load_vae, model_folder,
                         read_metadata, read_single_file)
-from cli import check_steps, finite, float_list, number, positive_int, resolve_device, run, seed_int
+from cli import check_steps, finite, float_list, number, positive_int, resolve_device, run, seed_int, split_spec
 from graph import supported
 from sampler import EULER, sample
 from text import Cond, TextEncoders, time_ids
@@ -84,14 +84,6 @@ class Pipeline:
     vae: torch.nn.Module
     text: TextEncoders
     tokens: dict = field(default_factory=dict)  # learned token -> its initializer word (or None)
-
-
-def split_spec(spec, n):
-    """'path:a:b' -> [path, a, b] padded with None; a colon in a Windows drive letter stays in the path."""
-    head, sep, tail = spec.partition(":") if len(spec) > 2 and spec[1] == ":" else ("", "", spec)
-    parts = tail.split(":")
-    parts[0] = head + sep + parts[0]
-    return (parts + [None] * n)[:n]
 
 
 def load_embeds(pipe, spec):
@@ -180,7 +172,7 @@ def initial_noise(n, vae, height, width, seed):
 
 def size_multiple(unet, vae):
     """Image sides must be multiples of this: the VAE's down-sampling times the UNet's."""
-    return vae.cfg.downscale * 2 ** (len(unet.cfg.channel_mult) - 1)
+    return vae.cfg.downscale * unet.cfg.downscale
 
 
 @torch.no_grad()
@@ -196,7 +188,8 @@ def generate(pipe, prompt, seeds, w_con=None, cfg=5.0, steps=50, width=1024, hei
     base = None if w_con is None else conditioning(pipe.text, [base_prompt(pipe, prompt)] * n, height, width)
     uncond = conditioning(pipe.text, [negative_prompt] * n, height, width, zero_empty=True)
     noise = torch.cat([initial_noise(1, pipe.vae, height, width, s) for s in seeds]).to(device)
-    latents = sample(pipe.unet, noise, cond, uncond, steps, cfg, w_con, base, progress, graph)
+    latents = sample(pipe.unet, noise, cond, uncond, steps=steps, w_txt=cfg, w_con=w_con, base=base,
+                     progress=progress, graph=graph)
     return decode_latents(pipe.vae, latents)
 
 

@@ -22,14 +22,14 @@ EULER = {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading",
          "use_beta_sigmas": False, "final_sigmas_type": "zero"}
 
 
-def euler_schedule(steps, steps_offset=1, a_bar=None):
+def euler_schedule(steps):
     """timesteps (steps,) from T to 1, "leading" spacing: 958, 925, ..., 34, 1 for 30 steps;
     sigmas (steps + 1,) interpolated linearly in t from the training schedule, then a final 0."""
     if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"steps must be in 1..{NUM_TRAIN_TIMESTEPS}, got {steps}")
-    a_bar = alphas_cumprod() if a_bar is None else a_bar
+    a_bar = alphas_cumprod()
     ratio = NUM_TRAIN_TIMESTEPS // steps
-    timesteps = (np.arange(steps) * ratio).round()[::-1] + steps_offset
+    timesteps = (np.arange(steps) * ratio).round()[::-1] + EULER["steps_offset"]
     train_sigmas = ((1 - a_bar) / a_bar).sqrt().numpy()
     sigmas = np.interp(timesteps, np.arange(NUM_TRAIN_TIMESTEPS), train_sigmas)
     sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
@@ -56,8 +56,8 @@ def guidance(eps_uncond, eps_base, w_txt, eps_lora=None, w_con=0.0):
 
 
 @torch.no_grad()
-def sample(unet, noise, cond: Cond, uncond: Cond, steps=30, cfg=5.0, w_con=None, base: Cond = None, progress=True,
-           graph=False):
+def sample(unet, noise, cond: Cond, uncond: Cond, steps=30, w_txt=5.0, w_con=None, base: Cond = None,
+           progress=True, graph=False):
     """Denoise noise (B, 4, h, w); returns clean latents (B, 4, h, w), float32.
 
     w_con None: classifier-free guidance with the model as loaded (LoRA on), one batch [uncond, cond].
@@ -72,7 +72,7 @@ def sample(unet, noise, cond: Cond, uncond: Cond, steps=30, cfg=5.0, w_con=None,
     if w_con is None:
         conds, scales = [uncond, cond], contextlib.nullcontext()
     else:
-        conds = [uncond, cond if base is None else base, cond]
+        conds = [uncond, base, cond]
         scales = lora_scale(unet, torch.tensor([0.0, 0.0, 1.0], device=x.device, dtype=dtype).repeat_interleave(B))
     batch = Cond.cat(conds).to(device=x.device, dtype=dtype)
 
@@ -84,8 +84,10 @@ def sample(unet, noise, cond: Cond, uncond: Cond, steps=30, cfg=5.0, w_con=None,
             denoise = cuda_graph(denoise, noise.repeat(len(conds), 1, 1, 1).to(dtype), timesteps[0].to(x.device))
         for i in tqdm(range(steps), desc="sampling", disable=not progress):
             x_in = scale_input(x, sigmas[i]).repeat(len(conds), 1, 1, 1).to(dtype)
-            eps = denoise(x_in, timesteps[i].to(x.device)).float()
-            eps_uncond, eps_base, *eps_lora = eps.chunk(len(conds))
-            eps_hat = guidance(eps_uncond, eps_base, cfg, *eps_lora, w_con=w_con or 0.0)
+            eps = denoise(x_in, timesteps[i].to(x.device)).float().chunk(len(conds))
+            if w_con is None:  # (uncond, cond), both with the LoRA on
+                eps_hat = guidance(eps[0], eps[1], w_txt)
+            else:  # (uncond, base) from the frozen model, the prompt from the fine-tuned one
+                eps_hat = guidance(eps[0], eps[1], w_txt, eps[2], w_con)
             x = euler_step(x, eps_hat, sigmas[i], sigmas[i + 1])
     return x

@@ -17,7 +17,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
-from checkpoint import ModelError, check_keys, read_safetensors
+from checkpoint import ModelError, check_keys, for_this_transformers, read_safetensors
 
 
 @dataclass
@@ -43,8 +43,7 @@ def encoder_from_tensors(cls, config_dir, tensors):
     """A transformers CLIP text model from its config.json and a state dict, loaded strictly."""
     model = cls(CLIPTextConfig.from_pretrained(config_dir, local_files_only=True))
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if not any(k.startswith("text_model.") for k in expected):  # newer transformers drop this prefix in CLIPTextModel
-        tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}
+    tensors = for_this_transformers(tensors, expected)
     check_keys(expected, tensors, f"the single file's {os.path.basename(config_dir)}")
     model.load_state_dict(tensors, strict=True)
     return model

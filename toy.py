@@ -304,7 +304,7 @@ def sample_scenes(folder, scenes, seed=0, steps=30, cfg=5.0):
         cond = conditioning(text, prompts, world.SIZE, world.SIZE)
         uncond = conditioning(text, [""] * len(prompts), world.SIZE, world.SIZE, zero_empty=True)
         noise = initial_noise(len(prompts), vae, world.SIZE, world.SIZE, seed)
-        latents = sample(unet, noise, cond, uncond, steps, cfg)
+        latents = sample(unet, noise, cond, uncond, steps=steps, w_txt=cfg)
         images = decode_latents(vae, latents)
     return [to_pil(image[None]) for image in images]
 

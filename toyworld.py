@@ -236,7 +236,7 @@ def template(shape):
 TEMPLATES = {s: template(s) for s in SHAPES}
 
 
-def read_object(arr, pixels, names, labels, coverage):
+def read_object(pixels, names, labels, coverage):
     """Attributes of one detected object; labels: per-pixel palette index (-1 where the color is a blend),
     coverage: how far each pixel is from background to object color, in [0, 1]."""
     mask = np.zeros((SIZE, SIZE), bool)
@@ -258,9 +258,9 @@ def read_object(arr, pixels, names, labels, coverage):
             "area": len(pixels)}
 
 
-def style_scores(arr, objects_mask, bg, t, on_line):
+def style_scores(arr, objects_mask, bg, t):
     """How strongly each style shows, in [0, 1]: 0 means absent, 1 means as strong as the renderer draws it."""
-    shaded, black = on_line & (t > 0.3) & (t < 0.75), on_line & (t < 0.4)
+    shaded, black = ~objects_mask & (t > 0.3) & (t < 0.75), ~objects_mask & (t < 0.4)
     below, above = (shift(objects_mask, d, d) & ~objects_mask for d in (3, -3))
     shadow = shaded[below].mean() - shaded[above].mean() if below.any() and above.any() else 0.0
     ring = dilate(objects_mask, 2) & ~objects_mask
@@ -292,8 +292,8 @@ def analyze(image):
     objects_mask = off_line > 50
     objects_mask[:4], objects_mask[-4:], objects_mask[:, :4], objects_mask[:, -4:] = False, False, False, False
     coverage = np.clip(off_line / 100, 0, 1)
-    objects = [read_object(arr, c, names, labels, coverage) for c in components(objects_mask)]
-    scores = style_scores(arr, objects_mask, bg, t, ~objects_mask)
+    objects = [read_object(c, names, labels, coverage) for c in components(objects_mask)]
+    scores = style_scores(arr, objects_mask, bg, t)
     return {"background": min(BACKGROUNDS, key=lambda b: dist(bg, BACKGROUNDS[b])), "style_scores": scores,
             "objects": [o for o in objects if o["area"] >= 30]}
 

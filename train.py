@@ -24,10 +24,10 @@ import torch
 from tqdm import tqdm
 
 import lora as lora_lib
-from checkpoint import (ModelError, check_schedule, load_training_state, model_folder,
+from checkpoint import (ModelError, check_schedule, load_training_state, model_folder, read_json,
                         save_safetensors, save_training_state, write_text)
 from cli import check_steps, non_negative, positive, positive_int, resolve_device, run, seed_int
-from data import IMAGE_SUFFIXES, encode_images, is_config, load_rgb, read_captions, read_config
+from data import encode_images, image_files, is_config, load_rgb, read_captions, read_config
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from graph import cuda_graph, supported
 from sample import Pipeline, generate, load_sdxl, save_png, size_multiple, to_pil, warn_unloaded_tokens
@@ -108,15 +108,14 @@ def parse_args(argv=None):
 def make_class_images(args, unet, vae, text):
     """Prior preservation: fill --prior-dir with --num-prior images of --prior-prompt from the base model."""
     os.makedirs(args.prior_dir, exist_ok=True)
-    have = [f for f in os.listdir(args.prior_dir) if f.lower().endswith(IMAGE_SUFFIXES)]
+    have = image_files(args.prior_dir)
     pipe = Pipeline(unet, vae, text)
     for i in tqdm(range(len(have), args.num_prior), desc="class images"):
         image = generate(pipe, args.prior_prompt, 10_000 + i, steps=args.sample_steps,
                          width=args.resolution, height=args.resolution)
         save_png(to_pil(image), os.path.join(args.prior_dir, f"class-{i:05d}.png"),
                  {"prompt": args.prior_prompt, "seed": 10_000 + i})
-    return [(os.path.join(args.prior_dir, f), args.prior_prompt)
-            for f in sorted(os.listdir(args.prior_dir)) if f.lower().endswith(IMAGE_SUFFIXES)][: args.num_prior]
+    return [(os.path.join(args.prior_dir, f), args.prior_prompt) for f in image_files(args.prior_dir)][: args.num_prior]
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -203,8 +202,7 @@ def check_resume(args):
     path = os.path.join(args.out, "settings.json")
     if not os.path.isfile(path):
         raise ModelError(f"{path}: missing; nothing to resume")
-    with open(path) as f:
-        before = json.load(f)
+    before = read_json(path)
 
     def effective(settings):  # alpha None is the rank; dtype auto is the device's (this run's device, for both)
         return {**settings, "alpha": settings.get("alpha") or settings.get("rank"),
@@ -287,11 +285,13 @@ def main(args):
     ckpt = os.path.join(args.out, "checkpoint.safetensors")
     if args.resume or os.path.exists(os.path.join(args.out, "settings.json")):
         done = check_resume(args)  # OUT holds a run: never overwritten, continued only with its own settings
-        if not args.resume and done == args.steps:
-            print(f"{args.out} already holds this run, finished at step {done}; nothing to do")
-            return
         if not args.resume:
+            if done == args.steps:
+                print(f"{args.out} already holds this run, finished at step {done}; nothing to do")
+                return
             raise ModelError(f"{args.out} holds this run at step {done}; continue it with --resume")
+        if not os.path.isfile(ckpt):
+            raise ModelError(f"{ckpt}: no checkpoint to resume from")
     check_schedule(model_folder(args.model, args.config)[0])
     torch.manual_seed(args.seed)
     unet, vae, text = load_sdxl(args.model, device, dtype, args.config)
@@ -333,11 +333,7 @@ def main(args):
     rng = torch.Generator("cpu").manual_seed(args.seed)  # all randomness of the loop, saved for --resume
     a_bar = alphas_cumprod().to(device)
     os.makedirs(args.out, exist_ok=True)
-    start = 0
-    if args.resume:
-        if not os.path.isfile(ckpt):
-            raise ModelError(f"{ckpt}: no checkpoint to resume from")
-        start = load_checkpoint(ckpt, trained, optimizer, rng)
+    start = load_checkpoint(ckpt, trained, optimizer, rng) if args.resume else 0
     n, B = len(items), args.batch_size
     tokens = text.tokens(captions) if ti else None  # [(N, 77)] per encoder: the captions are tokenized once
 
@@ -346,6 +342,7 @@ def main(args):
         posterior draws z, noise and timesteps t, all on the device. Returns the loss and both errors (B,)."""
         x0 = mean[idx] + std[idx] * z  # a sample of each image's latent posterior
         x_t = q_sample(x0, t, noise, a_bar).to(dtype)
+        # Without a learned token the captions are their own base captions: the cached embeddings serve both models.
         c = base[idx] if ti is None else Cond(*text.encode_tokens([tok[idx] for tok in tokens]), ids[idx])
         c = c.to(dtype=dtype)
 
@@ -408,7 +405,7 @@ def main(args):
         save(args.steps)
         if args.save_every:
             save_grid(args, unet, vae, text, sample_prompt, args.steps, device)
-        print(f"wrote {args.out}/pytorch_lora_weights.safetensors")
+        print(f"wrote {os.path.join(args.out, lora_lib.DIFFUSERS_FILE)}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ in_layers/emb_layers/out_layers, transformer_blocks.K.attn1.to_q, label_emb), so
 loads after stripping its "model.diffusion_model." prefix. checkpoint.py maps the diffusers folder layout
 onto these names.
 
-The model predicts the noise eps in x_t = x_0 + sigma * eps-style inputs, conditioned on
+The model predicts the noise eps of a noised latent x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (dco.q_sample),
+conditioned on
   - the timestep t (sinusoidal embedding -> time_embed MLP),
   - the text context (77 x 2048, cross-attention),
   - the "added" vector y = [pooled text (1280), six time ids embedded sinusoidally (6 x 256)] -> label_emb MLP.
@@ -40,6 +41,11 @@ class UNetConfig:
     @property
     def time_embed_dim(self):
         return 4 * self.model_channels
+
+    @property
+    def downscale(self):
+        """How many times the UNet halves the latent's sides: they must be multiples of this."""
+        return 2 ** (len(self.channel_mult) - 1)
 
     @classmethod
     def tiny(cls):
@@ -269,9 +275,8 @@ class UNet(nn.Module):
 
     def forward(self, x, t, context, pooled, time_ids):
         """x: (B, 4, h, w) latents, t: timestep(s), context: (B, 77, 2048), pooled: (B, 1280), time_ids: (B, 6)."""
-        factor = 2 ** (len(self.cfg.channel_mult) - 1)
-        if x.shape[-2] % factor or x.shape[-1] % factor:
-            raise ValueError(f"latent size {tuple(x.shape[-2:])} must be a multiple of {factor}")
+        if x.shape[-2] % self.cfg.downscale or x.shape[-1] % self.cfg.downscale:
+            raise ValueError(f"latent size {tuple(x.shape[-2:])} must be a multiple of {self.cfg.downscale}")
         emb = self.embed(t, pooled, time_ids)
         skips = []
         for block in self.input_blocks:

@@ -3,7 +3,7 @@
 Module names follow the official checkpoint (encoder.down.N.block.M, mid.attn_1, decoder.up.N.upsample), so the
 single file loads after stripping "first_stage_model."; checkpoint.py maps the diffusers layout onto them.
 Latents the UNet sees are the encoder's mean (or a sample) times scaling_factor (0.13025 for SDXL).
-The SDXL VAE overflows in fp16: keep it in fp32 unless a fixed VAE is given.
+The SDXL VAE overflows in fp16, so the scripts keep it in fp32 whatever their --dtype.
 """
 from dataclasses import dataclass
 
@@ -90,18 +90,20 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """The ResnetBlocks of one resolution; the encoder adds .downsample and the decoder .upsample where needed."""
+    """The ResnetBlocks of one resolution, then a halving (encoder) or a doubling (decoder) where there is one."""
 
-    def __init__(self, cfg, cin, cout, n_blocks):
+    def __init__(self, cfg, cin, cout, n_blocks, downsample=False, upsample=False):
         super().__init__()
         self.block = nn.ModuleList(ResnetBlock(cfg, cin if i == 0 else cout, cout) for i in range(n_blocks))
+        self.downsample = Downsample(cout) if downsample else None  # None: no module, and no key in the checkpoint
+        self.upsample = Upsample(cout) if upsample else None
 
     def forward(self, x):
         for block in self.block:
             x = block(x)
-        for resample in ("downsample", "upsample"):
-            if hasattr(self, resample):
-                x = getattr(self, resample)(x)
+        for resample in (self.downsample, self.upsample):
+            if resample is not None:
+                x = resample(x)
         return x
 
 
@@ -110,9 +112,8 @@ class Encoder(nn.Module):
         super().__init__()
         chs, last = cfg.block_out_channels, len(cfg.block_out_channels) - 1
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
-        self.down = nn.ModuleList(Level(cfg, chs[max(i - 1, 0)], chs[i], cfg.layers_per_block) for i in range(len(chs)))
-        for i in range(last):
-            self.down[i].downsample = Downsample(chs[i])
+        self.down = nn.ModuleList(Level(cfg, chs[max(i - 1, 0)], chs[i], cfg.layers_per_block, downsample=i < last)
+                                  for i in range(len(chs)))
         self.mid = Mid(cfg, chs[-1])
         self.norm_out = norm(cfg, chs[-1])
         self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.latent_channels, 3, padding=1)
@@ -131,10 +132,8 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.latent_channels, chs[-1], 3, padding=1)
         self.mid = Mid(cfg, chs[-1])
         # up[i] works at the resolution of down[i]; it runs deepest first, and up[0] has no upsample.
-        self.up = nn.ModuleList(
-            Level(cfg, chs[min(i + 1, len(chs) - 1)], chs[i], cfg.layers_per_block + 1) for i in range(len(chs)))
-        for i in range(1, len(chs)):
-            self.up[i].upsample = Upsample(chs[i])
+        self.up = nn.ModuleList(Level(cfg, chs[min(i + 1, len(chs) - 1)], chs[i], cfg.layers_per_block + 1,
+                                      upsample=i > 0) for i in range(len(chs)))
         self.norm_out = norm(cfg, chs[0])
         self.conv_out = nn.Conv2d(chs[0], cfg.in_channels, 3, padding=1)
 

@@ -13,8 +13,9 @@ from PIL import Image
 
 import evaluate
 import sample
+from checkpoint import ModelError
 from conftest import run_script, write_tokenizer
-from evaluate import Embedder, InputError
+from evaluate import Embedder
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
@@ -305,7 +306,7 @@ def test_bad_input_is_one_clear_error(setup, change, message):
     tmp, argv = setup
     args = argv()
     change(tmp, args)
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(ModelError, match=message):
         evaluate.main(args, make_generator=FakeGenerator())
 
 

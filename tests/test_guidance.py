@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 import lora as lora_lib
 from checkpoint import ModelError, load_unet, read_metadata
 from conftest import run_script, write_single_file
-from sample import Pipeline, base_prompt, generate, grid, load_pipeline, split_spec, warn_unloaded_tokens
+from cli import split_spec
+from sample import Pipeline, base_prompt, generate, grid, load_pipeline, warn_unloaded_tokens
 from sampler import guidance
 
 PROMPT = "a photo of a <dog> in the snow"
