@@ -211,6 +211,8 @@ SUFFIXES = {  # key ending -> which matrix it holds; the module name is what pre
     ".lora.down.weight": "down", ".lora.up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
     ".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 
+OLD_PROCESSOR_NAMES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+
 
 def parse_lora(tensors, unet_cfg, source):
     """Read a diffusers / official DCO / peft / kohya LoRA file into {official module: (down, up)}."""
@@ -220,9 +222,12 @@ def parse_lora(tensors, unet_cfg, source):
                      for name in (k, v)}
     parts = {}
     for key, value in tensors.items():
+        # diffusers 0.19-0.20 (the first SDXL DreamBooth-LoRA scripts) named them after attention processors
+        key = re.sub(r"\.processor\.(to_[qkv]|to_out)_lora\.", lambda m: f".{OLD_PROCESSOR_NAMES[m[1]]}.lora.", key)
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
         if suffix is None:
-            raise ModelError(f"{source}: {key!r} is not a LoRA key this reader knows")
+            dora = " (a DoRA magnitude: DoRA is not supported)" if "dora_scale" in key or "magnitude" in key else ""
+            raise ModelError(f"{source}: {key!r} is not a LoRA key this reader knows{dora}")
         stem = key[: -len(suffix)]
         for prefix in ("unet.", "base_model.model."):
             stem = stem[len(prefix):] if stem.startswith(prefix) else stem
@@ -273,7 +278,8 @@ def peft_config_path(path):
 
 def lora_config(path):
     """peft's LoraConfig of a LoRA file, where it has one: in the header of newer diffusers files (its keys prefixed
-    "unet."), or beside a peft file in adapter_config.json. {} for the files the official code writes (alpha = rank)."""
+    "unet." as a pipeline saves them, unprefixed as a model's save_lora_adapter does), or beside a peft file in
+    adapter_config.json. {} for the files the official code writes (alpha = rank)."""
     try:
         header = json.loads(read_metadata(path).get("lora_adapter_metadata") or "{}")
     except ValueError:
@@ -281,6 +287,8 @@ def lora_config(path):
     if not isinstance(header, dict):
         raise ModelError(f"{path}: its lora_adapter_metadata header is not a JSON object")
     config = {k[len("unet."):]: v for k, v in header.items() if k.startswith("unet.")}
+    if not config and not any("." in k for k in header):  # one model's config, unprefixed
+        config = header
     beside = peft_config_path(path)
     if not config and beside:
         config = read_json(beside)

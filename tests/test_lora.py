@@ -1,5 +1,7 @@
 """LoRA math, file formats, and interchange with diffusers/peft."""
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -178,7 +180,11 @@ def test_we_read_peft_and_official_dco_files(tiny_sdxl):
     peft_sd = get_peft_model_state_dict(pipe.unet)
     official = {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(peft_sd).items()}  # as customize.py saves
     assert any(k.endswith(".lora.down.weight") for k in official)
-    for tensors in (peft_sd, official):
+    # diffusers 0.19-0.20's names, after attention processors: attn1.processor.to_out_lora.down.weight
+    old = r"\.(to_[qkv]|to_out)(\.0)?\.lora\."
+    processors = {re.sub(old, r".processor.\1_lora.", k): v for k, v in official.items()}
+    assert any(".processor.to_out_lora." in k for k in processors)
+    for tensors in (peft_sd, official, processors):
         unet = load_unet(folder)
         lora_lib.apply_lora(unet, lora_lib.parse_lora(tensors, unet.cfg, "test"))
         with torch.no_grad():
@@ -200,7 +206,8 @@ def test_alpha_in_a_diffusers_file_header_or_a_peft_config_is_applied(tiny_sdxl,
     config.save_pretrained(str(peft))
     save_file({f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(pipe.unet).items()},
               str(peft / "adapter_model.safetensors"))
-    for path in (tmp_path / "pytorch_lora_weights.safetensors", peft):
+    pipe.unet.save_lora_adapter(str(tmp_path / "adapter"))  # one model's file: keys and config without "unet."
+    for path in (tmp_path / "pytorch_lora_weights.safetensors", peft, tmp_path / "adapter"):
         unet = load_unet(folder)
         lora_lib.apply_lora(unet, lora_lib.read_lora(str(path), unet.cfg))
         with torch.no_grad():
@@ -244,6 +251,8 @@ def test_bad_loras_are_refused_with_the_key_named(tiny_sdxl):
         lora_lib.apply_lora(unet, {name: (torch.zeros(4, 64), torch.zeros(64, 8))})
     with pytest.raises(ModelError, match="^f.safetensors: holds no LoRA weights$"):
         lora_lib.parse_lora({}, unet.cfg, "f.safetensors")
+    with pytest.raises(ModelError, match="not a LoRA key this reader knows .a DoRA magnitude"):
+        lora_lib.parse_lora({"unet.x.to_q.lora_magnitude_vector": torch.zeros(64)}, unet.cfg, "x")
     with pytest.raises(ModelError, match="no_such_block"):
         lora_lib.parse_lora({"unet.no_such_block.to_q.lora.down.weight": torch.zeros(4, 64)}, unet.cfg, "x")
     # Reading a file checks each pair against the UNet's layer, as applying it does: merge.py applies nothing
