@@ -16,17 +16,18 @@ from tqdm import tqdm
 from checkpoint import ModelError
 from cli import split_spec
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+Image.MAX_IMAGE_PIXELS = None  # a user's own 200-megapixel photo is not a decompression bomb
 
 
 def image_files(folder):
-    """The names of a folder's images, sorted."""
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+    """The names of a folder's images, sorted; hidden files (a Mac's ._NAME.jpg beside each photo) are not images."""
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
 
 
 def read_text(path):
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark, as Windows tools write, is not text
             return f.read().strip()
     except UnicodeDecodeError:
         raise ModelError(f"{path}: not UTF-8 text") from None
@@ -61,6 +62,12 @@ def read_captions(folder, caption):
             raise ModelError(f"{os.path.join(folder, f)}: no caption ({os.path.basename(txt)} is missing or empty; "
                              "or use --caption)")
         items.append((os.path.join(folder, f), text))
+    stems = {os.path.splitext(f)[0] for f in files}
+    unused = sorted({t for s, t in other_case.items() if s not in stems and not t.startswith(".")}
+                    | (set(captions) - set(files)))
+    if unused:  # an image of another type (.heic, say), or one that was deleted
+        warnings.warn(f"{folder}: captions without an image of a type read here ({', '.join(IMAGE_SUFFIXES)}): "
+                      f"{', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}; they are not trained on")
     return items
 
 

@@ -408,6 +408,18 @@ def test_captions_come_from_caption_then_metadata_then_txt(tmp_path):
     os.rename(tmp_path / "d" / "01.png", tmp_path / "d" / "01.PNG")  # a camera's upper-case names, both files
     os.rename(tmp_path / "d" / "01.txt", tmp_path / "d" / "01.TXT")
     assert [c for _, c in read_captions(data, None)] == ["from\u2028meta", "from txt too"]
+    # A Mac's ._NAME files beside each photo are not images; a TIFF is; a caption without an image is said so
+    (tmp_path / "d" / "._01.PNG").write_bytes(b"\x00\x05\x16\x07 Mac OS X")
+    (tmp_path / "d" / "._01.TXT").write_bytes(b"\x00\x05\x16\x07 Mac OS X")
+    load_rgb(os.path.join(data, "00.png")).save(tmp_path / "d" / "02.tif")
+    (tmp_path / "d" / "02.txt").write_text("a tiff")
+    (tmp_path / "d" / "03.txt").write_text("its image is a .heic")
+    with pytest.warns(UserWarning, match="captions without an image of a type read here .*: 03.txt; they are not"):
+        assert [c for _, c in read_captions(data, None)] == ["from\u2028meta", "from txt too", "a tiff"]
+    os.remove(tmp_path / "d" / "03.txt")
+    (tmp_path / "d" / "metadata.jsonl").write_text(  # with a byte-order mark, as Windows tools write it
+        "\ufeff" + json.dumps({"file_name": "00.png", "text": "bom"}) + "\n", encoding="utf-8")
+    assert [c for _, c in read_captions(data, None)][0] == "bom"
 
 
 def test_every_image_mode_becomes_upright_rgb(tmp_path):
