@@ -82,7 +82,7 @@ def parse_args(argv=None):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if bool(args.token) != bool(args.init_token):
+    if bool(args.token) != bool(args.init_token) and not is_config(args.data):  # a config may name the other
         p.error("--token and --init-token go together")
     if args.token and args.token.split() != [args.token]:
         p.error(f"--token {args.token!r}: a learned token is one word, without spaces, e.g. <dog>")
@@ -276,8 +276,14 @@ def main(args):
     if is_config(args.data):
         items, token, word = read_config(args.data)
         args.token, args.init_token = args.token or token, args.init_token or word  # settings.json records them
+        if bool(args.token) != bool(args.init_token):
+            raise ModelError(f"{args.data} names no learned token: --token and --init-token go together")
     else:
         items = read_captions(args.data, args.caption)
+    tagged = sorted({t for _, cap in items for t in re.findall(r"<[^<>\s]+>", cap)} - {args.token})
+    if tagged:  # the official dog set's captions, say, trained without --token
+        warnings.warn(f"the captions hold {', '.join(tagged)}, which is not a learned token here (--token): it "
+                      "trains as plain text, letter by letter")
     for path, cap in items:
         if args.token:
             check_token(path, cap, args.token)

@@ -227,6 +227,13 @@ def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, 
     from_config, from_folder = run("config.json:full_ti"), run(".", "--token", "<dog>", "--init-token", "dog")
     assert from_config.keys() == from_folder.keys() and "clip_l" in from_config
     assert all(torch.equal(from_config[k], from_folder[k]) for k in from_config)
+    one = run("config.json:full_ti", "--init-token", "dog")  # the config names the token
+    assert one.keys() == from_config.keys() and all(torch.equal(one[k], from_config[k]) for k in one)
+    with pytest.raises(ModelError, match="names no learned token: --token and --init-token go together"):
+        run("config.json:dreambooth", "--init-token", "dog")
+    with pytest.warns(UserWarning, match="the captions hold <dog>, which is not a learned token here"):
+        train.main(train.parse_args([str(a) for a in ("--model", tiny_sdxl[0], "--data", ".", "--steps", 1,
+                                                      *TRAIN_ARGS, "--out", tmp_path / "plain")]))
 
 
 def test_each_step_compares_the_lora_with_the_frozen_model_on_one_draw(tiny_sdxl, tmp_path, monkeypatch):
