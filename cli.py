@@ -5,6 +5,7 @@ argparse turns an ArgumentTypeError into "script.py: error: argument --flag: <me
 """
 import argparse
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -95,7 +96,9 @@ def resolve_device(device, dtype):
 
 def run(main, parse_args):
     """A script's entry: main(parse_args()), its expected errors as one line (OSError: a file that cannot be read or
-    written, a full disk), and Ctrl-C where the script does not handle it itself as one word, exit status 130."""
+    written, a full disk), and Ctrl-C where the script does not handle it itself as one word, exit status 130.
+    Warnings print as one line too, without the source line that raised them."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         main(parse_args())
     except (ModelError, OSError) as e:

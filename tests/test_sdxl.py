@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -276,7 +277,7 @@ def test_impossible_sampling_settings_are_refused(tmp_path, capsys, monkeypatch)
     assert cli.resolve_device("cuda", "auto") == (torch.device("cuda"), torch.bfloat16)
 
 
-def test_scripts_end_in_one_line_on_an_expected_error_or_ctrl_c(capsys):
+def test_scripts_end_in_one_line_on_an_expected_error_or_ctrl_c(capsys, monkeypatch):
     def failing(error):
         def main(args):
             raise error
@@ -288,6 +289,10 @@ def test_scripts_end_in_one_line_on_an_expected_error_or_ctrl_c(capsys):
     assert stop.value.code == 130 and capsys.readouterr().err == "interrupted\n"
     with pytest.raises(ZeroDivisionError):  # a bug is not an expected error: its traceback stays
         cli.run(failing(ZeroDivisionError()), lambda: None)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # as it was, after this test
+    cli.run(lambda args: None, lambda: None)  # and a warning is one line, without the code that raised it
+    assert warnings.formatwarning("the LoRA adapts 4 layers", UserWarning, "lora.py", 147) == \
+        "warning: the LoRA adapts 4 layers\n"
 
 
 def test_saved_files_are_readable_by_others_and_their_folder_is_made(tmp_path):
