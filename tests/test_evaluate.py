@@ -14,6 +14,7 @@ from PIL import Image
 import evaluate
 import sample
 from checkpoint import ModelError
+from data import IMAGE_SUFFIXES
 from conftest import run_script, write_tokenizer
 from evaluate import Embedder
 
@@ -318,7 +319,7 @@ def test_cli_reports_bad_input_in_one_line(setup, metric_models):
                    "--prompts", tmp / "prompts.txt", "--subject", "dog", "--dino", metric_models["dino"],
                    "--siglip", metric_models["siglip"], check=False)
     assert r.returncode != 0
-    message = f"error: --ref-images {tmp / 'empty'}: no images (.jpg, .jpeg, .png, .webp, .bmp)"
+    message = f"error: --ref-images {tmp / 'empty'}: no images ({', '.join(IMAGE_SUFFIXES)})"
     assert r.stderr.strip().splitlines() == [message]
 
 
