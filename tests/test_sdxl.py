@@ -278,6 +278,7 @@ def test_impossible_sampling_settings_are_refused(tmp_path, capsys, monkeypatch)
 
 
 def test_scripts_end_in_one_line_on_an_expected_error_or_ctrl_c(capsys, monkeypatch):
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # cli.run sets it: restored after
     def failing(error):
         def main(args):
             raise error
@@ -289,7 +290,6 @@ def test_scripts_end_in_one_line_on_an_expected_error_or_ctrl_c(capsys, monkeypa
     assert stop.value.code == 130 and capsys.readouterr().err == "interrupted\n"
     with pytest.raises(ZeroDivisionError):  # a bug is not an expected error: its traceback stays
         cli.run(failing(ZeroDivisionError()), lambda: None)
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # as it was, after this test
     cli.run(lambda args: None, lambda: None)  # and a warning is one line, without the code that raised it
     assert warnings.formatwarning("the LoRA adapts 4 layers", UserWarning, "lora.py", 147) == \
         "warning: the LoRA adapts 4 layers\n"
