@@ -26,12 +26,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 import evaluate
 import toyworld as world
 import train
-from checkpoint import (SCHEDULE, ModelError, load_training_state, load_vae, read_metadata, save_component,
+from checkpoint import (SCHEDULE, ModelError, load_training_state, load_vae, read_json, read_metadata, save_component,
                         save_training_state, write_text)
 from cli import non_negative, positive_int, run, seed_int
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, eps_mse, min_snr_weight, q_sample
 from sample import conditioning, initial_noise, load_sdxl, to_pil
-from sampler import sample
+from sampler import EULER, sample
 from text import TextEncoders, time_ids
 from unet_sdxl import UNet, UNetConfig
 from vae import AutoencoderKL, VAEConfig, decode_latents
@@ -217,10 +217,8 @@ def train_phase(phase, modules, loss_fn, steps, lr, state_path, seed, run):
     save_state(state_path, phase, steps, modules, opt, g, run)
 
 
-SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", **SCHEDULE,
-             "clip_sample": False, "interpolation_type": "linear", "sample_max_value": 1.0, "set_alpha_to_one": False,
-             "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
-             "use_karras_sigmas": False}
+SCHEDULER = {**EULER, "_diffusers_version": "0.19.0.dev0", **SCHEDULE, "clip_sample": False, "sample_max_value": 1.0,
+             "set_alpha_to_one": False, "skip_prk_steps": True, "trained_betas": None}  # as SDXL base ships it
 MODEL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0",
                "force_zeros_for_empty_prompt": True, "add_watermarker": None,
                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
@@ -237,7 +235,7 @@ def pretrain(out, seed=0, budget=FULL):
     SDXL's, it is a generic image codec, and what is held out is held out of the UNet and text encoders); then the
     UNet, with the text encoders trained jointly when TRAIN_TEXT_ENCODERS."""
     record, run = os.path.join(out, "toy_pretraining.json"), [seed, vars(budget)]
-    done = json.load(open(record)) if os.path.exists(record) else run  # written first, so a resumed run has it too
+    done = read_json(record) if os.path.exists(record) else run  # written first, so a resumed run has it too
     if done != run:  # say, the --quick model where the full one is asked for
         sys.exit(f"error: {out} holds a toy model pretrained otherwise (seed {done[0]}, {done[1]['unet_steps']} "
                  f"UNet steps, not {budget.unet_steps}); delete it to pretrain it again, or give another --out")
@@ -492,7 +490,7 @@ def main(args):
         record = os.path.join(model, "toy_pretraining.json")
         if not os.path.exists(os.path.join(model, "model_index.json")):
             pretrain(model, 0, QUICK if args.quick else FULL)
-        elif not args.quick and os.path.exists(record) and json.load(open(record))[1] == vars(QUICK):
+        elif not args.quick and os.path.exists(record) and read_json(record)[1] == vars(QUICK):
             sys.exit(f"error: {model} holds the --quick toy model, which is too rough for these results; pretrain the "
                      "full one (python toy.py --out DIR, then --model DIR), or give compare --quick")
         start = time.time()
