@@ -15,11 +15,12 @@ import json
 import os
 
 import torch
+from safetensors.torch import save
 
 import lora as lora_lib
-from checkpoint import (ModelError, atomic, check_file, component_config, model_folder, read_metadata, save_safetensors,
-                        save_single_file)
-from cli import number, run
+from checkpoint import (ModelError, atomic, check_file, component_config, model_folder, read_metadata, read_safetensors,
+                        save_safetensors, save_single_file)
+from cli import number, run, split_spec
 from sample import folder_embeds, load_sdxl
 from unet_sdxl import UNetConfig
 
@@ -31,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="a .safetensors file, or a folder")
     p.add_argument("--rank", type=int, help="compress the sum to this rank by SVD (prints the error it introduces)")
     p.add_argument("--kohya", action="store_true", help="write the kohya format (ComfyUI, AUTOMATIC1111)")
-    p.add_argument("--embeds", action="append", default=[], help="learned_embeds files to carry along")
+    p.add_argument("--embeds", action="append", default=[], metavar="FILE[:TOKEN[:INITWORD]]",
+                   help="learned_embeds files to carry along; TOKEN/INITWORD name them where the file does not")
     p.add_argument("--model", help="the SDXL folder or single file (needed for --fuse; else only its UNet config "
                                    "is read)")
     p.add_argument("--config", help="with a single-file --model: a folder with the SDXL configs and tokenizers")
@@ -91,11 +93,16 @@ def main(args):
     else:
         embeds = args.embeds + [e for p in args.loras if os.path.isdir(p) for e in folder_embeds(p)]
         tokens = {}  # token -> (file, its bytes), read now: they may be files of an earlier merge in --out
-        for e in embeds:
+        for spec in embeds:
+            e, named, init = split_spec(spec, 3)
             check_file(e)
             with open(e, "rb") as f:
                 data = f.read()
-            token = read_metadata(e).get("token") or os.path.realpath(e)  # the official code's files name none
+            header = read_metadata(e)
+            if named:  # FILE:TOKEN[:INITWORD], as sample.py takes it: the copy names its token, so sample.py finds it
+                header = {**header, "token": named, **({"init_token": init} if init else {})}
+                data = save(read_safetensors(e), header)
+            token = header.get("token") or os.path.realpath(e)  # the official code's files name none
             if token in tokens and tokens[token][1] != data:  # the same bytes (a run given twice) are carried once
                 raise ModelError(f"{tokens[token][0]} and {e} both learned {token!r}, as other vectors, and a folder "
                                  "carries one: give one run's LoRA file (DIR/pytorch_lora_weights.safetensors) rather "

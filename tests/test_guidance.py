@@ -265,6 +265,10 @@ def test_each_learned_token_is_carried_once(tiny_sdxl, trained, tmp_path):
     assert load_pipeline(folder, loras=[str(tmp_path / "kept")]).tokens == {"<dog>": "dog"}
     with pytest.raises(ModelError, match="a folder, not a file"):
         merge_here(trained, "--embeds", trained, "--model", folder, "--out", tmp_path / "e")
+    official = tmp_path / "official.safetensors"  # as the official code writes it: no token named
+    save_file({k: v + 2 for k, v in embeds.items()}, str(official))
+    merge_here(trained, "--embeds", f"{official}:<cat>:cat", "--model", folder, "--out", tmp_path / "named")
+    assert load_pipeline(folder, loras=[str(tmp_path / "named")]).tokens == {"<dog>": "dog", "<cat>": "cat"}
 
 
 def test_fused_checkpoint_equals_base_plus_lora(tiny_sdxl, trained, tmp_path):
