@@ -44,10 +44,15 @@ def read_captions(folder, caption):
                 continue
             try:
                 row = json.loads(line)
+                if not isinstance(row["file_name"], str) or not isinstance(row["text"], str):
+                    raise TypeError
                 captions[row["file_name"]] = row["text"]
-            except (ValueError, KeyError, TypeError):  # not JSON, or not an object with both keys
+            except (ValueError, KeyError, TypeError):  # not JSON, or not an object with both keys as strings
                 raise ModelError(f"{meta}: line {i + 1} needs file_name and text") from None
-    files = image_files(folder)
+    # metadata.jsonl may name images in subfolders (file_name "images/00.jpg"), as Hugging Face's imagefolder does
+    in_subfolders = [f for f in captions if os.path.dirname(f) and f.lower().endswith(IMAGE_SUFFIXES)
+                     and os.path.isfile(os.path.join(folder, f))]
+    files = image_files(folder) + sorted(in_subfolders)
     if not files:
         raise ModelError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     other_case = {os.path.splitext(f)[0]: f for f in os.listdir(folder) if f.lower().endswith(".txt")}  # NAME.TXT

@@ -191,6 +191,9 @@ def test_bad_data_is_refused_in_one_line(tiny_sdxl, tmp_path):
     with open(os.path.join(data, "metadata.jsonl"), "w") as f:
         f.write(json.dumps({"file_name": "00.png", "text": "a dog"}) + "\n" + json.dumps(["00.png", "a dog"]) + "\n")
     expect_error(("--data", data, *common), "metadata.jsonl: line 2 needs file_name and text", out)
+    with open(os.path.join(data, "metadata.jsonl"), "w") as f:
+        f.write(json.dumps({"file_name": 0, "text": "a dog"}) + "\n")
+    expect_error(("--data", data, *common), "metadata.jsonl: line 1 needs file_name and text", out)
 
 
 def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, monkeypatch):
@@ -427,6 +430,11 @@ def test_captions_come_from_caption_then_metadata_then_txt(tmp_path):
     (tmp_path / "d" / "metadata.jsonl").write_text(  # with a byte-order mark, as Windows tools write it
         "\ufeff" + json.dumps({"file_name": "00.png", "text": "bom"}) + "\n", encoding="utf-8")
     assert [c for _, c in read_captions(data, None)][0] == "bom"
+    imagefolder = tmp_path / "hf"  # Hugging Face's imagefolder layout: the images in a subfolder
+    os.makedirs(imagefolder / "images")
+    shutil.copy(tmp_path / "d" / "00.png", imagefolder / "images" / "00.png")
+    (imagefolder / "metadata.jsonl").write_text(json.dumps({"file_name": "images/00.png", "text": "sub"}) + "\n")
+    assert read_captions(str(imagefolder), None) == [(str(imagefolder / "images" / "00.png"), "sub")]
 
 
 def test_every_image_mode_becomes_upright_rgb(tmp_path):
