@@ -26,7 +26,8 @@ def test_hand_computed_loss():
     assert loss[1].item() == pytest.approx(math.log(1 + math.e ** -2), rel=1e-6)
     err = torch.tensor([0.25, 0.5])
     assert torch.equal(diffusion_loss(err, torch.zeros(2), beta=0.0), err)  # beta = 0: the plain loss
-    assert eps_mse(torch.ones(2, 3), torch.zeros(2, 3)).tolist() == [1.0, 1.0]
+    # per sample, over all of its latent: (0 + 0) / 2 and (4 + 16) / 2
+    assert eps_mse(torch.tensor([[[0.0, 0.0]], [[2.0, 4.0]]]), torch.zeros(2, 1, 2)).tolist() == [0.0, 10.0]
 
 
 def test_min_snr_weight_and_offset_noise():

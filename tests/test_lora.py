@@ -229,9 +229,9 @@ def test_merge_is_exact_and_compress_reports_its_error():
     randomize(a, 1)
     randomize(b, 2)
     la, lb = lora_lib.get_lora(a), lora_lib.get_lora(b)
-    merged = lora_lib.merge([la, lb], [1.0, 0.5])
+    merged = lora_lib.merge([la, lb], [1.0, -0.5])  # a negative weight subtracts
     for name, (down, up) in merged.items():
-        want = la[name][1] @ la[name][0] + (0.5 * lb[name][1] @ lb[name][0] if name in lb else 0)
+        want = la[name][1] @ la[name][0] - (0.5 * lb[name][1] @ lb[name][0] if name in lb else 0)
         torch.testing.assert_close(up @ down, want, rtol=1e-5, atol=1e-6)
     full, err = lora_lib.compress(merged, rank=6)
     assert err < 1e-5  # rank 4 + 2 is representable exactly
@@ -271,10 +271,13 @@ def test_bad_loras_are_refused_with_the_key_named(tiny_sdxl):
 
 
 def test_fuse_equals_base_plus_lora():
+    """At the LoRA's strength alpha / rank and its scale, both folded into the weight."""
     torch.manual_seed(0)
     unet = UNet(UNetConfig.tiny())
-    lora_lib.inject(unet, rank=4)
+    lora_lib.inject(unet, rank=4, alpha=8)
     randomize(unet)
+    for m in lora_lib.lora_modules(unet).values():
+        m.scale = 0.3
     x = inputs()
     with torch.no_grad():
         want = unet(*x)

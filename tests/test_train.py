@@ -256,15 +256,29 @@ def test_each_step_compares_the_lora_with_the_frozen_model_on_one_draw(tiny_sdxl
     monkeypatch.setattr(train, "min_snr_weight", lambda t, gamma, a_bar: torch.full(t.shape, 0.5))
     monkeypatch.setattr(train, "q_sample", lambda x0, *a: x0s.append(x0) or q_sample(x0, *a))
     monkeypatch.setattr(train, "encode_images", lambda *a: latents.append(encode_images(*a)) or latents[-1])
-    calls, forward = [], UNet.forward  # (grad enabled, the LoRA scales) of every UNet call
+    calls, forward = [], UNet.forward  # (grad enabled, the LoRA scales, context, time ids) of every UNet call
     monkeypatch.setattr(UNet, "forward", lambda self, *a: calls.append(
-        (torch.is_grad_enabled(), {m.scale for m in lora_lib.lora_modules(self).values()})) or forward(self, *a))
+        (torch.is_grad_enabled(), {m.scale for m in lora_lib.lora_modules(self).values()}, a[2], a[4]))
+                        or forward(self, *a))
+    clip, clipped = torch.nn.utils.clip_grad_norm_, []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, *a, **kw: clipped.append(list(params)) or
+                        clip(params, *a, **kw))
     out = str(tmp_path / "out")
     train.main(train.parse_args([str(a) for a in ("--model", tiny_sdxl[0], "--data", data, "--token", "<dog>",
                                                   "--init-token", "dog", "--steps", 3, "--snr-gamma", 5, *TRAIN_ARGS,
                                                   "--out", out)]))
     assert ["a photo of a dog"] * 2 in encoded
-    assert calls == [(False, {0.0}), (True, {1.0})] * 3  # per step: the frozen model first, then the LoRA model
+    # per step: the frozen model first, then the LoRA model
+    assert [call[:2] for call in calls] == [(False, {0.0}), (True, {1.0})] * 3
+    init = TextEncoders(tiny_sdxl[0])
+    for frozen in calls[::2]:  # c_base at every step, never the learned token's moving row
+        torch.testing.assert_close(frozen[2], init.encode(["a photo of a dog"])[0], rtol=1e-6, atol=1e-6)
+    for call in calls:  # SDXL's size conditioning at --resolution 32: original (32, 32), no crop, target (32, 32)
+        assert call[3].tolist() == [[32, 32, 0, 0, 32, 32]]
+    words = init.word_vectors("dog")
+    assert len(clipped) == 3 and all(  # the gradient clipped is the LoRA's and the token rows' together
+        sorted(p.numel() for p in group if p.ndim == 1) == sorted(w.numel() for w in words) and
+        any(p.ndim == 2 for p in group) for group in clipped)
     (theta0, phi0), *later = losses
     assert len(later) == 2
     torch.testing.assert_close(theta0, phi0, rtol=1e-5, atol=0)  # (the LoRA layer's matmul rounds differently)
@@ -276,10 +290,23 @@ def test_each_step_compares_the_lora_with_the_frozen_model_on_one_draw(tiny_sdxl
     torch.testing.assert_close(mean, dist.latent_dist.mean * factor, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(std, dist.latent_dist.std * factor, rtol=1e-4, atol=1e-5)
     assert len(x0s) == 3 and std.min() > 0 and not any(torch.equal(x0[0], m) for x0 in x0s for m in mean)
-    learned, init = load_file(os.path.join(out, "learned_embeds.safetensors")), TextEncoders(tiny_sdxl[0])
-    for key, row in zip(("clip_l", "clip_g"), init.word_vectors("dog")):
+    learned = load_file(os.path.join(out, "learned_embeds.safetensors"))
+    for key, row in zip(("clip_l", "clip_g"), words):
         assert not torch.allclose(learned[key][0], row)  # it trained ...
         assert learned[key][0].norm().item() == pytest.approx(row.norm().item(), rel=1e-5)  # ... on the sphere
+
+
+def test_the_token_trains_at_its_own_learning_rate(tiny_sdxl, tmp_path):
+    """--ti-lr, not --lr, moves the token rows: at --ti-lr 0 they stay the initializer's while the LoRA trains."""
+    data, out = write_images(str(tmp_path / "d"), ["a photo of a <dog>"]), str(tmp_path / "out")
+    train.main(train.parse_args([str(a) for a in ("--model", tiny_sdxl[0], "--data", data, "--token", "<dog>",
+                                                  "--init-token", "dog", "--steps", 2, *TRAIN_ARGS, "--ti-lr", 0,
+                                                  "--out", out)]))
+    learned = load_file(os.path.join(out, "learned_embeds.safetensors"))
+    for key, row in zip(("clip_l", "clip_g"), TextEncoders(tiny_sdxl[0]).word_vectors("dog")):
+        torch.testing.assert_close(learned[key][0], row, rtol=1e-6, atol=0)
+    ups = [v for k, v in load_file(os.path.join(out, lora_lib.DIFFUSERS_FILE)).items() if ".up." in k]
+    assert ups and any(v.abs().max() > 0 for v in ups)  # B starts at zero: the LoRA moved at --lr
 
 
 def test_the_cuda_graph_path_trains_and_samples_as_the_eager_one(tiny_sdxl, tmp_path, monkeypatch):
