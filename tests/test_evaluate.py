@@ -242,6 +242,9 @@ def test_interrupted_run_resumes_without_recomputing(setup):
     sixth = FakeGenerator()
     evaluate.main(argv("--dtype", "bfloat16"), make_generator=sixth)
     assert len(sixth.drawn) == total  # another precision: nothing reused
+    seventh = FakeGenerator()
+    evaluate.main(argv("--negative-prompt", "blurry"), make_generator=seventh)
+    assert len(seventh.drawn) == total  # another negative prompt: nothing reused
     (tmp / "sdxl" / "unet").mkdir(parents=True)
     (tmp / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"new base weights")
     seventh = FakeGenerator()

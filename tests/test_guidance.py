@@ -1,5 +1,7 @@
 """Consistency guidance, several LoRAs at once, and merge.py."""
+import json
 import os
+import re
 import shutil
 import warnings
 
@@ -121,7 +123,9 @@ def test_w_con_sweep_makes_a_labelled_grid(tiny_sdxl, trained, tmp_path):
     run_script("sample.py", "--model", tiny_sdxl[0], "--lora", trained, "--prompt", PROMPT, "--w-con", "0,2,4",
                "--n", 2, "--steps", 2, "--width", 32, "--height", 32, "--out", png, "--quiet")
     im = Image.open(png)
-    assert im.size == (3 * 32, 2 * 32 + 14) and "w_con" in im.info["parameters"]
+    assert im.size == (3 * 32, 2 * 32 + 14)
+    settings = json.loads(im.info["parameters"])  # what made the image, as given
+    assert (settings["lora"], settings["prompt"], settings["w_con"], settings["n"]) == ([trained], PROMPT, [0, 2, 4], 2)
     r = run_script("sample.py", "--model", tiny_sdxl[0], "--prompt", "x", "--w-con", "abc", check=False)
     assert r.returncode == 2 and "expected a number" in r.stderr
 
@@ -135,6 +139,7 @@ def test_grid_columns_follow_their_labels_and_rows_their_seeds():
         for i, im in enumerate(col):
             want = (im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             assert np.array_equal(image[14 + 16 * i: 14 + 16 * (i + 1), 24 * j: 24 * (j + 1)], want), (i, j)
+        assert (image[:14, 24 * j: 24 * j + 6] < 128).any(), j  # its label starts above it, in black on white
 
 
 def test_specs_split_at_colons_but_not_a_drive_letter():
@@ -204,6 +209,9 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path, 
     torch.testing.assert_close(again, want, rtol=1e-4, atol=1e-4)
     merge_here(trained, style, "--weights", 1, 0.5, "--model", folder, "--kohya", "--out",
                tmp_path / "kohya")  # a kohya folder reads back as the same LoRA
+    assert not (tmp_path / "kohya" / lora_lib.DIFFUSERS_FILE).exists()
+    assert all(re.fullmatch(r"lora_unet_\w+\.(lora_down\.weight|lora_up\.weight|alpha)", k)  # kohya's key names
+               for k in load_file(str(tmp_path / "kohya" / lora_lib.KOHYA_FILE)))
     with pytest.raises(ModelError, match="is one of the inputs"):
         merge_here(trained, "--model", folder, "--out", trained)
     with torch.no_grad():

@@ -71,6 +71,9 @@ def test_prompt_fidelity_is_high_on_ground_truth_and_low_on_other_images():
     assert toyworld.prompt_fidelity(image, scene) == 1.0
     # asked: background, and shape, color, pattern, size, position; one of six is wrong
     assert toyworld.prompt_fidelity(image, asked_blue) == pytest.approx(1 - 1 / 6)
+    assert toyworld.prompt_fidelity(image, replace(scene, background="night")) == pytest.approx(1 - 1 / 6)
+    for style in toyworld.STYLES[1:]:  # a style asked for and not there: one of seven
+        assert toyworld.prompt_fidelity(image, replace(scene, style=style)) == pytest.approx(1 - 1 / 7), style
     # A subject's prompt states only its size and place in words: a big one asked for small misses one of three.
     subject = toyworld.Scene((replace(toyworld.SUBJECTS[0], size="big", position="center"),), "sand")
     image = toyworld.render(subject, np.random.default_rng(0))

@@ -484,6 +484,11 @@ def test_every_image_mode_becomes_upright_rgb(tmp_path):
     Image.fromarray(clear).save(tmp_path / "clear.png")
     out = np.asarray(load_rgb(str(tmp_path / "clear.png")))
     assert (out[:10, :10] == 255).all() and out[30, 30].tolist() == [0, 0, 255]  # composited on white
+    gray = np.zeros((8, 8, 2), np.uint8)
+    gray[4:, 4:] = (100, 255)  # gray with alpha: opaque 100 on a transparent black ground
+    Image.fromarray(gray, "LA").save(tmp_path / "la.png")
+    out = np.asarray(load_rgb(str(tmp_path / "la.png")))
+    assert out[0, 0].tolist() == [255, 255, 255] and out[6, 6].tolist() == [100, 100, 100]
     x = prepare_image(str(tmp_path / "rgba.png"), 32)
     assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
     with pytest.warns(UserWarning, match="upscaling"):
@@ -527,6 +532,22 @@ def test_textual_inversion_trains_only_the_new_rows(tiny_sdxl):
         for prompt in ("a photo of a <dog>", "a photo of a dog"):
             for ours, theirs in zip(text.encode([prompt]), fresh.encode([prompt])):
                 torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_a_new_token_gets_its_row_at_each_tokenizers_own_id(tiny_sdxl):
+    """The two tokenizers may number a new token differently (here the second already has one more added token):
+    each encoder's vector lands at its own tokenizer's id. A <word> not loaded, whatever its characters, is named."""
+    text = TextEncoders(tiny_sdxl[0])
+    text.tokenizers[1].add_tokens(["<other>"])
+    text.encoders[1].resize_token_embeddings(len(text.tokenizers[1]), mean_resizing=False)
+    assert text.unknown_tokens("a <my-dog> and a <dog>.") == ["<my-dog>", "<dog>"]
+    vectors = [torch.full_like(row, value) for row, value in zip(text.word_vectors("dog"), (0.25, 0.75))]
+    text.add_token("<dog>", vectors)
+    ids = [tokenizer.convert_tokens_to_ids("<dog>") for tokenizer in text.tokenizers]
+    assert ids[0] != ids[1]
+    for encoder, i, vec in zip(text.encoders, ids, vectors):
+        assert torch.equal(encoder.get_input_embeddings().weight[i], vec)
+    assert text.unknown_tokens("a <my-dog> and a <dog>.") == ["<my-dog>"]
 
 
 def test_a_token_that_is_already_a_word_is_warned_about(tiny_sdxl):
