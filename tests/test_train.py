@@ -121,8 +121,8 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
                    ["--caption", "a <dog>"], ["--num-prior", "7"], ["--config", folder]):
         with pytest.raises(ModelError, match=re.escape(change[0])):
             train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *change]))
-    with pytest.raises(ModelError, match="at step 8, past --steps 5"):
-        train.check_resume(train.parse_args([*spelled, "--steps", "5", "--resume"]))
+    with pytest.raises(ModelError, match="at step 8, past --steps 7"):  # one step short is short
+        train.check_resume(train.parse_args([*spelled, "--steps", "7", "--resume"]))
     with pytest.raises(ModelError, match="holds this run at step 8; continue it with --resume"):
         train.main(train.parse_args([*spelled, "--steps", "9"]))
     train.main(train.parse_args([*spelled, "--steps", "8"]))  # the same finished command again: nothing to do
@@ -426,10 +426,16 @@ def test_prior_preservation_generates_class_images(tiny_sdxl, trained, tmp_path,
     backward = torch.Tensor.backward
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **kw: losses.append(self.detach().clone()) or
                         backward(self, *a, **kw))
+    contexts, forward = [], UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda self, *a: contexts.append(a[2]) or forward(self, *a))
     train.main(train.parse_args([str(a) for a in (
         "--model", tiny_sdxl[0], "--data", data, "--steps", 2, "--beta", 0, "--prior-dir", prior, "--prior-prompt",
         "a photo of a dog", "--num-prior", 2, "--prior-weight", 0.3, *TRAIN_ARGS, "--out", tmp_path / "q")]))
     assert encoded == [3 + 2] and len(errs) == len(losses) == 2  # 3 instance images; DreamBooth: one UNet call
+    class_prompt = TextEncoders(tiny_sdxl[0]).encode(["a photo of a dog"])[0][0]
+    for context in contexts:  # an instance caption, then a class image's: the prior prompt
+        assert not torch.allclose(context[0], class_prompt)
+        torch.testing.assert_close(context[1], class_prompt, rtol=1e-6, atol=1e-6)
     for err, loss in zip(errs, losses):
         assert err.shape == (2,)  # batch 1 instance + 1 class image
         torch.testing.assert_close(loss, err[0] + 0.3 * err[1])
