@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora as lora_lib
 import train
@@ -309,19 +311,47 @@ def test_the_token_trains_at_its_own_learning_rate(tiny_sdxl, tmp_path):
     assert ups and any(v.abs().max() > 0 for v in ups)  # B starts at zero: the LoRA moved at --lr
 
 
+class UnrecordableOps(TorchDispatchMode):
+    """Collects the ops a CUDA graph cannot record: reading a tensor's value on the CPU (.item(), bool(t): the GPU
+    would have to finish first), ops whose output size depends on the values, and a tensor made from Python data
+    (torch.tensor: its copy to the GPU would be replayed as it was recorded). AdamW's are left out: on the CPU it
+    reads its step count, while train.py's AdamW on a GPU is fused and capturable and keeps it on the device."""
+    FORBIDDEN = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+                 "equal", "repeat_interleave", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.FORBIDDEN and not any("torch/optim/" in f.filename for f in traceback.extract_stack()):
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
 def test_the_cuda_graph_path_trains_and_samples_as_the_eager_one(tiny_sdxl, tmp_path, monkeypatch):
     """--cuda-graph's wiring, on the CPU: with the recording replaced by plain calls (after the same warm-up calls
     and their undo), a run with a learned token, prior preservation and a resume equals the eager run, tensor for
-    tensor and logged step for logged step; sampling too. The recording itself needs a GPU: tests/gpu_check.py."""
+    tensor and logged step for logged step; sampling too. The call that would be recorded has nothing a graph cannot
+    record. The recording itself needs a GPU: tests/gpu_check.py."""
     import sample
     import sampler
+    recorded = []  # per recording: the ops found in it that a graph cannot record
 
     def no_recording(fn, *inputs, warmup=2, after_warmup=None):
         for _ in range(warmup):
             fn(*inputs)
         if after_warmup is not None:
             after_warmup()
-        return fn
+
+        def run(*args):
+            watch = UnrecordableOps()
+            with watch:
+                out = fn(*args)
+            recorded.append(watch.found)
+            return out
+        return run
     data = write_images(str(tmp_path / "d"), ["a photo of a <dog>", "a <dog> in the snow"])
     common = ["--model", tiny_sdxl[0], "--data", data, "--token", "<dog>", "--init-token", "dog", "--snr-gamma", 5,
               "--prior-dir", tmp_path / "prior", "--prior-prompt", "a photo of a dog", "--num-prior", 2,
@@ -349,6 +379,7 @@ def test_the_cuda_graph_path_trains_and_samples_as_the_eager_one(tiny_sdxl, tmp_
     assert log_graph == log and len(log.splitlines()) == 4
     assert eager.keys() == graphed.keys() and all(torch.equal(eager[k], graphed[k]) for k in eager)
     assert np.array_equal(draw("graph.png", "--cuda-graph"), image)
+    assert len(recorded) == 4 + 3 and not any(recorded), recorded  # 4 train steps, then the 3 sampler steps
 
 
 def test_impossible_settings_are_refused(tmp_path, capsys):
