@@ -337,7 +337,7 @@ def test_the_cuda_graph_path_trains_and_samples_as_the_eager_one(tiny_sdxl, tmp_
     record. The recording itself needs a GPU: tests/gpu_check.py."""
     import sample
     import sampler
-    recorded = []  # per recording: the ops found in it that a graph cannot record
+    recorded = []  # per call a graph would replay: the ops found in it that a graph cannot record
 
     def no_recording(fn, *inputs, warmup=2, after_warmup=None):
         for _ in range(warmup):
