@@ -14,8 +14,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-from transformers.utils import logging as transformers_logging
 
 from checkpoint import ModelError, check_keys, for_this_transformers, read_safetensors
 
@@ -41,6 +39,7 @@ class Cond:
 
 def encoder_from_tensors(cls, config_dir, tensors):
     """A transformers CLIP text model from its config.json and a state dict, loaded strictly."""
+    from transformers import CLIPTextConfig
     model = cls(CLIPTextConfig.from_pretrained(config_dir, local_files_only=True))
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tensors = for_this_transformers(tensors, expected)
@@ -59,6 +58,10 @@ class TextEncoders(torch.nn.Module):
         """The folder's tokenizers and encoders; with tensors ({"text_encoder": state dict, "text_encoder_2": ...},
         from the single-file checkpoint), the weights come from there and only the configs from the folder."""
         super().__init__()
+        # Imported here rather than at the top: transformers takes seconds to import, and the scripts' --help, argument
+        # errors and LoRA-only merges do not need it.
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers.utils import logging as transformers_logging
         transformers_logging.disable_progress_bar()  # a bar per small file is noise
         parts = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
         for p in parts:

@@ -405,6 +405,13 @@ def test_impossible_settings_are_refused(tmp_path, capsys):
         assert needle in capsys.readouterr().err
 
 
+def test_the_scripts_start_without_importing_transformers():
+    """transformers takes seconds to import: --help and argument errors should not wait for it."""
+    code = "import sys, train, sample, merge; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sdxl, trained, tmp_path):
     data, out = os.path.join(os.path.dirname(trained), "data"), str(tmp_path / "nan")
     r = run_script("train.py", "--model", tiny_sdxl[0], "--data", data, "--out", out, "--resolution", 32,
