@@ -4,6 +4,7 @@
     python bench.py --reference            # also diffusers + peft (the official stack), same weights, same run
     python bench.py --compile              # also both UNets with their transformer blocks torch.compile'd
     python bench.py --cuda-graph           # also our steps replayed from CUDA graphs (and compiled, with --compile)
+    python bench.py --profile              # also where each step's time goes: host, GPU, waits (torch.profiler)
     python bench.py --tiny                 # a CPU smoke test on the tiny config
 
 Reports the median time per step, peak memory (reserved), for the CFG step the achieved TFLOP/s (forward FLOPs
@@ -22,6 +23,8 @@ import time
 
 import torch
 from torch._dynamo.utils import counters
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import lora as lora_lib
@@ -44,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--reference", action="store_true", help="also time diffusers + peft")
     p.add_argument("--compile", action="store_true", help="also time our UNet with its blocks compiled")
     p.add_argument("--cuda-graph", action="store_true", help="also time our steps replayed from CUDA graphs (GPU)")
+    p.add_argument("--profile", action="store_true", help="also profile one call of each step (see profile_call)")
     args = p.parse_args(argv)
     if args.size is not None and args.size % 32:  # the latents (size / 8) go through SDXL's two downsamplings
         p.error("--size must be a multiple of 32")
@@ -71,6 +75,30 @@ def timeit(fn, iters, warmup, device):
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else float("nan")
     return statistics.median(times), peak
+
+
+HOST_WAITS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize")
+
+
+def profile_call(fn, device):
+    """Where one call's time goes: the host's time to issue it and, on a GPU, the GPU's busy time, its kernels and
+    copies, and the host's waits for the GPU. A step whose GPU is busy for much less than the step's time is bound by
+    the host (Python, launches, waits), not by the GPU's arithmetic."""
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        t0 = time.perf_counter()
+        fn()
+        host = time.perf_counter() - t0
+        if cuda:
+            torch.cuda.synchronize()
+    line = f"host {host * 1e3:.1f} ms"
+    if cuda:
+        events = prof.key_averages()
+        gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in gpu) / 1e3  # microseconds -> ms
+        waits = sum(e.count for e in events if e.key in HOST_WAITS) - 1  # less the synchronize above
+        line += f", GPU busy {busy:.1f} ms in {sum(e.count for e in gpu)} kernels and copies, host waits {waits}"
+    return line
 
 
 def matmul_tflops(device, dtype, n):
@@ -324,6 +352,8 @@ def main(args):
                         cfg_rate[stack] = 2 * flops / sec / 1e12
                         rate = f"{cfg_rate[stack]:7.1f} TFLOP/s ({cfg_rate[stack] / roofline:.0%} of matmul)"
                     print(f"{stack:28s} {what:20s} {sec * 1e3:9.2f} ms  peak {peak:6.2f} GiB  {rate}")
+                    if args.profile:
+                        print(f"{stack:28s} {what:20s} profile: {profile_call(fn, device)}")
             except Exception as e:  # a compile or capture failure is a result too, and must not lose the other numbers
                 failed = True
                 print(f"{stack:28s} failed: {type(e).__name__}: {str(e)[:500]}")

@@ -341,8 +341,9 @@ def test_gpu_parity_script_runs_on_the_tiny_config():
 
 def test_bench_smoke_on_cpu():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--tiny", "--reference", "--iters", "1",
-                        "--warmup", "1", "--rank", "4"], capture_output=True, text=True)
+                        "--warmup", "1", "--rank", "4", "--profile"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count(" profile: host ") == 8  # each stack's steps: 4 of ours, 4 of the reference
     for what in ("CFG step (batch 2)", "CG step", "DCO train step"):
         assert f"ratio ours / reference, {what}:" in r.stdout
     assert "matmul:" in r.stdout and "TFLOP/s" in r.stdout  # the roofline is measured in the same run
