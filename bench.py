@@ -117,14 +117,17 @@ def inputs(cfg, B, size, device, dtype):
             torch.tensor([[size, size, 0, 0, size, size]] * B, dtype=dtype, device=device))
 
 
-def set_lora(unet, rank, dtype=None):
-    """A fresh rank-r LoRA: trainable and fp32 as train.py has it, or with dtype frozen in it as sample.py has it."""
+def set_lora(unet, rank, dtype=None, folded=False):
+    """A fresh rank-r LoRA: trainable and fp32 as train.py has it, or with dtype frozen in it as sample.py has it for
+    consistency guidance, or folded into the weights as sample.py runs plain CFG."""
     lora_lib.remove(unet)
     lora_lib.inject(unet, rank)
     if dtype is not None:
         lora = lora_lib.get_lora(unet)
         lora_lib.remove(unet)
         lora_lib.apply_lora(unet, lora, dtype)
+        if folded:
+            lora_lib.remove(unet, fuse=True)
 
 
 def ours_train(unet, cfg, size, device, dtype, capturable=False):
@@ -144,21 +147,20 @@ def ours_train(unet, cfg, size, device, dtype, capturable=False):
     return {"DCO train step": train_step}
 
 
-def ours_sample(unet, cfg, size, device, dtype):
-    """The CFG step and the consistency-guidance step (one batched call) as sample.py runs them."""
-    x2, x3 = (inputs(cfg, b, size, device, dtype) for b in (2, 3))
+def ours_sample(unet, cfg, size, device, dtype, folded):
+    """sample.py's steps: with the LoRA folded into the weights, the CFG step; with the LoRA apart, the
+    consistency-guidance step, one batched call at per-sample LoRA scales."""
+    if folded:
+        x2 = inputs(cfg, 2, size, device, dtype)
+        return {"CFG step (batch 2)": torch.no_grad()(lambda: unet(*x2))}
+    x3 = inputs(cfg, 3, size, device, dtype)
     scales = torch.tensor([0.0, 0.0, 1.0], device=device, dtype=dtype)  # as sampler.py makes them
-
-    @torch.no_grad()
-    def cfg_step():
-        with lora_lib.lora_scale(unet, 1.0):
-            unet(*x2)
 
     @torch.no_grad()
     def cg_step():
         with lora_lib.lora_scale(unet, scales):
             unet(*x3)
-    return {"CFG step (batch 2)": cfg_step, "CG step": cg_step}
+    return {"CG step": cg_step}
 
 
 def reference(unet, cfg, size, device, dtype, rank):
@@ -257,11 +259,11 @@ def plan(args, unet, cfg, size, device, dtype):
     """What to measure, in order: yields (stack, make_steps, first_call), where make_steps() readies the model and
     returns the stack's {step: fn}. Eager first, both sides, so that a slow compile cannot cost the ratios; ours then
     compiles from a cold cache, the reference last."""
-    def ours(train, graph=False):
+    def ours(train, graph=False, folded=False):
         def make_steps():
-            set_lora(unet, args.rank, None if train else dtype)  # trainable fp32, or frozen in dtype as in sample.py
+            set_lora(unet, args.rank, None if train else dtype, folded)  # as train.py or sample.py has it
             steps = (ours_train(unet, cfg, size, device, dtype, capturable=graph) if train
-                     else ours_sample(unet, cfg, size, device, dtype))
+                     else ours_sample(unet, cfg, size, device, dtype, folded))
             return {what: recorded_on_first_call(fn) for what, fn in steps.items()} if graph else steps
         return make_steps
 
@@ -286,15 +288,18 @@ def plan(args, unet, cfg, size, device, dtype):
         unet.set_grad_checkpointing(True)
         yield "ours, checkpointing" + tag, ours(True, graph), False
         unet.set_grad_checkpointing(False)
+        yield "ours" + tag, ours(False, graph, folded=True), False
         yield "ours" + tag, ours(False, graph), False
         if args.reference and not graph:
             yield from reference_alone(compiled=False)
     if args.compile:
         unet.compile_blocks()
         yield "ours, compiled", ours(True), True
+        yield "ours, compiled", ours(False, folded=True), True
         yield "ours, compiled", ours(False), True
         if args.cuda_graph:
             yield "ours, compiled, CUDA graph", ours(True, graph=True), False
+            yield "ours, compiled, CUDA graph", ours(False, graph=True, folded=True), False
             yield "ours, compiled, CUDA graph", ours(False, graph=True), False
         if args.reference:
             yield from reference_alone(compiled=True)
@@ -321,12 +326,13 @@ def main(args):
             unet = UNet(UNetConfig.tiny() if args.tiny else UNetConfig()).to(dtype)
     cfg = unet.cfg
     unet.requires_grad_(False)
+    folded_flops = forward_flops(unet, cfg, size, device, dtype)  # a LoRA folded into the weights adds none
     set_lora(unet, args.rank)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     flops = forward_flops(unet, cfg, size, device, dtype)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     roofline = matmul_tflops(device, dtype, 8192 if device.type == "cuda" else 1024)
-    print(f"{name}, {size}x{size}, {dtype}, LoRA rank {args.rank}; UNet forward (batch 1): {flops / 1e9:.2f} GFLOP; "
-          f"{dtype} matmul: {roofline:.1f} TFLOP/s")
+    print(f"{name}, {size}x{size}, {dtype}, LoRA rank {args.rank}; UNet forward (batch 1): {folded_flops / 1e9:.2f} "
+          f"GFLOP, {flops / 1e9:.2f} with the LoRA apart; {dtype} matmul: {roofline:.1f} TFLOP/s")
     n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     # Each LoRA parameter trains with a gradient and two AdamW moments, all in the parameter's dtype.
     print(f"LoRA: {n / 1e6:.1f}M parameters; with their gradients and AdamW state {16 * n / 2 ** 30:.2f} GiB in "
@@ -349,7 +355,8 @@ def main(args):
                     sec, peak = rows[stack, what] = timeit(fn, args.iters, args.warmup, device)
                     rate = ""
                     if what.startswith("CFG"):
-                        cfg_rate[stack] = 2 * flops / sec / 1e12
+                        # ours runs CFG with the LoRA folded in, as sample.py does; the reference with it apart
+                        cfg_rate[stack] = 2 * (folded_flops if stack.startswith("ours") else flops) / sec / 1e12
                         rate = f"{cfg_rate[stack]:7.1f} TFLOP/s ({cfg_rate[stack] / roofline:.0%} of matmul)"
                     print(f"{stack:28s} {what:20s} {sec * 1e3:9.2f} ms  peak {peak:6.2f} GiB  {rate}")
                     if args.profile:

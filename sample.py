@@ -223,6 +223,8 @@ def main(args):
     if args.cuda_graph and not supported(resolve_device(args.device, args.dtype)[0]):
         raise ModelError("--cuda-graph needs a CUDA GPU")
     pipe = load_pipeline(args.model, args.lora, args.embeds, args.device, args.dtype, args.config)
+    if args.w_con is None:  # plain CFG runs the LoRA at scale 1 throughout: folded into the weights (W + up @ down),
+        lora_lib.remove(pipe.unet, fuse=True)  # each layer is one matmul again; consistency guidance needs it apart
     if args.compile:
         pipe.unet.compile_blocks()
     warn_unloaded_tokens(pipe, args.prompt)
