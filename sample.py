@@ -105,8 +105,10 @@ def folder_embeds(folder):
             if f.startswith("learned_embeds") and f.endswith(".safetensors")]
 
 
-def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", config=None):
-    """The base model plus LoRAs ('PATH[:SCALE]', summed exactly) and learned tokens ('FILE[:TOKEN[:INIT]]')."""
+def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", config=None, fold=False):
+    """The base model plus LoRAs ('PATH[:SCALE]', summed exactly) and learned tokens ('FILE[:TOKEN[:INIT]]'). With
+    fold, the LoRAs are folded into the weights, W + up @ down summed in fp32 and rounded once: plain CFG runs them at
+    scale 1 throughout, and each layer is then one matmul again (consistency guidance needs them apart)."""
     device, dtype = resolve_device(device, dtype)
     scheduler = check_schedule(model_folder(model, config)[0])
     other = {k: scheduler[k] for k, v in EULER.items() if k in scheduler and scheduler[k] != v}
@@ -124,7 +126,9 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", confi
         if weights[-1] is None:
             raise ModelError(f"--lora {spec}: the scale {scale!r} is not a number")
     if files:
-        lora_lib.apply_lora(pipe.unet, lora_lib.merge(files, weights), dtype)
+        lora_lib.apply_lora(pipe.unet, lora_lib.merge(files, weights), torch.float32 if fold else dtype)
+        if fold:
+            lora_lib.remove(pipe.unet, fuse=True)
     loaded = set()
     for spec in embeds:
         path, *names = split_spec(spec, 3)
@@ -222,9 +226,8 @@ def save_png(image, path, settings):
 def main(args):
     if args.cuda_graph and not supported(resolve_device(args.device, args.dtype)[0]):
         raise ModelError("--cuda-graph needs a CUDA GPU")
-    pipe = load_pipeline(args.model, args.lora, args.embeds, args.device, args.dtype, args.config)
-    if args.w_con is None:  # plain CFG runs the LoRA at scale 1 throughout: folded into the weights (W + up @ down),
-        lora_lib.remove(pipe.unet, fuse=True)  # each layer is one matmul again; consistency guidance needs it apart
+    pipe = load_pipeline(args.model, args.lora, args.embeds, args.device, args.dtype, args.config,
+                         fold=args.w_con is None)
     if args.compile:
         pipe.unet.compile_blocks()
     warn_unloaded_tokens(pipe, args.prompt)
