@@ -127,9 +127,7 @@ def set_lora(unet, rank, dtype=None, folded=False):
     if dtype is not None:
         lora = lora_lib.get_lora(unet)
         lora_lib.remove(unet)
-        lora_lib.apply_lora(unet, lora, torch.float32 if folded else dtype)
-        if folded:
-            lora_lib.remove(unet, fuse=True)
+        lora_lib.apply_lora(unet, lora, dtype, fold=folded)
 
 
 def ours_train(unet, cfg, size, device, dtype, capturable=False):

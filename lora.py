@@ -129,9 +129,10 @@ def check_pair(name, down, up, shape):
                          f"{shape[0]}x{shape[1]}: is it a LoRA for another model?")
 
 
-def apply_lora(model, lora, dtype=torch.float32):
+def apply_lora(model, lora, dtype=torch.float32, fold=False):
     """Add a {module: (down, up)} LoRA to the model's linear layers, frozen, at scale 1. Sampling stores it in the
-    activations' dtype: the product is computed in that dtype anyway, and then no cast runs on every call."""
+    activations' dtype: the product is computed in that dtype anyway, and then no cast runs on every call. With fold,
+    it goes into the weights instead, W + up @ down summed in fp32 and rounded once to W's dtype."""
     modules = dict(model.named_modules())
     for name, (down, up) in lora.items():
         base = modules.get(name)
@@ -139,13 +140,16 @@ def apply_lora(model, lora, dtype=torch.float32):
             raise ModelError(f"LoRA module {name!r} matches no (unadapted) linear layer of this model")
         check_pair(name, down, up, base.weight.shape)
         dev, rank = base.weight.device, down.shape[0]
-        m = LoRALinear(base, rank, alpha=rank, down=nn.Parameter(down.to(dev, dtype), requires_grad=False),
-                       up=nn.Parameter(up.to(dev, dtype), requires_grad=False))  # alpha / rank is already in up
+        held = torch.float32 if fold else dtype
+        m = LoRALinear(base, rank, alpha=rank, down=nn.Parameter(down.to(dev, held), requires_grad=False),
+                       up=nn.Parameter(up.to(dev, held), requires_grad=False))  # alpha / rank is already in up
         replace(model, name, m)
     untouched = len(targets_in(model))
     if untouched:
         warnings.warn(f"the LoRA adapts {len(lora)} layers; {untouched} attention projections of the model are "
                       "left as they are")
+    if fold:
+        remove(model, fuse=True)
 
 
 def merge(loras, weights):

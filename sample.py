@@ -107,8 +107,8 @@ def folder_embeds(folder):
 
 def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", config=None, fold=False):
     """The base model plus LoRAs ('PATH[:SCALE]', summed exactly) and learned tokens ('FILE[:TOKEN[:INIT]]'). With
-    fold, the LoRAs are folded into the weights, W + up @ down summed in fp32 and rounded once: plain CFG runs them at
-    scale 1 throughout, and each layer is then one matmul again (consistency guidance needs them apart)."""
+    fold, the LoRAs are folded into the weights (see lora.apply_lora): plain CFG runs them at scale 1 throughout, and
+    each layer is then one matmul again (consistency guidance needs them apart)."""
     device, dtype = resolve_device(device, dtype)
     scheduler = check_schedule(model_folder(model, config)[0])
     other = {k: scheduler[k] for k, v in EULER.items() if k in scheduler and scheduler[k] != v}
@@ -126,9 +126,7 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", confi
         if weights[-1] is None:
             raise ModelError(f"--lora {spec}: the scale {scale!r} is not a number")
     if files:
-        lora_lib.apply_lora(pipe.unet, lora_lib.merge(files, weights), torch.float32 if fold else dtype)
-        if fold:
-            lora_lib.remove(pipe.unet, fuse=True)
+        lora_lib.apply_lora(pipe.unet, lora_lib.merge(files, weights), dtype, fold)
     loaded = set()
     for spec in embeds:
         path, *names = split_spec(spec, 3)

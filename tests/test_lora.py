@@ -289,9 +289,10 @@ def test_fuse_equals_base_plus_lora():
 
 @torch.no_grad()
 def test_folding_into_bf16_weights_loses_no_more_than_the_lora_apart():
-    """sample.py folds the LoRA for plain CFG, rounding W + up @ down (summed in fp32) to bf16 once. Against fp32, the folded bf16
-    UNet's output is as close as the bf16 UNet's with the LoRA apart, for a LoRA whose product is small, comparable
-    or as large as the weights (the ratio of the two errors ranged over 0.91-1.09 across 8 random UNets)."""
+    """sample.py folds the LoRA for plain CFG, rounding W + up @ down (summed in fp32) to bf16 once. Against fp32,
+    the folded bf16 UNet's output is as close as the bf16 UNet's with the LoRA apart, for a LoRA whose product is
+    small, comparable or as large as the weights (the ratio of the two errors ranged over 0.91-1.09 across 8 random
+    UNets)."""
     torch.manual_seed(0)
     base = UNet(UNetConfig.tiny()).requires_grad_(False).to(torch.bfloat16).float()  # weights bf16 holds exactly
     x, g = inputs(), torch.Generator().manual_seed(1)
@@ -304,9 +305,7 @@ def test_folding_into_bf16_weights_loses_no_more_than_the_lora_apart():
 
         def run(dtype, fold):
             unet = copy.deepcopy(base).to(dtype)
-            lora_lib.apply_lora(unet, lora, torch.float32 if fold else dtype)  # folded from fp32, as sample.py does
-            if fold:
-                lora_lib.remove(unet, fuse=True)
+            lora_lib.apply_lora(unet, lora, dtype, fold)
             return unet(*(v.to(dtype) for v in x)).float()
         want = run(torch.float32, fold=False)
         folded, apart = ((run(torch.bfloat16, fold) - want).norm() / want.norm() for fold in (True, False))
