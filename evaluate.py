@@ -44,7 +44,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, Dinov2Model, SiglipModel
 
 import cli
 import lora as lora_lib
@@ -142,7 +141,7 @@ def weights_digest(spec):
 
 # --- metric models ---
 
-METRIC_MODELS = {"dino": ("dinov2", Dinov2Model), "siglip": ("siglip", SiglipModel), "clip": ("clip", CLIPModel)}
+METRIC_MODELS = {"dino": ("dinov2", "Dinov2Model"), "siglip": ("siglip", "SiglipModel"), "clip": ("clip", "CLIPModel")}
 
 
 class Embedder:
@@ -152,13 +151,15 @@ class Embedder:
     def __init__(self, kind, folder):
         if not os.path.isfile(os.path.join(str(folder), "model.safetensors")):
             raise ModelError(f"--{kind} {folder}: no model.safetensors there (a local transformers checkpoint folder)")
+        import transformers  # here, not at the top: it takes seconds to import, and --help should not wait
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
         try:
             self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
             self.tokenizer = None if kind == "dino" else AutoTokenizer.from_pretrained(folder, local_files_only=True)
             model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
             if model_type != METRIC_MODELS[kind][0]:  # transformers would load it anyway, with random weights
                 raise ModelError(f"--{kind} {folder}: a {model_type} checkpoint, not {METRIC_MODELS[kind][0]}")
-            self.model = METRIC_MODELS[kind][1].from_pretrained(folder, local_files_only=True,
+            self.model = getattr(transformers, METRIC_MODELS[kind][1]).from_pretrained(folder, local_files_only=True,
                                                                 use_safetensors=True).eval()
         except (OSError, ValueError, ImportError) as e:
             raise ModelError(f"--{kind} {folder}: cannot load: {str(e).splitlines()[0]}") from None

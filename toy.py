@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import evaluate
 import toyworld as world
@@ -68,6 +67,7 @@ def write_tokenizer(folder, pad_token):
         json.dump({t: i for i, t in enumerate(dict.fromkeys(vocab))}, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    from transformers import CLIPTokenizer  # here, not at the top: `toy.py data` and --help need no transformers
     tokenizer = CLIPTokenizer.from_pretrained(folder, pad_token=pad_token, model_max_length=77)
     tokenizer.save_pretrained(folder)
     return tokenizer
@@ -75,6 +75,7 @@ def write_tokenizer(folder, pad_token):
 
 def text_encoder_configs(tokenizer):
     """Two tiny CLIP text encoders, shaped like SDXL's pair: CLIP-L (quick_gelu) and bigG with a projection."""
+    from transformers import CLIPTextConfig
     common = dict(vocab_size=len(tokenizer), intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                   max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -250,6 +251,7 @@ def pretrain(out, seed=0, budget=FULL):
     tokenizer = write_tokenizer(os.path.join(out, "tokenizer"), "<|endoftext|>")
     write_tokenizer(os.path.join(out, "tokenizer_2"), "!")
     if not os.path.exists(os.path.join(out, "text_encoder_2", "model.safetensors")):
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
         for sub, cls, cfg in zip(("text_encoder", "text_encoder_2"), (CLIPTextModel, CLIPTextModelWithProjection),
                                  text_encoder_configs(tokenizer)):
             torch.manual_seed(seed + len(sub))

@@ -407,7 +407,7 @@ def test_impossible_settings_are_refused(tmp_path, capsys):
 
 def test_the_scripts_start_without_importing_transformers():
     """transformers takes seconds to import: --help and argument errors should not wait for it."""
-    code = "import sys, train, sample, merge; print('transformers' in sys.modules)"
+    code = "import sys, train, sample, merge, toy, evaluate; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
