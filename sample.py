@@ -158,6 +158,14 @@ def warn_unloaded_tokens(pipe, prompt):
                       "it, load the LoRA's output folder or give --embeds FILE")
 
 
+def warn_unused_tokens(pipe, prompt):
+    """Learned tokens loaded and none of them in the prompt: the LoRA still applies, but with textual inversion the
+    subject it learned answers to its token."""
+    if pipe.tokens and not any(token in prompt for token in pipe.tokens):
+        warnings.warn(f"the prompt names none of the learned tokens loaded ({', '.join(pipe.tokens)}); the LoRA still "
+                      "applies, but the subject it learned answers to its token")
+
+
 def conditioning(text, prompts, height, width, zero_empty=False):
     """Cond for prompts at a target size, with SDXL's default micro-conditioning: uncropped, original = target."""
     context, pooled = text.encode(prompts, zero_empty=zero_empty)
@@ -229,6 +237,7 @@ def main(args):
     if args.compile:
         pipe.unet.compile_blocks()
     warn_unloaded_tokens(pipe, args.prompt)
+    warn_unused_tokens(pipe, args.prompt)
     seeds = [args.seed + i for i in range(args.n)]
     kw = dict(cfg=args.cfg, steps=args.steps, width=args.width, height=args.height,
               negative_prompt=args.negative_prompt, progress=not args.quiet, graph=args.cuda_graph)

@@ -15,7 +15,7 @@ import lora as lora_lib
 from checkpoint import ModelError, load_unet, read_metadata
 from conftest import run_script, write_single_file
 from cli import split_spec
-from sample import Pipeline, base_prompt, generate, grid, load_pipeline, warn_unloaded_tokens
+from sample import Pipeline, base_prompt, generate, grid, load_pipeline, warn_unloaded_tokens, warn_unused_tokens
 from sampler import guidance
 
 PROMPT = "a photo of a <dog> in the snow"
@@ -59,6 +59,9 @@ def test_a_token_without_its_initializer_word_refuses_consistency_guidance(tiny_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_unloaded_tokens(pipe, PROMPT)  # loaded: no warning
+        warn_unused_tokens(pipe, PROMPT)  # and named in the prompt
+    with pytest.warns(UserWarning, match=r"names none of the learned tokens loaded \(<dog>\)"):
+        warn_unused_tokens(pipe, "a photo of a dog in the snow")
     for scale in ("x", "nan"):
         with pytest.raises(ModelError, match=f"the scale '{scale}' is not a number"):
             load_pipeline(tiny_sdxl[0], loras=[lora + ":" + scale])
