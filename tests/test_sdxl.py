@@ -414,6 +414,20 @@ def test_bench_smoke_on_cpu():
     assert r.returncode != 0 and r.stderr.strip() == "error: --cuda-graph needs a CUDA GPU", r.stderr[-2000:]
 
 
+def test_bench_counts_both_lora_matmuls():
+    """A LoRA adds 2 N r (in + out) FLOPs per adapted layer of N tokens: its down and its (in-place) up product."""
+    import bench
+    unet, cfg = UNet(UNetConfig.tiny()).requires_grad_(False), UNetConfig.tiny()
+    base = bench.forward_flops(unet, cfg, 64, torch.device("cpu"), torch.float32)
+    lora_lib.inject(unet, 4)
+    lora_flops = []
+    for m in lora_lib.lora_modules(unet).values():
+        m.register_forward_hook(lambda m, args, out: lora_flops.append(
+            2 * args[0].numel() // m.in_features * m.rank * (m.in_features + m.out_features)))
+    with_lora = bench.forward_flops(unet, cfg, 64, torch.device("cpu"), torch.float32)
+    assert lora_flops and with_lora - base == sum(lora_flops)
+
+
 def test_bench_refuses_bad_settings_before_building_anything(monkeypatch, capsys):
     import bench
     for bad, needle in [(["--iters", "0"], "positive whole number"), (["--rank", "0"], "positive whole number"),
