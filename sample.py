@@ -84,6 +84,7 @@ class Pipeline:
     vae: torch.nn.Module
     text: TextEncoders
     tokens: dict = field(default_factory=dict)  # learned token -> its initializer word (or None)
+    folded: bool = False  # LoRAs folded into the weights: the base model is gone (no consistency guidance)
 
 
 def load_embeds(pipe, spec):
@@ -127,6 +128,7 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", confi
             raise ModelError(f"--lora {spec}: the scale {scale!r} is not a number")
     if files:
         lora_lib.apply_lora(pipe.unet, lora_lib.merge(files, weights), dtype, fold)
+        pipe.folded = fold
     loaded = set()
     for spec in embeds:
         path, *names = split_spec(spec, 3)
@@ -193,6 +195,8 @@ def generate(pipe, prompt, seeds, w_con=None, cfg=5.0, steps=50, width=1024, hei
     multiple = size_multiple(pipe.unet, pipe.vae)
     if width % multiple or height % multiple:
         raise ModelError(f"width and height must be multiples of {multiple} for this model")
+    if w_con is not None and pipe.folded:
+        raise ModelError("consistency guidance needs the LoRAs apart from the base weights: load them without fold")
     n, device = len(seeds), next(pipe.unet.parameters()).device
     cond = conditioning(pipe.text, [prompt] * n, height, width)
     base = None if w_con is None else conditioning(pipe.text, [base_prompt(pipe, prompt)] * n, height, width)

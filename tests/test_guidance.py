@@ -41,6 +41,16 @@ def test_w_con_zero_is_the_base_model(tiny_sdxl, trained):
 
 
 @torch.no_grad()
+def test_a_folded_lora_samples_as_one_apart_and_refuses_consistency_guidance(tiny_sdxl, trained):
+    folded, apart = (load_pipeline(tiny_sdxl[0], loras=[trained + ":0.7"], fold=fold) for fold in (True, False))
+    assert not lora_lib.lora_modules(folded.unet) and lora_lib.lora_modules(apart.unet)
+    torch.testing.assert_close(generate(folded, PROMPT, [0], **KW), generate(apart, PROMPT, [0], **KW),
+                               rtol=0, atol=1e-4)
+    with pytest.raises(ModelError, match="needs the LoRAs apart"):  # its base model is gone
+        generate(folded, PROMPT, [0], w_con=2.0, **KW)
+
+
+@torch.no_grad()
 def test_a_token_without_its_initializer_word_refuses_consistency_guidance(tiny_sdxl, trained, tmp_path):
     # The official code's output folder: its learned_embeds names no token (only the keys clip_l and clip_g).
     emb, lora = str(tmp_path / "learned_embeds.safetensors"), str(tmp_path / "pytorch_lora_weights.safetensors")
