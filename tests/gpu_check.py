@@ -90,9 +90,9 @@ def compare(name, ours, ref, run_ours, run_ref, device, grad=False):
 def check_graphs(tmp):
     """train.py and sample.py replayed from CUDA graphs give what they give eagerly: LoRA only; a learned token with
     prior preservation and gradient checkpointing; compiled blocks; a resumed run; CFG and consistency guidance.
-    Run in process and deterministically (see main), so that an eager run repeats itself (checked for both kinds of run) and a
-    difference is the graph's. Compared: both denoising errors of the first step (forward passes before any
-    update: to 1e-5), of every step (OUT/log.jsonl, to 1e-3), and the trained tensors (to 1e-2: Adam turns
+    Run in process and deterministically (see main), so that an eager run repeats itself (checked for both kinds of
+    run) and a difference is the graph's. Compared: both denoising errors of the first step (forward passes before
+    any update: to 1e-5), of every step (OUT/log.jsonl, to 1e-3), and the trained tensors (to 1e-2: Adam turns
     rounding differences into larger ones, but a step missed or taken twice moves them by a quarter of their size)."""
     import json
     from PIL import Image
