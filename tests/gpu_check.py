@@ -88,8 +88,9 @@ def compare(name, ours, ref, run_ours, run_ref, device, grad=False):
 
 
 def check_graphs(tmp):
-    """train.py and sample.py replayed from CUDA graphs give what they give eagerly: LoRA only; a learned token with
-    prior preservation and gradient checkpointing; compiled blocks; a resumed run; CFG and consistency guidance.
+    """train.py and sample.py replayed from CUDA graphs give what they give eagerly: LoRA only, in fp32 and bf16; a
+    learned token with prior preservation and gradient checkpointing; compiled blocks; a resumed run; CFG and
+    consistency guidance.
     Run in process and deterministically (see main), so that an eager run repeats itself (checked for both kinds of
     run) and a difference is the graph's. Compared: both denoising errors of the first step (forward passes before
     any update: to 1e-5), of every step (OUT/log.jsonl, to 1e-3), and the trained tensors (to 1e-2: Adam turns
@@ -140,6 +141,11 @@ def check_graphs(tmp):
                lambda: run("eager-token-again", *with_token), lambda: eager_token)
     ok &= same("train.py --cuda-graph with --token, prior preservation, --grad-checkpointing",
                lambda: run("graph-token", *with_token, "--cuda-graph"), lambda: eager_token)
+    bf16 = [*lora_only, "--dtype", "bfloat16"]  # the GPU's default dtype (the later --dtype wins)
+    eager_bf16 = run("eager-bf16", *bf16)
+    ok &= same("train.py twice in bfloat16 (determinism)", lambda: run("eager-bf16-again", *bf16), lambda: eager_bf16)
+    ok &= same("train.py --cuda-graph in bfloat16", lambda: run("graph-bf16", *bf16, "--cuda-graph"),
+               lambda: eager_bf16)
     half = [a if a != 4 else 2 for a in lora_only]  # 2 steps, then resumed to 4
 
     def resumed():
