@@ -159,8 +159,8 @@ class Embedder:
             model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
             if model_type != METRIC_MODELS[kind][0]:  # transformers would load it anyway, with random weights
                 raise ModelError(f"--{kind} {folder}: a {model_type} checkpoint, not {METRIC_MODELS[kind][0]}")
-            self.model = getattr(transformers, METRIC_MODELS[kind][1]).from_pretrained(folder, local_files_only=True,
-                                                                use_safetensors=True).eval()
+            model_class = getattr(transformers, METRIC_MODELS[kind][1])
+            self.model = model_class.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
         except (OSError, ValueError, ImportError) as e:
             raise ModelError(f"--{kind} {folder}: cannot load: {str(e).splitlines()[0]}") from None
         self.kind, self.device = kind, "cpu"
