@@ -80,6 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    cli.add_cuda_graph(p, "each UNet call")
     args = p.parse_args(argv)
     cli.check_steps(p, "--steps", args.steps)
     return args
@@ -266,7 +267,7 @@ def make_generator(args, loras):
     def draw(prompt, seed, w_con):
         sample.warn_unloaded_tokens(pipe, prompt)
         images = sample.generate(pipe, prompt, seed, w_con=w_con, cfg=args.cfg, steps=args.steps, width=args.width,
-                                 height=args.height, negative_prompt=args.negative_prompt)
+                                 height=args.height, negative_prompt=args.negative_prompt, graph=args.cuda_graph)
         return sample.to_pil(images)
 
     return draw, lambda prompt: sample.base_prompt(pipe, prompt)
@@ -385,6 +386,7 @@ def main(args, make_generator=make_generator):
             "style_dino": list_images(args.style_images, "--style-images")} if merge \
         else {"image_dino": list_images(args.ref_images, "--ref-images")}
     device = cli.resolve_device(args.device, args.dtype)[0]
+    args.cuda_graph = cli.cuda_graph_on(args.cuda_graph, device)
     metrics = {k: Embedder(k, getattr(args, k)) for k in ("dino", "siglip", "clip") if getattr(args, k)}
 
     cache = ImageCache(os.path.join(args.out, "images"))

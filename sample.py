@@ -21,8 +21,8 @@ from PIL.PngImagePlugin import PngInfo
 import lora as lora_lib
 from checkpoint import (ModelError, atomic, check_file, check_schedule, load_unet, load_vae, model_folder,
                         read_metadata, read_single_file)
-from cli import check_steps, finite, float_list, number, positive_int, resolve_device, run, seed_int, split_spec
-from graph import supported
+from cli import (add_cuda_graph, check_steps, cuda_graph_on, finite, float_list, number, positive_int, resolve_device,
+                 run, seed_int, split_spec)
 from sampler import EULER, sample
 from text import Cond, TextEncoders, time_ids
 from vae import decode_latents
@@ -52,8 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="UNet and text encoders; auto: bfloat16 on GPU, float32 on CPU. The VAE stays float32.")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet's transformer blocks (GPU)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="replay each UNet call from a CUDA graph: much faster where launching kernels is the limit")
+    add_cuda_graph(p, "each UNet call")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if os.path.isdir(args.out):
@@ -234,8 +233,7 @@ def save_png(image, path, settings):
 
 
 def main(args):
-    if args.cuda_graph and not supported(resolve_device(args.device, args.dtype)[0]):
-        raise ModelError("--cuda-graph needs a CUDA GPU")
+    args.cuda_graph = cuda_graph_on(args.cuda_graph, resolve_device(args.device, args.dtype)[0])
     pipe = load_pipeline(args.model, args.lora, args.embeds, args.device, args.dtype, args.config,
                          fold=args.w_con is None)
     if args.compile:

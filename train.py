@@ -26,10 +26,11 @@ from tqdm import tqdm
 import lora as lora_lib
 from checkpoint import (ModelError, check_schedule, load_training_state, model_folder, read_json,
                         save_safetensors, save_training_state, write_text)
-from cli import check_steps, non_negative, positive, positive_int, resolve_device, run, seed_int
+from cli import (add_cuda_graph, check_steps, cuda_graph_on, non_negative, positive, positive_int, resolve_device, run,
+                 seed_int)
 from data import encode_images, image_files, is_config, load_rgb, read_captions, read_config
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
-from graph import cuda_graph, supported
+from graph import cuda_graph
 from sample import Pipeline, generate, load_sdxl, save_png, size_multiple, to_pil, warn_unloaded_tokens
 from text import Cond, time_ids
 
@@ -72,8 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each ResBlock and transformer block in the backward pass: less memory, slower")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet's transformer blocks (GPU)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="replay each train step from a CUDA graph: much faster where launching kernels is the limit")
+    add_cuda_graph(p, "each train step")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bfloat16 on a GPU, float32 on the CPU (float16's small gradients would underflow "
@@ -271,8 +271,7 @@ def check_token(path, caption, token):
 
 def main(args):
     device, dtype = resolve_device(args.device, args.dtype)
-    if args.cuda_graph and not supported(device):
-        raise ModelError(f"--cuda-graph needs a CUDA GPU; the device is {device}")
+    args.cuda_graph = cuda_graph_on(args.cuda_graph, device)
     if is_config(args.data):
         items, token, word = read_config(args.data)
         args.token, args.init_token = args.token or token, args.init_token or word  # settings.json records them

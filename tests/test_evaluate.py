@@ -345,13 +345,13 @@ def test_make_generator_calls_the_sampling_api(monkeypatch):
     record("warn_unloaded_tokens", None)
     args = evaluate.parse_args(["--model", "sdxl", "--lora", "x", "--ref-images", "r", "--prompts", "p", "--dino", "d",
                                 "--cfg", "7", "--steps", "12", "--width", "768", "--height", "512",
-                                "--dtype", "float16", "--config", "cfg"])
+                                "--dtype", "float16", "--config", "cfg", "--cuda-graph"])
     draw, base = evaluate.make_generator(args, ["subject/", "style.safetensors:0.5"])
     assert calls["load_pipeline"] == (("sdxl",), dict(loras=["subject/", "style.safetensors:0.5"], device="auto",
                                                       dtype="float16", config="cfg"))
     image = draw("a <dog>", 3, 2.0)
     assert calls["generate"] == (("PIPE", "a <dog>", 3), dict(w_con=2.0, cfg=7.0, steps=12, width=768, height=512,
-                                                              negative_prompt=""))
+                                                              negative_prompt="", graph=True))
     assert image.size == (8, 8) and image.getpixel((0, 0)) == (128, 128, 128)
     assert calls["warn_unloaded_tokens"] == (("PIPE", "a <dog>"), {})
     assert base("a <dog>") == "a dog" and calls["base_prompt"] == (("PIPE", "a <dog>"), {})

@@ -327,11 +327,34 @@ def test_impossible_sampling_settings_are_refused(tmp_path, capsys, monkeypatch)
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="--device cuda:1: this machine .* has no CUDA GPU"):
             cli.resolve_device("cuda:1", "auto")
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)  # and restored after
+    assert cli.resolve_device("cpu", "auto") == (torch.device("cpu"), torch.float32)
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ModelError, match="--device cuda:1: this machine has 1 CUDA GPU"):
         cli.resolve_device("cuda:1", "auto")
     assert cli.resolve_device("cuda", "auto") == (torch.device("cuda"), torch.bfloat16)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"  # for the CUDA allocator
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # a user's own setting stays
+    cli.resolve_device("cuda", "auto")
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+
+
+def test_cuda_graphs_are_on_by_default_on_a_gpu_only():
+    import evaluate
+    import sample
+    import train
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for parse, required in [(sample.parse_args, ["--model", "m", "--prompt", "p"]),
+                            (train.parse_args, ["--model", "m", "--data", "d", "--out", "o"]),
+                            (evaluate.parse_args, ["--ref-images", "r", "--prompts", "p", "--dino", "d", "--model", "m"])]:
+        flags = [parse(required + extra).cuda_graph for extra in ([], ["--cuda-graph"], ["--no-cuda-graph"])]
+        assert flags == [None, True, False]
+        assert [cli.cuda_graph_on(f, gpu) for f in flags] == [True, True, False]
+        assert [cli.cuda_graph_on(f, cpu) for f in (None, False)] == [False, False]
+        with pytest.raises(ModelError, match="--cuda-graph needs a CUDA GPU; the device is cpu"):
+            cli.cuda_graph_on(flags[1], cpu)
 
 
 def test_scripts_end_in_one_line_on_an_expected_error_or_ctrl_c(capsys, monkeypatch):

@@ -335,6 +335,7 @@ def test_the_cuda_graph_path_trains_and_samples_as_the_eager_one(tiny_sdxl, tmp_
     and their undo), a run with a learned token, prior preservation and a resume equals the eager run, tensor for
     tensor and logged step for logged step; sampling too. The call that would be recorded has nothing a graph cannot
     record. The recording itself needs a GPU: tests/gpu_check.py."""
+    import cli
     import sample
     import sampler
     recorded = []  # per call a graph would replay: the ops found in it that a graph cannot record
@@ -370,8 +371,7 @@ def test_the_cuda_graph_path_trains_and_samples_as_the_eager_one(tiny_sdxl, tmp_
             "--steps", 3, "--width", 32, "--height", 32, "--quiet", *extra, "--out", tmp_path / out)]))
         return np.asarray(Image.open(tmp_path / out))
     (log, eager), image = run("eager", "--steps", 4), draw("eager.png")
-    for module in (train, sample):
-        monkeypatch.setattr(module, "supported", lambda device: True)
+    monkeypatch.setattr(cli, "supported", lambda device: True)
     monkeypatch.setattr(train, "cuda_graph", no_recording)
     monkeypatch.setattr(sampler, "cuda_graph", no_recording)
     run("graph", "--steps", 2, "--cuda-graph")
