@@ -80,10 +80,11 @@ def timeit(fn, iters, warmup, device):
 HOST_WAITS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize")
 
 
-def profile_call(fn, device):
+def profile_call(fn, device, top=5):
     """Where one call's time goes: the host's time to issue it (the profiler's overhead included) and, on a GPU, the
     GPU's busy time, its kernels and copies, and the host's waits for the GPU. A step whose GPU is busy for much less
-    than the step's time is bound by the host (Python, launches, waits), not by the GPU's arithmetic."""
+    than the step's time is bound by the host (Python, launches, waits), not by the GPU's arithmetic. Then the `top`
+    kernels (on the CPU: ops) by their total time."""
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         t0 = time.perf_counter()
@@ -92,15 +93,21 @@ def profile_call(fn, device):
         if cuda:
             torch.cuda.synchronize()
     line = f"host {host * 1e3:.1f} ms"
+    events = prof.key_averages()
     if cuda:
-        events = prof.key_averages()
         # GPU work, less the GPU-side spans of annotated regions (Optimizer.step, compiled regions): their kernels
         # count on their own
-        gpu = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
-        busy = sum(e.self_device_time_total for e in gpu) / 1e3  # microseconds -> ms
+        work = [(e, e.self_device_time_total) for e in events
+                if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+        busy = sum(us for _, us in work) / 1e3  # microseconds -> ms
         waits = max(0, sum(e.count for e in events if e.key in HOST_WAITS) - 1)  # less the synchronize above
-        line += f", GPU busy {busy:.1f} ms in {sum(e.count for e in gpu)} kernels and copies, host waits {waits}"
-    return line
+        line += f", GPU busy {busy:.1f} ms in {sum(e.count for e, _ in work)} kernels and copies, host waits {waits}"
+    else:  # the CPU computes: its ops are its kernels
+        work = [(e, e.self_cpu_time_total) for e in events if e.device_type == DeviceType.CPU]
+    # Where the busy time goes: the kernels (or ops) that took longest in all, their names cut to stay readable
+    longest = sorted(work, key=lambda w: -w[1])[:top]
+    return line + "; longest: " + ", ".join(f"{e.key.removeprefix('void ')[:48]} {us / 1e3:.1f} ms x{e.count}"
+                                            for e, us in longest)
 
 
 def matmul_tflops(device, dtype, n):

@@ -423,7 +423,11 @@ def test_bench_smoke_on_cpu():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--tiny", "--reference", "--iters", "1",
                         "--warmup", "1", "--rank", "4", "--profile"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count(" profile: host ") == 8  # each stack's steps: 4 of ours, 4 of the reference
+    profiles = [line for line in r.stdout.splitlines() if " profile: host " in line]
+    assert len(profiles) == 8, r.stdout  # each stack's steps: 4 of ours, 4 of the reference
+    # with where the time went: on the CPU, the 5 ops that took longest, the step's matmuls among them
+    assert all(line.split("; longest: ")[1].count(" ms x") == 5 and "aten::" in line for line in profiles), profiles
+    assert any("mm " in line.split("; longest: ")[1] for line in profiles), profiles
     for what in ("CFG step (batch 2)", "CG step", "DCO train step"):
         assert f"ratio ours / reference, {what}:" in r.stdout
     assert "matmul:" in r.stdout and "TFLOP/s" in r.stdout  # the roofline is measured in the same run
