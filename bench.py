@@ -379,6 +379,9 @@ def main(args):
             except Exception as e:  # a compile or capture failure is a result too, and must not lose the other numbers
                 failed = True
                 print(f"{stack:28s} failed: {type(e).__name__}: {str(e)[:500]}")
+            # The last step too: its closure may hold the reference's model, which must be freed before ours returns
+            # to the GPU, or ours lands between the reference's weights and the pages it frees cannot be given back
+            steps = fn = None
     except KeyboardInterrupt:  # e.g. timeout -s INT: the targets below still count what was measured
         print("interrupted")
     for (stack, what), (sec, _) in rows.items():

@@ -469,6 +469,27 @@ def test_bench_refuses_bad_settings_before_building_anything(monkeypatch, capsys
         bench.main(bench.parse_args(["--tiny", "--model", "nowhere"]))
 
 
+def test_bench_frees_the_reference_before_ours_returns(monkeypatch):
+    """The reference's model must be gone when ours moves back to the GPU: ours would otherwise land between its
+    weights, and the pages those free could not be given back, which counts in all of ours' later peaks."""
+    import bench
+    refs, alive = [], []  # weak references to the reference models built; whether each lived on when ours moved
+    build, move = bench.reference, UNet.to
+
+    def reference(*args):
+        ref, steps = build(*args)
+        refs.append(weakref.ref(ref))
+        return ref, steps
+
+    def to(unet, *args):
+        alive.extend(r() is not None for r in refs)
+        return move(unet, *args)
+    monkeypatch.setattr(bench, "reference", reference)
+    monkeypatch.setattr(UNet, "to", to)
+    bench.main(bench.parse_args(["--tiny", "--reference", "--size", "32", "--iters", "1", "--warmup", "0"]))
+    assert len(refs) == 1 and alive == [False]
+
+
 def test_bench_measures_eager_stacks_first_then_graphs_then_compiled(monkeypatch):
     """bench.plan's order and steps with every option, the CUDA graphs replaced by the plain steps (CPU)."""
     import bench
