@@ -87,13 +87,13 @@ def inject(model, rank, alpha=None, targets=TARGETS):
 
 
 def remove(model, fuse=False):
-    """Unwrap every LoRALinear back to an nn.Linear; with fuse, W <- W + scale * delta first."""
+    """Unwrap every LoRALinear back to an nn.Linear; with fuse, W <- W + scale * delta first, summed in fp32."""
     for name, m in lora_modules(model).items():
+        if fuse:  # in place: new weights would leave the old ones' memory as holes between the layers that stay
+            with torch.no_grad():
+                m.weight.copy_(m.weight.float() + float(m.scale) * m.delta())
         base = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         base.weight, base.bias = m.weight, m.bias
-        if fuse:
-            base.weight = nn.Parameter((m.weight.float() + float(m.scale) * m.delta()).to(m.weight.dtype),
-                                       requires_grad=m.weight.requires_grad)
         replace(model, name, base)
 
 

@@ -280,11 +280,14 @@ def test_fuse_equals_base_plus_lora():
     for m in lora_lib.lora_modules(unet).values():
         m.scale = 0.3
     x = inputs()
+    storage = {name: m.weight.data_ptr() for name, m in lora_lib.lora_modules(unet).items()}
     with torch.no_grad():
         want = unet(*x)
         lora_lib.remove(unet, fuse=True)
         assert not lora_lib.lora_modules(unet)
         torch.testing.assert_close(unet(*x), want, rtol=1e-5, atol=1e-5)
+    # in place, in the weights' own memory: new tensors would leave the old ones' as holes between the layers
+    assert all(unet.get_submodule(name).weight.data_ptr() == ptr for name, ptr in storage.items())
 
 
 @torch.no_grad()
