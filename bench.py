@@ -280,9 +280,9 @@ def plan(args, unet, cfg, size, device, dtype):
         return make_steps
 
     def reference_alone(compiled):  # the reference on the GPU, ours on the CPU: each peak counts its own model only
-        ref, steps = reference(unet, cfg, size, device, dtype, args.rank)
         unet.cpu()
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the reference starts on an empty GPU, as in a process of its own
+        ref, steps = reference(unet, cfg, size, device, dtype, args.rank)
         if compiled:
             ref.compile_repeated_blocks()  # diffusers' own regional compile (its transformer blocks)
             yield "reference, compiled", lambda: steps, True
