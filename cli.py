@@ -95,7 +95,8 @@ def resolve_device(device, dtype):
         # Read when CUDA allocates its first tensor. Memory mapped in pages rather than fixed blocks: the small tensors
         # that live through training (the LoRA, AdamW's moments) then pin no freed activation blocks. A CUDA graph's
         # activations live in a pool of their own, so without this, what they pin is lost: on full SDXL at 1024², a
-        # train step replayed from a graph held 11.40 GiB with fixed blocks and 10.36 with pages (eagerly: 10.39, 10.04).
+        # train step replayed from a graph held 11.40 GiB with fixed blocks and 10.36 with pages (eagerly: 10.39,
+        # 10.04).
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -107,6 +108,12 @@ def add_cuda_graph(p, what):
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
                    help=f"replay {what} from a CUDA graph (default: on with a CUDA GPU): much faster where launching "
                         "kernels is the limit; the step's working memory is then held for the whole run")
+
+
+def add_compile(p):
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet's transformer blocks (GPU): the first step compiles them (seconds to a "
+                        "minute); the steps after are faster together with CUDA graphs (see README, Speed)")
 
 
 def cuda_graph_on(flag, device):

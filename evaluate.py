@@ -81,6 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     cli.add_cuda_graph(p, "each UNet call")
+    cli.add_compile(p)
     args = p.parse_args(argv)
     cli.check_steps(p, "--steps", args.steps)
     return args
@@ -263,6 +264,8 @@ class ImageCache:
 def make_generator(args, loras):
     """Load SDXL with loras applied together -> (draw(prompt, seed, w_con) -> PIL image, base(prompt) -> str)."""
     pipe = sample.load_pipeline(args.model, loras=loras, device=args.device, dtype=args.dtype, config=args.config)
+    if args.compile:
+        pipe.unet.compile_blocks()
 
     def draw(prompt, seed, w_con):
         sample.warn_unloaded_tokens(pipe, prompt)

@@ -21,8 +21,8 @@ from PIL.PngImagePlugin import PngInfo
 import lora as lora_lib
 from checkpoint import (ModelError, atomic, check_file, check_schedule, load_unet, load_vae, model_folder,
                         read_metadata, read_single_file)
-from cli import (add_cuda_graph, check_steps, cuda_graph_on, finite, float_list, number, positive_int, resolve_device,
-                 run, seed_int, split_spec)
+from cli import (add_compile, add_cuda_graph, check_steps, cuda_graph_on, finite, float_list, number, positive_int,
+                 resolve_device, run, seed_int, split_spec)
 from sampler import EULER, sample
 from text import Cond, TextEncoders, time_ids
 from vae import decode_latents
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="UNet and text encoders; auto: bfloat16 on GPU, float32 on CPU. The VAE stays float32.")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet's transformer blocks (GPU)")
+    add_compile(p)
     add_cuda_graph(p, "each UNet call")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

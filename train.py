@@ -26,8 +26,8 @@ from tqdm import tqdm
 import lora as lora_lib
 from checkpoint import (ModelError, check_schedule, load_training_state, model_folder, read_json,
                         save_safetensors, save_training_state, write_text)
-from cli import (add_cuda_graph, check_steps, cuda_graph_on, non_negative, positive, positive_int, resolve_device, run,
-                 seed_int)
+from cli import (add_compile, add_cuda_graph, check_steps, cuda_graph_on, non_negative, positive, positive_int,
+                 resolve_device, run, seed_int)
 from data import encode_images, image_files, is_config, load_rgb, read_captions, read_config
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from graph import cuda_graph
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each ResBlock and transformer block in the backward pass: less memory, slower")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet's transformer blocks (GPU)")
+    add_compile(p)
     add_cuda_graph(p, "each train step")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],

@@ -5,6 +5,7 @@ import inspect
 import json
 import os
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -339,22 +340,26 @@ def test_make_generator_calls_the_sampling_api(monkeypatch):
             return result
         monkeypatch.setattr(sample, name, fake)
 
-    record("load_pipeline", "PIPE")
+    compiled = []
+    pipe = SimpleNamespace(unet=SimpleNamespace(compile_blocks=lambda: compiled.append(True)))
+    record("load_pipeline", pipe)
     record("generate", torch.full((1, 3, 8, 8), 0.5))
     record("base_prompt", "a dog")
     record("warn_unloaded_tokens", None)
-    args = evaluate.parse_args(["--model", "sdxl", "--lora", "x", "--ref-images", "r", "--prompts", "p", "--dino", "d",
-                                "--cfg", "7", "--steps", "12", "--width", "768", "--height", "512",
-                                "--dtype", "float16", "--config", "cfg", "--cuda-graph"])
-    draw, base = evaluate.make_generator(args, ["subject/", "style.safetensors:0.5"])
+    argv = ["--model", "sdxl", "--lora", "x", "--ref-images", "r", "--prompts", "p", "--dino", "d", "--cfg", "7",
+            "--steps", "12", "--width", "768", "--height", "512", "--dtype", "float16", "--config", "cfg", "--cuda-graph"]
+    draw, base = evaluate.make_generator(evaluate.parse_args(argv), ["subject/", "style.safetensors:0.5"])
     assert calls["load_pipeline"] == (("sdxl",), dict(loras=["subject/", "style.safetensors:0.5"], device="auto",
                                                       dtype="float16", config="cfg"))
     image = draw("a <dog>", 3, 2.0)
-    assert calls["generate"] == (("PIPE", "a <dog>", 3), dict(w_con=2.0, cfg=7.0, steps=12, width=768, height=512,
-                                                              negative_prompt="", graph=True))
+    assert calls["generate"] == ((pipe, "a <dog>", 3), dict(w_con=2.0, cfg=7.0, steps=12, width=768, height=512,
+                                                            negative_prompt="", graph=True))
     assert image.size == (8, 8) and image.getpixel((0, 0)) == (128, 128, 128)
-    assert calls["warn_unloaded_tokens"] == (("PIPE", "a <dog>"), {})
-    assert base("a <dog>") == "a dog" and calls["base_prompt"] == (("PIPE", "a <dog>"), {})
+    assert calls["warn_unloaded_tokens"] == ((pipe, "a <dog>"), {})
+    assert base("a <dog>") == "a dog" and calls["base_prompt"] == ((pipe, "a <dog>"), {})
+    assert not compiled  # --compile: the UNet's transformer blocks, once for each pipeline loaded
+    evaluate.make_generator(evaluate.parse_args([*argv, "--compile"]), ["subject/"])
+    assert compiled == [True]
 
 
 def test_cli_end_to_end_with_the_tiny_sdxl(tiny_sdxl, trained, metric_models, tmp_path):

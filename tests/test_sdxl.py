@@ -348,7 +348,8 @@ def test_cuda_graphs_are_on_by_default_on_a_gpu_only():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     for parse, required in [(sample.parse_args, ["--model", "m", "--prompt", "p"]),
                             (train.parse_args, ["--model", "m", "--data", "d", "--out", "o"]),
-                            (evaluate.parse_args, ["--ref-images", "r", "--prompts", "p", "--dino", "d", "--model", "m"])]:
+                            (evaluate.parse_args,
+                             ["--ref-images", "r", "--prompts", "p", "--dino", "d", "--model", "m"])]:
         flags = [parse(required + extra).cuda_graph for extra in ([], ["--cuda-graph"], ["--no-cuda-graph"])]
         assert flags == [None, True, False]
         assert [cli.cuda_graph_on(f, gpu) for f in flags] == [True, True, False]
