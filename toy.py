@@ -403,7 +403,8 @@ def score_table(model, out, title, jobs, w_cons, plan, axes):
     # What evaluate.sweep and make_generator read of evaluate.py's arguments: the sampling settings, which also key
     # its image cache.
     settings = argparse.Namespace(model=model, cfg=5.0, steps=plan.sample_steps, width=world.SIZE, height=world.SIZE,
-                                  negative_prompt="", device="cpu", dtype="float32", config=None, cuda_graph=False)
+                                  negative_prompt="", device="cpu", dtype="float32", config=None, cuda_graph=False,
+                                  compile=False)
     cache, entries = evaluate.ImageCache(os.path.join(out, "images")), []
     for label, loras, scenes in jobs:
         by_prompt = {world.caption(s): s for s in scenes}
