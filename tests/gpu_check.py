@@ -90,7 +90,7 @@ def compare(name, ours, ref, run_ours, run_ref, device, grad=False):
 def check_graphs(tmp):
     """train.py and sample.py replayed from CUDA graphs give what they give eagerly: LoRA only, in fp32 and bf16; a
     learned token with prior preservation and gradient checkpointing; compiled blocks; a resumed run; CFG and
-    consistency guidance.
+    consistency guidance, each also with compiled blocks.
     Run in process and deterministically (see main), so that an eager run repeats itself (checked for both kinds of
     run) and a difference is the graph's. Compared: both denoising errors of the first step (forward passes before
     any update: to 1e-5), of every step (OUT/log.jsonl, to 1e-3), and the trained tensors (to 1e-2: Adam turns
@@ -156,18 +156,19 @@ def check_graphs(tmp):
                lambda: run("graph-compiled", *lora_only, "--cuda-graph", "--compile"),
                lambda: run("compiled", *lora_only, "--compile"))
     for w in ([], ["--w-con", 2]):
-        images = []
-        for graph in (["--no-cuda-graph"], ["--cuda-graph"]):
-            out = os.path.join(tmp, f"image{len(images)}.png")
-            sample.main(sample.parse_args([str(a) for a in (
-                "--model", model, "--lora", os.path.join(tmp, "eager"), "--prompt", "a photo of a dog", "--steps", 5,
-                "--width", 64, "--height", 64, "--device", "cuda", "--dtype", "float32", "--quiet", *w, *graph,
-                "--out", out)]))
-            images.append(torch.tensor(np.asarray(Image.open(out)), dtype=torch.float32))
-        err = (images[0] - images[1]).abs().max().item()
-        what = " ".join(map(str, w)) or "(CFG)"
-        print(f"sample.py --cuda-graph {what}: largest pixel difference {err:g} (at most 1)")
-        ok &= err <= 1
+        for compiled in ([], ["--compile"]):  # graphed against eager, both compiled or neither
+            images = []
+            for graph in (["--no-cuda-graph"], ["--cuda-graph"]):
+                out = os.path.join(tmp, f"image{len(images)}.png")
+                sample.main(sample.parse_args([str(a) for a in (
+                    "--model", model, "--lora", os.path.join(tmp, "eager"), "--prompt", "a photo of a dog",
+                    "--steps", 5, "--width", 64, "--height", 64, "--device", "cuda", "--dtype", "float32", "--quiet",
+                    *w, *compiled, *graph, "--out", out)]))
+                images.append(torch.tensor(np.asarray(Image.open(out)), dtype=torch.float32))
+            err = (images[0] - images[1]).abs().max().item()
+            what = " ".join(map(str, [*compiled, *w])) or "(CFG)"
+            print(f"sample.py --cuda-graph {what}: largest pixel difference {err:g} (at most 1)")
+            ok &= err <= 1
     return ok
 
 
