@@ -292,6 +292,8 @@ def sweep(args, methods, prompts, seeds, w_cons, cache, make_generator):
     """Every method x w_con x prompt x seed, from the cache or generated -> list of cache entries."""
     settings = {k: getattr(args, k) for k in ("cfg", "steps", "width", "height", "negative_prompt")}
     settings["model"] = base_model_id(args)
+    if args.compile:  # compiled kernels round otherwise; left out when unset, so that earlier caches still match
+        settings["compiled"] = True
     entries = []
     for label, loras in methods:
         method_id = dict(settings, loras=loras, weights=[weights_digest(spec) for spec in loras])

@@ -255,6 +255,10 @@ def test_interrupted_run_resumes_without_recomputing(setup):
     eighth = FakeGenerator()
     evaluate.main(argv(), make_generator=eighth)
     assert len(eighth.drawn) == total  # its weights rewritten: nothing reused
+    ninth, tenth = FakeGenerator(), FakeGenerator()
+    evaluate.main(argv("--compile"), make_generator=ninth)
+    evaluate.main(argv(), make_generator=tenth)
+    assert len(ninth.drawn) == total and tenth.drawn == []  # compiled images apart from the eager ones, both kept
 
 
 def test_a_lora_digest_covers_its_learned_tokens_and_peft_config(tmp_path):
@@ -347,7 +351,8 @@ def test_make_generator_calls_the_sampling_api(monkeypatch):
     record("base_prompt", "a dog")
     record("warn_unloaded_tokens", None)
     argv = ["--model", "sdxl", "--lora", "x", "--ref-images", "r", "--prompts", "p", "--dino", "d", "--cfg", "7",
-            "--steps", "12", "--width", "768", "--height", "512", "--dtype", "float16", "--config", "cfg", "--cuda-graph"]
+            "--steps", "12", "--width", "768", "--height", "512", "--dtype", "float16", "--config", "cfg",
+            "--cuda-graph"]
     draw, base = evaluate.make_generator(evaluate.parse_args(argv), ["subject/", "style.safetensors:0.5"])
     assert calls["load_pipeline"] == (("sdxl",), dict(loras=["subject/", "style.safetensors:0.5"], device="auto",
                                                       dtype="float16", config="cfg"))
@@ -357,7 +362,8 @@ def test_make_generator_calls_the_sampling_api(monkeypatch):
     assert image.size == (8, 8) and image.getpixel((0, 0)) == (128, 128, 128)
     assert calls["warn_unloaded_tokens"] == ((pipe, "a <dog>"), {})
     assert base("a <dog>") == "a dog" and calls["base_prompt"] == ((pipe, "a <dog>"), {})
-    assert not compiled  # --compile: the UNet's transformer blocks, once for each pipeline loaded
+    assert not compiled
+    # --compile: the UNet's transformer blocks, once for each pipeline loaded
     evaluate.make_generator(evaluate.parse_args([*argv, "--compile"]), ["subject/"])
     assert compiled == [True]
 
