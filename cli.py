@@ -94,9 +94,9 @@ def resolve_device(device, dtype):
     if device.type == "cuda":
         # Read when CUDA allocates its first tensor. Memory mapped in pages rather than fixed blocks: the small tensors
         # that live through training (the LoRA, AdamW's moments) then pin no freed activation blocks. A CUDA graph's
-        # activations live in a pool of their own, so without this, what they pin is lost: on full SDXL at 1024², a
-        # train step replayed from a graph held 11.40 GiB with fixed blocks and 10.36 with pages (eagerly: 10.39,
-        # 10.04).
+        # activations live in a pool of their own, so without this, what they pin is lost. On full SDXL at 1024², a
+        # train step replayed from a graph held 11.40 GiB with fixed blocks and 10.36 with pages; eagerly, 10.39 and
+        # 10.04 GiB.
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"

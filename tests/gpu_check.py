@@ -166,7 +166,7 @@ def check_graphs(tmp):
                     *w, *compiled, *graph, "--out", out)]))
                 images.append(torch.tensor(np.asarray(Image.open(out)), dtype=torch.float32))
             err = (images[0] - images[1]).abs().max().item()
-            what = " ".join(map(str, [*compiled, *w])) or "(CFG)"
+            what = " ".join(map(str, [*compiled, *(w or ["(CFG)"])]))
             print(f"sample.py --cuda-graph {what}: largest pixel difference {err:g} (at most 1)")
             ok &= err <= 1
     return ok
