@@ -2,9 +2,10 @@
 file's, in its formats, is in lora.py).
 
 A model folder is the diffusers layout of the official download:
-    unet/  config.json + diffusion_pytorch_model[.fp16].safetensors
+    unet/  config.json + diffusion_pytorch_model[.fp16].safetensors (or its shards and their index)
     vae/   config.json + diffusion_pytorch_model[.fp16].safetensors
-    text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/   (read by transformers, see text.py)
+    text_encoder/, text_encoder_2/  config.json + model[.fp16].safetensors (transformers' CLIP, see text.py)
+    tokenizer/, tokenizer_2/
 The official single file (sd_xl_base_1.0.safetensors) holds all four models under prefixes; `read_single_file`
 splits it, and a folder of that layout then supplies only the configs and tokenizers.
 Our modules carry the official (Stability) names; `unet_key_map` / `vae_key_map` give, for a config, the
@@ -14,13 +15,14 @@ error naming the key. Only safetensors are read: pickles (.bin, .ckpt, .pt) can 
 import contextlib
 import json
 import os
+import warnings
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dco import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
-from unet_sdxl import UNet, UNetConfig
+from unet_sdxl import TIME_IDS, UNet, UNetConfig
 from vae import AutoencoderKL, VAEConfig
 
 
@@ -111,23 +113,40 @@ def load_training_state(path, optimizer, generator):
 
 
 def component_files(folder, sub, weights=True):
-    """The config and weights of one component folder (unet/ or vae/), preferring full precision."""
+    """The config and weights of one component folder (unet/ or vae/): (config path, list of weight files)."""
     d = os.path.join(folder, sub)
     if not os.path.isdir(d):
         raise ModelError(f"{d}: missing (expected the SDXL folder layout: unet/, vae/, text_encoder/, ...)")
     config = os.path.join(d, "config.json")
     if not os.path.isfile(config):
         raise ModelError(f"{config}: missing")
-    if not weights:
-        return config, None
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
+    return config, weights_files(d, "diffusion_pytorch_model") if weights else None
+
+
+def weights_files(d, stem):
+    """A component folder's weight files: stem.safetensors, else the fp16 variant stem.fp16.safetensors (full
+    precision first); each either one file or shards listed by an index, as save_pretrained splits a large model
+    (an fp32 SDXL UNet is 10.3 GB, over diffusers' default shard size of 10 GB)."""
+    for name, index in ((f"{stem}.safetensors", f"{stem}.safetensors.index.json"),
+                        (f"{stem}.fp16.safetensors", f"{stem}.safetensors.index.fp16.json")):
         if os.path.isfile(os.path.join(d, name)):
-            return config, os.path.join(d, name)
-    pickles = [f for f in os.listdir(d) if f.endswith(PICKLE_SUFFIXES)]
-    if pickles:
-        raise ModelError(f"{os.path.join(d, pickles[0])}: only .safetensors files are loaded "
-                         "(pickle files can run code)")
-    raise ModelError(f"{d}: no diffusion_pytorch_model[.fp16].safetensors")
+            return [os.path.join(d, name)]
+        if os.path.isfile(os.path.join(d, index)):
+            weight_map = read_json(os.path.join(d, index)).get("weight_map")  # key -> shard file
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ModelError(f"{os.path.join(d, index)}: no weight_map naming the shards")
+            return [os.path.join(d, f) for f in sorted(set(weight_map.values()))]
+    pickles = [f for f in os.listdir(d) if f.startswith(stem) and f.endswith(PICKLE_SUFFIXES)]
+    hint = f" ({pickles[0]} is there, but only .safetensors files are loaded: pickles can run code)" if pickles else ""
+    raise ModelError(f"{d}: no {stem}[.fp16].safetensors{hint}")
+
+
+def read_weights(paths):
+    """The tensors of a component's weight files (one, or its shards) as one state dict."""
+    tensors = {}
+    for path in paths:
+        tensors.update(read_safetensors(path))
+    return tensors
 
 
 def read_json(path):
@@ -166,7 +185,7 @@ def unet_config_from_diffusers(c, source="unet/config.json"):
     depth = tuple(d if "CrossAttn" in t else 0 for d, t in zip(depth, c["down_block_types"]))
     if not depth[-1]:  # the refiner's deepest level has no attention
         raise ModelError(f"{source}: no attention at the deepest level; this is not the SDXL base UNet (the refiner?)")
-    heads = c.get("num_attention_heads") or c["attention_head_dim"]
+    heads = c.get("num_attention_heads") or c["attention_head_dim"]  # SDXL's configs give the head count there
     heads = [heads] * len(chs) if isinstance(heads, int) else heads
     head_dims = {ch // h for ch, h, d in zip(chs, heads, depth) if d}
     if len(head_dims) != 1:
@@ -175,7 +194,7 @@ def unet_config_from_diffusers(c, source="unet/config.json"):
     return UNetConfig(in_channels=c["in_channels"], out_channels=c["out_channels"], model_channels=chs[0],
                       channel_mult=tuple(ch // chs[0] for ch in chs), num_res_blocks=c["layers_per_block"],
                       transformer_depth=depth, head_dim=head_dims.pop(), context_dim=c["cross_attention_dim"],
-                      pooled_dim=c["projection_class_embeddings_input_dim"] - 6 * time_id_dim,
+                      pooled_dim=c["projection_class_embeddings_input_dim"] - TIME_IDS * time_id_dim,
                       time_id_dim=time_id_dim, norm_groups=c["norm_num_groups"])
 
 
@@ -187,7 +206,8 @@ def unet_config_to_diffusers(cfg):
             "down_block_types": [f"{k}DownBlock2D" for k in kinds],
             "up_block_types": [f"{k}UpBlock2D" for k in reversed(kinds)],
             "transformer_layers_per_block": [max(d, 1) for d in cfg.transformer_depth],
-            "attention_head_dim": [ch // cfg.head_dim for ch in chs], "cross_attention_dim": cfg.context_dim,
+            "attention_head_dim": [ch // cfg.head_dim for ch in chs],  # a head count, despite the name (as SDXL's)
+            "cross_attention_dim": cfg.context_dim,
             "use_linear_projection": True, "addition_embed_type": "text_time",
             "addition_time_embed_dim": cfg.time_id_dim,
             "projection_class_embeddings_input_dim": cfg.adm_in_channels, "norm_num_groups": cfg.norm_groups}
@@ -323,19 +343,35 @@ def load_component(folder, sub, dtype=torch.float32, device="cpu", tensors=None)
     names), or `tensors` under our (official) names, as read from the single-file checkpoint."""
     cls, _, _, key_map = COMPONENTS[sub]
     cfg = component_config(folder, sub)
-    _, weights_path = component_files(folder, sub, weights=tensors is None)
+    _, weights = component_files(folder, sub, weights=tensors is None)
     with torch.device("meta"):
         model = cls(cfg)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     if tensors is None:
         mapping = key_map(cfg)  # ours -> diffusers
-        theirs = read_safetensors(weights_path)
-        check_keys({mapping[k]: shape for k, shape in shapes.items()}, theirs, weights_path)
+        theirs = read_weights(weights)
+        source = weights[0] if len(weights) == 1 else f"{os.path.dirname(weights[0])} (its {len(weights)} shards)"
+        check_keys({mapping[k]: shape for k, shape in shapes.items()}, theirs, source)
         tensors = {k: theirs[mapping[k]] for k in mapping}
     else:
         check_keys(shapes, tensors, f"the single file's {sub}")
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.to(device=device, dtype=dtype)
+
+
+def check_parts_fit(folder):
+    """Refuse a folder whose models do not fit together, from their configs, before any weights load: an
+    inpainting UNet (9 input channels) or text encoders of other widths would otherwise fail inside a layer."""
+    unet, vae = component_config(folder, "unet"), component_config(folder, "vae")
+    te, te2 = (read_json(os.path.join(folder, p, "config.json")) for p in ("text_encoder", "text_encoder_2"))
+    fits = {"the UNet's input channels and the VAE's latent channels": (unet.in_channels, vae.latent_channels),
+            "the UNet's output channels and the VAE's latent channels": (unet.out_channels, vae.latent_channels),
+            "the UNet's context width and the two text encoders' widths added":
+                (unet.context_dim, te.get("hidden_size", 0) + te2.get("hidden_size", 0)),
+            "the UNet's pooled width and text_encoder_2's projection": (unet.pooled_dim, te2.get("projection_dim"))}
+    for what, (a, b) in fits.items():
+        if a != b:
+            raise ModelError(f"{folder}: {what} differ ({a} and {b}); is this an SDXL base model?")
 
 
 def save_component(model, folder, sub):
@@ -365,6 +401,7 @@ SINGLE_FILE = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
 UNUSED = {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids",  # a buffer transformers rebuilds
           "conditioner.embedders.1.model.logit_scale",  # CLIP's image-text temperature
           "denoiser.sigmas"}  # a noise schedule, which some tools save; the sampler computes its own
+EMA = "model_ema."  # a training run's exponential moving average of the UNet, which some fine-tunes keep
 
 
 # The noise schedule and the prediction that training (dco.py) and sampling (sampler.py) assume, as a diffusers
@@ -406,8 +443,11 @@ def read_single_file(path):
     """The official single file (sd_xl_base_1.0.safetensors) -> {component: tensors}: the UNet and the VAE under our
     names (the official ones), the text encoders under transformers' names."""
     parts = {name: {} for name in SINGLE_FILE}
-    for key, value in read_safetensors(path).items():
-        if key in UNUSED:
+    tensors = read_safetensors(path)
+    if any(key.startswith(EMA) for key in tensors):
+        warnings.warn(f"{path}: the file also holds EMA weights ({EMA}*); the model's own weights are loaded")
+    for key, value in tensors.items():
+        if key in UNUSED or key.startswith(EMA):
             continue
         name = next((n for n, prefix in SINGLE_FILE.items() if key.startswith(prefix)), None)
         if name is None:

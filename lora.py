@@ -190,21 +190,26 @@ def linear_shapes(unet_cfg):
         return {name: m.weight.shape for name, m in UNet(unet_cfg).named_modules() if type(m) is nn.Linear}
 
 
+def at_one_rank(lora):
+    """Every module at the largest rank, padded with zero rows (its delta is unchanged). A merge of LoRAs that adapt
+    different layers or have different ranks has mixed ranks, and diffusers reads such files at wrong scales: older
+    versions gave every module the first module's alpha, and 0.42 reads a kohya file's per-module alphas wrongly."""
+    rank = max(down.shape[0] for down, _ in lora.values())
+    # (r, in) -> (rank, in), (out, r) -> (out, rank)
+    return {name: (F.pad(down, (0, 0, 0, rank - down.shape[0])), F.pad(up, (0, rank - down.shape[0])))
+            for name, (down, up) in lora.items()}
+
+
 def to_diffusers(lora, unet_cfg):
-    """Every module at the largest rank, padded with zero rows (its delta is unchanged): a merge of LoRAs that adapt
-    different layers has mixed ranks, and older diffusers gave every module one alpha (the first module's rank)."""
-    names, rank = module_names(unet_cfg), max(down.shape[0] for down, _ in lora.values())
-    out = {}
-    for name, (down, up) in lora.items():
-        module, pad = names[name], rank - down.shape[0]
-        down, up = F.pad(down, (0, 0, 0, pad)), F.pad(up, (0, pad))  # (r, in) -> (rank, in), (out, r) -> (out, rank)
-        out[f"unet.{module}.lora.down.weight"], out[f"unet.{module}.lora.up.weight"] = down, up
+    names, out = module_names(unet_cfg), {}
+    for name, (down, up) in at_one_rank(lora).items():
+        out[f"unet.{names[name]}.lora.down.weight"], out[f"unet.{names[name]}.lora.up.weight"] = down, up
     return out
 
 
 def to_kohya(lora):
     out = {}
-    for name, (down, up) in lora.items():
+    for name, (down, up) in at_one_rank(lora).items():
         key = "lora_unet_" + name.replace(".", "_")
         out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = down, up
         out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: the scale is already in up

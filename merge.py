@@ -49,7 +49,20 @@ def parse_args(argv=None):
     args.to_file = args.out.lower().endswith(".safetensors")
     if args.fuse and not args.to_file:
         p.error("--fuse writes one file: give --out NAME.safetensors")
+    if args.fuse and args.kohya:
+        p.error("--kohya is a LoRA file's format; --fuse writes a whole model")
     return args
+
+
+def check_replaceable(folder):
+    """A merge into a folder replaces its LoRA and token files (and removes those it does not write again): only
+    if they are an earlier merge's, as its LoRA file's metadata says."""
+    lora_files = [f for f in (lora_lib.DIFFUSERS_FILE, lora_lib.KOHYA_FILE) if os.path.isfile(os.path.join(folder, f))]
+    others = [f for f in lora_files if "dco.merged_from" not in read_metadata(os.path.join(folder, f))]
+    tokens = [f for f in os.listdir(folder) if f.startswith("learned_embeds")]
+    if others or (tokens and not lora_files):
+        raise ModelError(f"--out {folder}: it holds {(others + tokens)[0]}, which no merge wrote; merge into another "
+                         "folder")
 
 
 def main(args):
@@ -62,6 +75,8 @@ def main(args):
     out_dir = (os.path.dirname(args.out) or ".") if args.to_file else args.out
     if os.path.isfile(os.path.join(out_dir, "settings.json")):  # train.py's: its files must stay the run's
         raise ModelError(f"--out {args.out}: {out_dir} holds a training run; merge into another folder")
+    if not args.to_file and os.path.isdir(args.out):
+        check_replaceable(args.out)
     try:
         loras = [lora_lib.read_lora(p, cfg) for p in args.loras]
     except ModelError as e:

@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
 import lora as lora_lib
-from checkpoint import (ModelError, atomic, check_file, check_schedule, load_unet, load_vae, model_folder,
-                        read_metadata, read_single_file)
+from checkpoint import (ModelError, atomic, check_file, check_parts_fit, check_schedule, load_unet, load_vae,
+                        model_folder, read_metadata, read_single_file)
 from cli import (add_compile, add_cuda_graph, check_steps, cuda_graph_on, finite, float_list, number, positive_int,
                  resolve_device, run, seed_int, split_spec)
 from sampler import EULER, sample
@@ -71,6 +71,7 @@ def load_sdxl(model, device, dtype, config=None):
     """UNet and text encoders in dtype; the VAE in float32 (SDXL's VAE overflows in float16). model: a folder in the
     diffusers layout, or the official single file with config, a folder with that layout's configs and tokenizers."""
     folder, single = model_folder(model, config)
+    check_parts_fit(folder)
     parts = read_single_file(single) if single else {}
     return (load_unet(folder, dtype, device, parts.get("unet")),
             load_vae(folder, torch.float32, device, parts.get("vae")),

@@ -8,6 +8,7 @@
 
 Textual inversion adds a token (e.g. "<dog>") to both tokenizers, with a trainable row in both embedding tables.
 """
+import itertools
 import os
 import re
 import warnings
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import ModelError, check_keys, for_this_transformers, read_safetensors
+from checkpoint import (ModelError, check_keys, for_this_transformers, read_safetensors, read_weights, weights_files,
+                        with_text_model_prefix)
 
 
 @dataclass
@@ -37,15 +39,25 @@ class Cond:
         return Cond(*(torch.cat(parts) for parts in zip(*((c.context, c.pooled, c.time_ids) for c in conds))))
 
 
-def encoder_from_tensors(cls, config_dir, tensors):
-    """A transformers CLIP text model from its config.json and a state dict, loaded strictly."""
+def encoder_from_tensors(cls, config_dir, tensors, source):
+    """A transformers CLIP text model from its config.json and a state dict (classic names), loaded strictly."""
     from transformers import CLIPTextConfig
-    model = cls(CLIPTextConfig.from_pretrained(config_dir, local_files_only=True))
+    with torch.device("meta"):  # no random init of weights about to be replaced (14 s for bigG on a CPU)
+        model = cls(CLIPTextConfig.from_pretrained(config_dir, local_files_only=True))
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tensors = for_this_transformers(tensors, expected)
-    check_keys(expected, tensors, f"the single file's {os.path.basename(config_dir)}")
-    model.load_state_dict(tensors, strict=True)
-    return model
+    check_keys(expected, tensors, source)
+    # assign: the tensors become the weights, in the memory layout they come in (the single file's projection is a
+    # transposed view), and a layout changes a matmul's rounding
+    model.load_state_dict({k: v.contiguous() for k, v in tensors.items()}, strict=True, assign=True)
+    # The token positions 0..76 are a buffer that files do not hold: made here, as the model's own init makes it.
+    for name, buffer in list(model.named_buffers()):
+        if name.endswith("embeddings.position_ids"):
+            model.get_submodule(name.rpartition(".")[0]).position_ids = torch.arange(buffer.shape[-1]).expand(1, -1)
+    left = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if left:  # another buffer that files do not hold, in some transformers version
+        raise RuntimeError(f"{cls.__name__}: {left[0]} was left unset")
+    return model.eval()
 
 
 def time_ids(original_size, crop, target_size):
@@ -67,18 +79,17 @@ class TextEncoders(torch.nn.Module):
         for p in parts:
             if not os.path.isdir(os.path.join(folder, p)):
                 raise ModelError(f"{os.path.join(folder, p)}: missing (expected the SDXL folder layout)")
-        for p in parts[2:] if tensors is None else ():
-            if not os.path.isfile(os.path.join(folder, p, "model.safetensors")):
-                raise ModelError(f"{os.path.join(folder, p)}: no model.safetensors (only safetensors files are loaded)")
         self.tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(folder, p), local_files_only=True)
                            for p in parts[:2]]
         classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
-        if tensors is None:
-            kw = dict(local_files_only=True, use_safetensors=True, dtype=dtype)
-            encoders = [cls.from_pretrained(os.path.join(folder, p), **kw) for p, cls in classes.items()]
-        else:
-            encoders = [encoder_from_tensors(cls, os.path.join(folder, p), tensors[p]).to(dtype)
-                        for p, cls in classes.items()]
+        encoders = []
+        for p, cls in classes.items():
+            if tensors is None:  # the folder's weights, read and checked here as the UNet's are
+                files = weights_files(os.path.join(folder, p), "model")
+                weights, source = with_text_model_prefix(read_weights(files)), os.path.dirname(files[0])
+            else:
+                weights, source = tensors[p], f"the single file's {p}"
+            encoders.append(encoder_from_tensors(cls, os.path.join(folder, p), weights, source).to(dtype))
         self.encoders = torch.nn.ModuleList(encoders).to(device)
         self.requires_grad_(False)
 

@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+TIME_IDS = 6  # original size (h, w), crop top-left (top, left), target size (h, w): text.time_ids
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -36,7 +38,7 @@ class UNetConfig:
 
     @property
     def adm_in_channels(self):
-        return self.pooled_dim + 6 * self.time_id_dim  # 2816 for SDXL
+        return self.pooled_dim + TIME_IDS * self.time_id_dim  # 2816 for SDXL
 
     @property
     def time_embed_dim(self):

@@ -241,9 +241,7 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path, 
     os.rename(style, cat / "pytorch_lora_weights.safetensors")
     save_file(load_file(os.path.join(trained, "learned_embeds.safetensors")), str(cat / "learned_embeds.safetensors"),
               {"token": "<cat>", "init_token": "cat"})
-    (tmp_path / "both").mkdir()
-    for stale in ("learned_embeds_5.safetensors", "lora_kohya.safetensors"):  # an earlier merge's, both formats
-        (tmp_path / "both" / stale).write_bytes(b"from an earlier merge")
+    merge_here(trained, "--model", folder, "--kohya", "--out", tmp_path / "both")  # an earlier merge, other format
     merge_here(trained, cat, "--model", folder, "--out", tmp_path / "both")
     assert sorted(os.listdir(tmp_path / "both")) == ["learned_embeds.safetensors", "learned_embeds_1.safetensors",
                                                      "pytorch_lora_weights.safetensors"]
@@ -254,6 +252,13 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path, 
     assert load_pipeline(folder, loras=[str(tmp_path / "both")]).tokens == {"<cat>": "cat"}
     with pytest.raises(ModelError, match="holds a training run"):  # its LoRA and token would be replaced
         merge_here(cat, "--model", folder, "--out", trained)
+    mine = tmp_path / "mine"  # LoRA files that no merge wrote are not replaced, nor removed
+    mine.mkdir()
+    shutil.copy(cat / "pytorch_lora_weights.safetensors", mine / "lora_kohya.safetensors")
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ModelError, match="holds lora_kohya.safetensors, which no merge wrote"):
+        merge_here(trained, "--model", folder, "--out", mine)
+    assert sorted(os.listdir(mine)) == ["lora_kohya.safetensors", "notes.txt"]
     with pytest.raises(ModelError, match="holds a training run"):
         merge_here(cat, "--model", folder, "--out", os.path.join(trained, "pytorch_lora_weights.safetensors"))
     # A merge that fails to write its LoRA (a full disk, say) leaves the earlier merge in --out as it was.
@@ -324,6 +329,9 @@ def test_merge_refuses_to_fuse_into_a_folder_or_read_a_missing_input(tmp_path, c
         merge.parse_args(["a.safetensors", "--fuse", "--model", "m", "--out", str(tmp_path / "fused")])
     assert "--out NAME.safetensors" in capsys.readouterr().err
     assert merge.parse_args(["a.safetensors", "--fuse", "--model", "m", "--out", "F.SAFETENSORS"]).to_file
+    with pytest.raises(SystemExit):
+        merge.parse_args(["a.safetensors", "--fuse", "--kohya", "--model", "m", "--out", "f.safetensors"])
+    assert "--fuse writes a whole model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         merge.parse_args(["a.safetensors", "b.safetensors", "--weights", "1", "nan", "--out", "m.safetensors"])
     assert "expected a number, got 'nan'" in capsys.readouterr().err

@@ -147,6 +147,13 @@ def test_our_files_load_in_diffusers(tiny_sdxl, tmp_path, fmt):
     lora_lib.inject(unet, rank=4, alpha=8.0)
     randomize(unet)
     lora = lora_lib.get_lora(unet)
+    # as merge.py writes a merge of LoRAs with other ranks and layers: rank 4 + 2 on to_q and to_v, 4 elsewhere
+    g = torch.Generator().manual_seed(1)
+    other = {name: (torch.randn(2, down.shape[1], generator=g) * 0.3, torch.randn(up.shape[0], 2, generator=g) * 0.3)
+             for name, (down, up) in lora.items() if name.endswith(("to_q", "to_v"))}
+    lora = lora_lib.merge([lora, other], [1.0, 0.5])
+    lora_lib.remove(unet)
+    lora_lib.apply_lora(unet, lora)
     tensors = lora_lib.to_diffusers(lora, unet.cfg) if fmt == "diffusers" else lora_lib.to_kohya(lora)
     save_file(tensors, str(tmp_path / "pytorch_lora_weights.safetensors"))
     pipe = diffusers_pipe(folder)

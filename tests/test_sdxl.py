@@ -273,6 +273,23 @@ def test_other_unet_configs_are_refused():
         checkpoint.unet_config_from_diffusers(refiner)
 
 
+def test_models_that_do_not_fit_together_are_refused_before_loading(tiny_sdxl, tmp_path):
+    import shutil
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_sdxl[0], folder, ignore=shutil.ignore_patterns("*.safetensors"))  # configs only
+    for path, key, value, error in (("unet", "in_channels", 9, "input channels"),  # an inpainting UNet
+                                    ("text_encoder", "hidden_size", 8, "context width"),
+                                    ("text_encoder_2", "projection_dim", 16, "pooled width")):
+        config = folder / path / "config.json"
+        good = config.read_text()
+        config.write_text(json.dumps(dict(json.loads(good), **{key: value})))
+        with pytest.raises(ModelError, match=error):
+            load_sdxl(str(folder), torch.device("cpu"), torch.float32)
+        config.write_text(good)
+    with pytest.raises(ModelError, match="no diffusion_pytorch_model"):  # it fits: then the weights are read
+        load_sdxl(str(folder), torch.device("cpu"), torch.float32)
+
+
 def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
     import shutil
     bad = tmp_path / "bad"
@@ -409,6 +426,46 @@ def test_the_full_precision_file_is_preferred_to_the_fp16_variant(tiny_sdxl, tmp
     os.remove(unet_dir / "diffusion_pytorch_model.safetensors")  # then the variant, the only weights there, loads
     variant = load_unet(str(tmp_path / "m")).state_dict()
     assert all(torch.equal(v, (want[k] + 1).half().float()) for k, v in variant.items())
+
+
+def test_a_sharded_unet_loads_as_one_file(tiny_sdxl, tmp_path):
+    """save_pretrained splits a model over its max_shard_size (an fp32 SDXL UNet is over diffusers' default)."""
+    import copy
+    for variant in (None, "fp16"):
+        unet = copy.deepcopy(tiny_sdxl[1].unet).to(torch.float16 if variant else torch.float32)
+        unet.save_pretrained(tmp_path / str(variant) / "unet", max_shard_size="100KB", variant=variant)
+        assert len(checkpoint.weights_files(str(tmp_path / str(variant) / "unet"), "diffusion_pytorch_model")) > 10
+        got, want = load_unet(str(tmp_path / str(variant))).state_dict(), load_unet(tiny_sdxl[0]).state_dict()
+        assert all(torch.equal(v, want[k].half().float() if variant else want[k]) for k, v in got.items())
+
+
+def test_text_encoders_load_strictly_from_the_official_files(tiny_sdxl, tmp_path):
+    import shutil
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_sdxl[0], folder)
+    files = {}
+    for p in ("text_encoder", "text_encoder_2"):  # as the official download has them: text_model.* names, fp16 only
+        files[p] = checkpoint.with_text_model_prefix(load_file(folder / p / "model.safetensors"))
+        os.remove(folder / p / "model.safetensors")
+        save_file({k: v.half() for k, v in files[p].items()}, folder / p / "model.fp16.safetensors")
+    for encoder, p in zip(TextEncoders(str(folder)).encoders, files):
+        loaded = checkpoint.with_text_model_prefix(encoder.state_dict())
+        assert loaded.keys() == files[p].keys()
+        assert all(torch.equal(v, files[p][k].half().float()) for k, v in loaded.items()), p
+    path = folder / "text_encoder_2" / "model.fp16.safetensors"
+    tensors = load_file(path)
+    for change, error in ((lambda t: t.pop("text_projection.weight"), "missing key 'text_projection.weight'"),
+                          (lambda t: t.update({"text_model.extra": torch.zeros(1)}), "unexpected key 'text_model.extra'"),
+                          (lambda t: t.update({"text_projection.weight": torch.zeros(3, 3)}),
+                           "text_projection.weight has shape")):
+        bad = dict(tensors)
+        change(bad)
+        save_file(bad, path)
+        with pytest.raises(ModelError, match=re.escape(error)):  # transformers would fill in a random projection
+            TextEncoders(str(folder))
+    os.remove(path)
+    with pytest.raises(ModelError, match=r"text_encoder_2: no model\[.fp16\].safetensors"):
+        TextEncoders(str(folder))
 
 
 def test_gpu_parity_script_runs_on_the_tiny_config():
@@ -563,7 +620,13 @@ def test_sample_py_reads_the_single_file_and_refuses_a_bad_one(tiny_sdxl, tmp_pa
     with pytest.raises(ModelError, match="extra.weight"):
         load_sdxl(path, torch.device("cpu"), torch.float32, config=folder)
     del tensors["model.diffusion_model.extra.weight"]
-    tensors["model_ema.decay"] = torch.zeros(1)  # outside every part the file should hold
+    tensors["model_ema.decay"], tensors["model_ema.diffusion_modelout2weight"] = torch.zeros(1), torch.zeros(1)  # EMA
     save_file(tensors, path)
-    with pytest.raises(ModelError, match="unexpected key 'model_ema.decay'"):
+    with pytest.warns(UserWarning, match="EMA weights"):
+        unet = load_sdxl(path, torch.device("cpu"), torch.float32, config=folder)[0]
+    want = load_unet(folder).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in unet.state_dict().items())
+    tensors["cond_stage_model.extra"] = torch.zeros(1)  # outside every part the file should hold
+    save_file(tensors, path)
+    with pytest.raises(ModelError, match="unexpected key 'cond_stage_model.extra'"):
         load_sdxl(path, torch.device("cpu"), torch.float32, config=folder)
