@@ -18,7 +18,7 @@ import os
 import warnings
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dco import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
@@ -81,7 +81,10 @@ def write_text(path, text):
 
 def save_safetensors(tensors, path, metadata=None):
     with atomic(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as e:  # a full disk, say: an OSError, as any other file that cannot be written
+            raise OSError(f"{path}: could not be written ({e})") from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors makes the file readable by its owner only

@@ -91,15 +91,23 @@ def read_config(spec):
             configs = json.load(f)
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: not a readable data config ({e})") from None
+    if not isinstance(configs, dict) or not all(isinstance(c, dict) for c in configs.values()):
+        raise ModelError(f"{path}: not a data config (an object of named configs, as the official code's)")
     if name is None and len(configs) == 1:
         name = next(iter(configs))
     if name not in configs:
         raise ModelError(f"{path}: give one of its configs as --data {path}:NAME, NAME one of: {', '.join(configs)}")
     cfg, where, here = configs[name], f"{path}:{name}", os.path.dirname(path)
-    images, prompts = cfg.get("images") or [], cfg.get("prompts") or []
+
+    def strings(key):
+        value = cfg.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ModelError(f"{where}: {key} must be a list of strings")
+        return value
+    images, prompts = strings("images"), strings("prompts")
     if not images or len(images) != len(prompts):
         raise ModelError(f"{where}: needs a list of images and as many prompts")
-    tokens, words = cfg.get("inserting_tokens") or [], cfg.get("initializer_tokens") or []
+    tokens, words = strings("inserting_tokens"), strings("initializer_tokens")
     if len(tokens) > 1 or len(words) != len(tokens) or "" in words:
         raise ModelError(f"{where}: train.py learns one token from an initializer word; the config has "
                          f"inserting_tokens {tokens} and initializer_tokens {words}")

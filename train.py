@@ -221,6 +221,9 @@ def check_resume(args):
     return before["step"]
 
 
+OUTPUTS = ("checkpoint.safetensors", lora_lib.DIFFUSERS_FILE, lora_lib.KOHYA_FILE, "learned_embeds.safetensors")
+
+
 def save_outputs(args, unet, ti, step):
     meta = {"dco.settings": json.dumps(vars(args)), "dco.step": str(step)}
     lora = lora_lib.get_lora(unet)
@@ -297,6 +300,11 @@ def main(args):
             raise ModelError(f"{args.out} holds this run at step {done}; continue it with --resume")
         if not os.path.isfile(ckpt):
             raise ModelError(f"{ckpt}: no checkpoint to resume from")
+    else:
+        found = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]
+        if found:  # files of another program's run (the official code's, say), which the first save would replace
+            raise ModelError(f"{args.out} holds {found[0]} but no settings.json, so it is not a run of this script; "
+                             "train into another --out")
     check_schedule(model_folder(args.model, args.config)[0])
     torch.manual_seed(args.seed)
     unet, vae, text = load_sdxl(args.model, device, dtype, args.config)
@@ -339,6 +347,8 @@ def main(args):
     a_bar = alphas_cumprod().to(device)
     os.makedirs(args.out, exist_ok=True)
     start = load_checkpoint(ckpt, trained, optimizer, rng) if args.resume else 0
+    if start > args.steps:  # a save cut short after the checkpoint, before settings.json named its step
+        raise ModelError(f"{ckpt} is at step {start}, past --steps {args.steps}; give at least that")
     n, B = len(items), args.batch_size
     tokens = text.tokens(captions) if ti else None  # [(N, 77)] per encoder: the captions are tokenized once
 
@@ -408,9 +418,9 @@ def main(args):
                 save_grid(args, unet, vae, text, sample_prompt, step + 1, device)
         log.close()
         save(args.steps)
-        if args.save_every:
-            save_grid(args, unet, vae, text, sample_prompt, args.steps, device)
-        print(f"wrote {os.path.join(args.out, lora_lib.DIFFUSERS_FILE)}")
+    if args.save_every:  # the run is saved: from here Ctrl-C stops at once
+        save_grid(args, unet, vae, text, sample_prompt, args.steps, device)
+    print(f"wrote {os.path.join(args.out, lora_lib.DIFFUSERS_FILE)}")
 
 
 if __name__ == "__main__":

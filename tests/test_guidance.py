@@ -3,6 +3,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -13,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import lora as lora_lib
 from checkpoint import ModelError, load_unet, read_metadata
-from conftest import run_script, write_single_file
+from conftest import ROOT, run_script, write_single_file
 from cli import split_spec
 from sample import Pipeline, base_prompt, generate, grid, load_pipeline, warn_unloaded_tokens, warn_unused_tokens
 from sampler import guidance
@@ -344,6 +346,17 @@ def test_merge_refuses_to_fuse_into_a_folder_or_read_a_missing_input(tmp_path, c
     (tmp_path / "taken").write_text("")
     r = run_script("merge.py", tmp_path / "l.safetensors", "--out", tmp_path / "taken" / "m.safetensors", check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error: [Errno"), r.stderr
+
+    def full_disk():  # a file-size limit stands for a full disk: safetensors fails to write, with its own error type
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "merge.py"), str(tmp_path / "l.safetensors"), "--out",
+                        str(tmp_path / "full" / "m.safetensors")], capture_output=True, text=True, preexec_fn=full_disk)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: ") and "m.safetensors: could not be written" in r.stderr, r.stderr
+    assert os.listdir(tmp_path / "full") == []  # no partial file
 
 
 def test_foreign_lora_is_refused_in_one_line(tiny_sdxl, tmp_path):

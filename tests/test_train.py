@@ -130,6 +130,16 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     train.main(train.parse_args([*spelled, "--steps", "8"]))  # the same finished command again: nothing to do
     with pytest.raises(ModelError, match="other settings"):  # and another recipe never overwrites it
         train.main(train.parse_args([*spelled, "--steps", "8", "--beta", "5"]))
+    settings = json.loads((tmp_path / "r" / "settings.json").read_text())  # a save cut short before settings.json
+    (tmp_path / "r" / "settings.json").write_text(json.dumps({**settings, "step": 5}))
+    with pytest.raises(ModelError, match="checkpoint.safetensors is at step 8, past --steps 6"):
+        train.main(train.parse_args([*spelled, "--steps", "6", "--resume"]))
+    other = tmp_path / "official"  # another program's run: its files are not replaced
+    other.mkdir()
+    shutil.copy(tmp_path / "r" / "pytorch_lora_weights.safetensors", other)
+    with pytest.raises(ModelError, match="holds pytorch_lora_weights.safetensors but no settings.json"):
+        train.main(train.parse_args([*spelled[:-1], str(other), "--steps", "1"]))
+    assert os.listdir(other) == ["pytorch_lora_weights.safetensors"]
 
 
 def test_ctrl_c_saves_a_checkpoint(tiny_sdxl, trained, tmp_path):
@@ -146,6 +156,19 @@ def test_ctrl_c_saves_a_checkpoint(tiny_sdxl, trained, tmp_path):
     assert p.returncode != 0 and "continue with --resume" in err
     with safe_open(str(out / "checkpoint.safetensors"), "pt") as f:
         assert int(f.metadata()["step"]) > 0
+    # Once the run is saved, Ctrl-C stops the final sample at once (here: one of 1000 steps, half a minute).
+    out = tmp_path / "s"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--model", tiny_sdxl[0], "--data", data,
+                          "--out", str(out), "--steps", "1", *map(str, TRAIN_ARGS), "--save-every", "1",
+                          "--sample-steps", "1000"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not os.path.isfile(out / "settings.json") and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == 130 and err.strip().endswith("interrupted"), err[-2000:]
+    assert json.loads((out / "settings.json").read_text())["step"] == 1
 
 
 def expect_error(args, needle, out, cli=False):
@@ -217,6 +240,14 @@ def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, 
     assert read_config("dataset/rel.json")[0] == [("dataset/dog/00.png", "a")]  # or from the config's folder
     monkeypatch.chdir(config.parent)  # elsewhere, the images are found next to the config
     assert read_config("config.json:dreambooth")[0] == [(f"{i:02d}.png", "a photo of sks dog") for i in range(2)]
+    (tmp_path / "list.json").write_text(json.dumps([full]))
+    with pytest.raises(ModelError, match="not a data config"):
+        read_config(str(tmp_path / "list.json"))
+    (tmp_path / "types.json").write_text(json.dumps({"a": {**full, "images": [0, 1]}, "b": {**full, "prompts": [None] * 2},
+                                                     "c": {**full, "inserting_tokens": [5]}}))
+    for name, key in (("a", "images"), ("b", "prompts"), ("c", "inserting_tokens")):
+        with pytest.raises(ModelError, match=f"{key} must be a list of strings"):
+            read_config(f"{tmp_path / 'types.json'}:{name}")
     for name, needle in [("", "NAME one of: dreambooth, full_ti"), (":two", "learns one token"),
                          (":base", "base_prompts must be the prompts with <dog> replaced by dog"),
                          (":missing", "image x/05.png not found")]:
@@ -256,6 +287,9 @@ def test_each_step_compares_the_lora_with_the_frozen_model_on_one_draw(tiny_sdxl
     monkeypatch.setattr(train, "diffusion_loss", lambda a, b, beta: losses.append((a.detach().clone(), b.clone()))
                         or dco.diffusion_loss(a, b, beta))
     monkeypatch.setattr(train, "min_snr_weight", lambda t, gamma, a_bar: torch.full(t.shape, 0.5))
+    errors = []  # the unweighted errors, frozen model then LoRA model at each step
+    monkeypatch.setattr(train, "eps_mse", lambda pred, eps: (lambda e: errors.append(e.detach()) or e)(
+        dco.eps_mse(pred, eps)))
     monkeypatch.setattr(train, "q_sample", lambda x0, *a: x0s.append(x0) or q_sample(x0, *a))
     monkeypatch.setattr(train, "encode_images", lambda *a: latents.append(encode_images(*a)) or latents[-1])
     calls, forward = [], UNet.forward  # (grad enabled, the LoRA scales, context, time ids) of every UNet call
@@ -282,7 +316,9 @@ def test_each_step_compares_the_lora_with_the_frozen_model_on_one_draw(tiny_sdxl
         sorted(p.numel() for p in group if p.ndim == 1) == sorted(w.numel() for w in words) and
         any(p.ndim == 2 for p in group) for group in clipped)
     (theta0, phi0), *later = losses
-    assert len(later) == 2
+    assert len(later) == 2 and len(errors) == 6
+    for (theta, phi), err_phi, err_theta in zip(losses, errors[::2], errors[1::2]):  # weighted by min-SNR's 0.5
+        assert torch.equal(theta, 0.5 * err_theta) and torch.equal(phi, 0.5 * err_phi)
     torch.testing.assert_close(theta0, phi0, rtol=1e-5, atol=0)  # (the LoRA layer's matmul rounds differently)
     assert all(not torch.allclose(theta, phi, rtol=1e-3) for theta, phi in later)
     mean, std = latents[0]
