@@ -229,7 +229,7 @@ def parse_lora(tensors, unet_cfg, source):
     # kohya names come from the official module names (sd-scripts, ours) or from diffusers' (its kohya converter)
     kohya_to_ours = {"lora_unet_" + name.replace(".", "_"): k for k, v in module_names(unet_cfg).items()
                      for name in (k, v)}
-    parts = {}
+    parts, text_encoder_key = {}, None
     for key, value in tensors.items():
         # diffusers 0.19-0.20 (the first SDXL DreamBooth-LoRA scripts) named them after attention processors
         key = re.sub(r"\.processor\.(to_[qkv]|to_out)_lora\.", lambda m: f".{OLD_PROCESSOR_NAMES[m[1]]}.lora.", key)
@@ -241,11 +241,15 @@ def parse_lora(tensors, unet_cfg, source):
         for prefix in ("unet.", "base_model.model."):
             stem = stem[len(prefix):] if stem.startswith(prefix) else stem
         if stem.startswith(("text_encoder", "lora_te")):
-            raise ModelError(f"{source}: {key!r} is a text-encoder LoRA, which is not supported")
+            # refused after the loop: a file for another model (SD 1.5, say) is refused first as that
+            text_encoder_key = text_encoder_key or key
+            continue
         name = kohya_to_ours.get(stem) or diffusers_to_ours.get(stem)
         if name is None:
             raise ModelError(f"{source}: {key!r} matches no module of this UNet")
         parts.setdefault(name, {})[SUFFIXES[suffix]] = value.float()
+    if text_encoder_key:
+        raise ModelError(f"{source}: {text_encoder_key!r} is a text-encoder LoRA, which is not supported")
     if not parts:
         raise ModelError(f"{source}: holds no LoRA weights")
     linear = linear_shapes(unet_cfg)

@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
 import lora as lora_lib
-from checkpoint import (ModelError, atomic, check_file, check_parts_fit, check_schedule, load_unet, load_vae,
-                        model_folder, read_metadata, read_single_file)
+from checkpoint import (ModelError, atomic, check_file, check_parts_fit, check_schedule, component_config, load_unet,
+                        load_vae, model_folder, read_metadata, read_single_file)
 from cli import (add_compile, add_cuda_graph, check_steps, cuda_graph_on, finite, float_list, number, positive_int,
                  resolve_device, run, seed_int, split_spec)
 from sampler import EULER, sample
@@ -45,8 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--n", type=positive_int, default=1,
                    help="images with seeds seed, seed+1, ... (a row each in a grid)")
-    p.add_argument("--width", type=positive_int, default=1024)
-    p.add_argument("--height", type=positive_int, default=1024)
+    p.add_argument("--width", type=positive_int, default=1024, help="a multiple of 32")
+    p.add_argument("--height", type=positive_int, default=1024, help="a multiple of 32")
     p.add_argument("--out", default="out.png")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -171,7 +171,7 @@ def warn_unused_tokens(pipe, prompt):
 def conditioning(text, prompts, height, width, zero_empty=False):
     """Cond for prompts at a target size, with SDXL's default micro-conditioning: uncropped, original = target."""
     context, pooled = text.encode(prompts, zero_empty=zero_empty)
-    ids = time_ids((height, width), (0, 0), (height, width)).expand(len(prompts), 6)
+    ids = time_ids((height, width), (0, 0), (height, width)).expand(len(prompts), -1)
     return Cond(context, pooled, ids.to(context.device))
 
 
@@ -182,9 +182,15 @@ def initial_noise(n, vae, height, width, seed):
                        generator=torch.Generator("cpu").manual_seed(seed))
 
 
-def size_multiple(unet, vae):
-    """Image sides must be multiples of this: the VAE's down-sampling times the UNet's."""
-    return vae.cfg.downscale * unet.cfg.downscale
+def size_multiple(unet_cfg, vae_cfg):
+    """Image sides must be multiples of this: the VAE's down-sampling times the UNet's (SDXL: 8 x 4 = 32)."""
+    return vae_cfg.downscale * unet_cfg.downscale
+
+
+def folder_size_multiple(model, config=None):
+    """size_multiple from the model's configs alone, so that a bad size is refused before the weights load."""
+    folder = model_folder(model, config)[0]
+    return size_multiple(component_config(folder, "unet"), component_config(folder, "vae"))
 
 
 @torch.no_grad()
@@ -192,7 +198,7 @@ def generate(pipe, prompt, seeds, w_con=None, cfg=5.0, steps=50, width=1024, hei
              progress=False, graph=False):
     """Images (len(seeds), 3, H, W) in [0, 1], one per seed, sampled in one batch."""
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-    multiple = size_multiple(pipe.unet, pipe.vae)
+    multiple = size_multiple(pipe.unet.cfg, pipe.vae.cfg)
     if width % multiple or height % multiple:
         raise ModelError(f"width and height must be multiples of {multiple} for this model")
     if w_con is not None and pipe.folded:
@@ -235,6 +241,10 @@ def save_png(image, path, settings):
 
 def main(args):
     args.cuda_graph = cuda_graph_on(args.cuda_graph, resolve_device(args.device, args.dtype)[0])
+    multiple = folder_size_multiple(args.model, args.config)
+    if args.width % multiple or args.height % multiple:
+        raise ModelError(f"--width {args.width} and --height {args.height} must be multiples of {multiple} for this "
+                         "model")
     pipe = load_pipeline(args.model, args.lora, args.embeds, args.device, args.dtype, args.config,
                          fold=args.w_con is None)
     if args.compile:

@@ -31,7 +31,7 @@ from cli import (add_compile, add_cuda_graph, check_steps, cuda_graph_on, non_ne
 from data import encode_images, image_files, is_config, load_rgb, read_captions, read_config
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from graph import cuda_graph
-from sample import Pipeline, generate, load_sdxl, save_png, size_multiple, to_pil, warn_unloaded_tokens
+from sample import Pipeline, folder_size_multiple, generate, load_sdxl, save_png, to_pil, warn_unloaded_tokens
 from text import Cond, time_ids
 
 PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict(rank=64, steps=1000, offset_noise=0.1)}
@@ -306,6 +306,9 @@ def main(args):
             raise ModelError(f"{args.out} holds {found[0]} but no settings.json, so it is not a run of this script; "
                              "train into another --out")
     check_schedule(model_folder(args.model, args.config)[0])
+    if args.resolution % folder_size_multiple(args.model, args.config):
+        raise ModelError(f"--resolution {args.resolution} must be a multiple of "
+                         f"{folder_size_multiple(args.model, args.config)} for this model")
     torch.manual_seed(args.seed)
     unet, vae, text = load_sdxl(args.model, device, dtype, args.config)
     ti = TokenEmbeddings(text, args.token, args.init_token) if args.token else None  # a bad token fails now
@@ -319,15 +322,13 @@ def main(args):
     if args.compile:
         unet.compile_blocks()
     res = args.resolution
-    if res % size_multiple(unet, vae):
-        raise ModelError(f"--resolution {res} must be a multiple of {size_multiple(unet, vae)} for this model")
 
     # Prepare: class images, then every latent and (frozen) text embedding once, before the loop.
     prior = make_class_images(args, unet, vae, text) if args.prior_dir else []
     mean, std = encode_images(vae, items + prior, res, device)
     # SDXL's size conditioning as the official code sets it: every image an uncropped res x res original, which is
     # also what the sampler uses.
-    ids = time_ids((res, res), (0, 0), (res, res)).expand(len(mean), 6).to(device)
+    ids = time_ids((res, res), (0, 0), (res, res)).expand(len(mean), -1).to(device)
     vae.cpu()  # needed again only to decode sample grids
     captions = [c for _, c in items + prior]
     base_captions = [c.replace(args.token, args.init_token) if args.token else c for c in captions]

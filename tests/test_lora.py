@@ -263,6 +263,12 @@ def test_bad_loras_are_refused_with_the_key_named(tiny_sdxl):
         lora_lib.parse_lora({"unet.x.to_q.lora_magnitude_vector": torch.zeros(64)}, unet.cfg, "x")
     with pytest.raises(ModelError, match="no_such_block"):
         lora_lib.parse_lora({"unet.no_such_block.to_q.lora.down.weight": torch.zeros(4, 64)}, unet.cfg, "x")
+    te = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 16)}  # sorts first
+    with pytest.raises(ModelError, match="lora_unet_no_such_block.* matches no module"):  # another model's LoRA
+        lora_lib.parse_lora({**te, "lora_unet_no_such_block.lora_down.weight": torch.zeros(4, 64)}, unet.cfg, "x")
+    with pytest.raises(ModelError, match="lora_te1_.* is a text-encoder LoRA"):  # this model's, with text encoders
+        lora_lib.parse_lora({**te, f"lora_unet_{name.replace('.', '_')}.lora_down.weight": torch.zeros(4, 64),
+                             f"lora_unet_{name.replace('.', '_')}.lora_up.weight": torch.zeros(64, 4)}, unet.cfg, "x")
     # Reading a file checks each pair against the UNet's layer, as applying it does: merge.py applies nothing
     kohya = "lora_unet_" + name.replace(".", "_")
     for down, up, message in ((torch.zeros(4, 999), torch.zeros(64, 4), "another model"),

@@ -221,6 +221,17 @@ def test_bad_data_is_refused_in_one_line(tiny_sdxl, tmp_path):
     expect_error(("--data", data, *common), "metadata.jsonl: line 1 needs file_name and text", out)
 
 
+def test_image_sizes_are_checked_from_the_configs_before_the_weights_load(tiny_sdxl, tmp_path):
+    import sample
+    configs = tmp_path / "configs"  # the tiny model's VAE halves the sides once, its UNet twice: multiples of 8
+    shutil.copytree(tiny_sdxl[0], configs, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(ModelError, match="--width 60 and --height 64 must be multiples of 8 for this model"):
+        sample.main(sample.parse_args(["--model", str(configs), "--prompt", "p", "--width", "60", "--height", "64"]))
+    data = write_images(str(tmp_path / "d"), ["a photo"])
+    expect_error(("--model", configs, "--data", data, "--resolution", 36), "--resolution 36 must be a multiple of 8",
+                 str(tmp_path / "out"))
+
+
 def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, monkeypatch):
     prompts = ["a photo of a <dog> in the snow", "a red <dog> on the beach"]
     write_images(str(tmp_path / "dataset" / "dog"), prompts)
