@@ -252,10 +252,14 @@ def read_object(pixels, names, labels, coverage):
     norm = normalized(coverage * dilate(mask, 1), (ys.min(), ys.max(), xs.min(), xs.max()))
     iou = {s: np.minimum(norm, t).sum() / np.maximum(norm, t).sum() for s, t in TEMPLATES.items()}
     center = ((xs.min() + xs.max()) / 2 + 0.5, (ys.min() + ys.max()) / 2 + 0.5)
-    return {"shape": max(iou, key=iou.get), "color": names[main], "pattern": pattern, "pattern_color": pattern_color,
+    color = names[main] if counts[main] else None  # no pixel near any palette color: no color of the world
+    return {"shape": max(iou, key=iou.get), "color": color, "pattern": pattern, "pattern_color": pattern_color,
             "size": "big" if max(np.ptp(xs), np.ptp(ys)) + 1 >= 22 else "small",
             "position": min(POSITIONS, key=lambda p: np.hypot(*np.subtract(POSITIONS[p], center))),
             "area": len(pixels)}
+
+
+LUMA = np.array([0.3, 0.59, 0.11])  # luminance of an RGB color
 
 
 def style_scores(arr, objects_mask, bg, t):
@@ -269,9 +273,11 @@ def style_scores(arr, objects_mask, bg, t):
     border = np.ones((SIZE, SIZE), bool)
     border[3:-3, 3:-3] = False
     frame = (dist(arr[border], FRAME) < 70).mean()
-    lum = arr @ np.array([0.3, 0.59, 0.11])
+    lum, bg_lum = arr @ LUMA, float(bg @ LUMA)
     corners = np.concatenate([lum[:4, :4], lum[:4, -4:], lum[-4:, :4], lum[-4:, -4:]]).mean()
-    dark = 1 - corners / max(float(bg @ np.array([0.3, 0.59, 0.11])), 1.0)
+    # How much darker the corners are than the background. A background near black (the night's is 42) cannot show
+    # it: an all-black image, as a sample gone NaN decodes to, would read as the strongest vignette.
+    dark = 1 - corners / bg_lum if bg_lum > 20 else 0.0
     clip = lambda v: float(np.clip(v, 0, 1))
     return {"shadow": clip((shadow - 0.1) / 0.4), "outline": clip((outline - 0.15) / 0.45),
             "frame": clip((frame - 0.2) / 0.6), "vignette": clip((dark - 0.15) / 0.4)}
@@ -287,7 +293,7 @@ def analyze(image):
     labels = np.where(d.min(-1) < 70, d.argmin(-1), -1)
     # Background is any shade of its color between black and itself: the vignette's darkening, the outline's
     # black and their anti-aliased edges. t: where a pixel projects on that line, 0 at black and 1 at the background.
-    t = np.clip(arr @ bg / (bg @ bg), 0, 1)
+    t = np.clip(arr @ bg / max(float(bg @ bg), 1.0), 0, 1)
     off_line = np.linalg.norm(arr - t[..., None] * bg, axis=-1)
     objects_mask = off_line > 50
     objects_mask[:4], objects_mask[-4:], objects_mask[:, :4], objects_mask[:, -4:] = False, False, False, False

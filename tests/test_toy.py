@@ -80,6 +80,13 @@ def test_prompt_fidelity_is_high_on_ground_truth_and_low_on_other_images():
     asked_small = toyworld.Scene((replace(subject.objects[0], size="small"),), "sand")
     assert toyworld.prompt_fidelity(image, subject) == 1.0
     assert toyworld.prompt_fidelity(image, asked_small) == pytest.approx(1 - 1 / 3)
+    # An object of a color outside the world's palette has no color: asked for as white, it misses the color.
+    cyan = toyworld.Scene((toyworld.Obj("circle", "cyan", size="big", position="left"),), "sky")
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(toyworld.COLORS, "cyan", (0, 220, 220))
+        drawn = toyworld.render(cyan, np.random.default_rng(0))
+    asked_white = toyworld.Scene((replace(cyan.objects[0], color="white"),), "sky")
+    assert toyworld.prompt_fidelity(drawn, asked_white) == pytest.approx(1 - 1 / 6)
     # The metrics average over images: the subject drawn in one of two images is half there.
     empty = toyworld.render(toyworld.Scene((), "sand"), np.random.default_rng(0))
     assert toyworld.toy_metrics([image, empty], subject)["subject"] == 0.5
@@ -108,11 +115,15 @@ def test_style_fidelity_separates_held_out_styles():
         styled = [toyworld.style_fidelity(toyworld.render(s, rng), style) for s in scenes]
         plain = [toyworld.style_fidelity(toyworld.render(replace(s, style="none"), rng), style) for s in scenes]
         assert min(styled) >= 0.8 and max(plain) <= 0.1, (style, styled, plain)
+    black = Image.new("RGB", (toyworld.SIZE, toyworld.SIZE))  # what a sample gone NaN decodes to: no style at all
+    assert all(toyworld.style_fidelity(black, style) == 0.0 for style in toyworld.HELD_OUT_STYLES)
 
 
 def test_held_out_subjects_and_styles_never_appear_in_pretraining():
     _, captions = toy.render_dataset(200, 0)
-    scenes = [toyworld.random_scene(np.random.default_rng(6)) for _ in range(500)]
+    rng = np.random.default_rng(6)
+    scenes = [toyworld.random_scene(rng) for _ in range(500)]
+    assert len({repr(s) for s in scenes}) > 400  # 500 draws, not one scene 500 times
     looks = {(s.shape, s.color, s.pattern) for s in toyworld.SUBJECTS}  # a subject in any pattern color is the subject
     assert not any((o.shape, o.color, o.pattern) in looks for s in scenes for o in s.objects)
     assert all(toyworld.is_held_out(replace(s, pattern_color="red", token="")) for s in toyworld.SUBJECTS)
@@ -211,22 +222,38 @@ def test_pretraining_is_deterministic_and_resumes_exactly(tmp_path, monkeypatch)
     assert all(torch.equal(first[k], second[k]) for k in first)
 
     monkeypatch.setattr(toy, "SAVE_EVERY_S", 0)  # save the state after every step
-    real_loss, calls = toy.unet_loss, []
+    calls = {"vae_loss": 0, "unet_loss": 0}  # steps taken by each phase since the last (re)start
 
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) > 3:
-            raise KeyboardInterrupt
-        return real_loss(*args)
+    def counted(name, stop_after=None):
+        real = getattr(toy, name)
 
-    monkeypatch.setattr(toy, "unet_loss", interrupted)
+        def loss(*args):
+            calls[name] += 1
+            if stop_after is not None and calls[name] > stop_after:
+                raise KeyboardInterrupt
+            return real(*args)
+        monkeypatch.setattr(toy, name, loss)
+        return real
+
+    real_vae = counted("vae_loss", stop_after=2)  # interrupted in the autoencoder's phase, after 2 steps
     with pytest.raises(KeyboardInterrupt):
         toy.pretrain(c, seed=0, budget=TINY)
+    assert not os.path.exists(os.path.join(c, "vae", "config.json"))
+    monkeypatch.setattr(toy, "vae_loss", real_vae)
+    calls["vae_loss"] = 0
+    counted("vae_loss")
+    real_unet = counted("unet_loss", stop_after=3)  # then in the UNet's, after 3
+    with pytest.raises(KeyboardInterrupt):
+        toy.pretrain(c, seed=0, budget=TINY)
+    assert calls["vae_loss"] == TINY.vae_steps - 2  # the autoencoder continued from its step 2
     assert not os.path.exists(os.path.join(c, "unet"))
-    monkeypatch.setattr(toy, "unet_loss", real_loss)
+    monkeypatch.setattr(toy, "unet_loss", real_unet)
     with pytest.raises(SystemExit, match="pretrained otherwise"):  # the interrupted run is seed 0's
         toy.pretrain(c, seed=1, budget=TINY)
-    toy.pretrain(c, seed=0, budget=TINY)  # continues from step 3
+    calls["unet_loss"] = 0
+    counted("unet_loss")
+    toy.pretrain(c, seed=0, budget=TINY)
+    assert calls["unet_loss"] == TINY.unet_steps - 3  # the UNet continued from its step 3
     resumed = weights(c)
     assert all(torch.equal(first[k], resumed[k]) for k in first)
     toy.pretrain(str(tmp_path / "d"), seed=1, budget=TINY)
