@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 import cli
@@ -90,8 +91,11 @@ def parse_args(argv=None):
 def read_prompts(path, subject, suffix):
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such prompts file")
-    with open(path) as f:
-        lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: not UTF-8 text") from None
     if not lines:
         raise ModelError(f"{path}: no prompts (one a line; lines starting with # are comments)")
     if subject is None and any("{}" in line for line in lines):
@@ -162,9 +166,16 @@ class Embedder:
             if model_type != METRIC_MODELS[kind][0]:  # transformers would load it anyway, with random weights
                 raise ModelError(f"--{kind} {folder}: a {model_type} checkpoint, not {METRIC_MODELS[kind][0]}")
             model_class = getattr(transformers, METRIC_MODELS[kind][1])
-            self.model = model_class.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
-        except (OSError, ValueError, ImportError) as e:
+            self.model, info = model_class.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                           output_loading_info=True)
+        except (OSError, ValueError, RuntimeError, ImportError, SafetensorError) as e:
             raise ModelError(f"--{kind} {folder}: cannot load: {str(e).splitlines()[0]}") from None
+        missing = sorted(info["missing_keys"]) + sorted(k[0] if isinstance(k, tuple) else k for k in
+                                                        info.get("mismatched_keys", []))
+        if missing:  # transformers fills them with random weights, and the metric would be noise
+            raise ModelError(f"--{kind} {folder}: model.safetensors lacks the weight {missing[0]!r} (or it is "
+                             "mis-shaped); is it the whole checkpoint?")
+        self.model.eval()
         self.kind, self.device = kind, "cpu"
 
     def to(self, device):
@@ -241,8 +252,12 @@ class ImageCache:
         self.index_path = os.path.join(folder, "index.json")
         self.index = {}
         if os.path.exists(self.index_path):
-            with open(self.index_path) as f:
-                self.index = json.load(f)
+            try:
+                with open(self.index_path) as f:
+                    self.index = json.load(f)
+            except ValueError as e:
+                raise ModelError(f"{self.index_path}: not a readable image index ({e}); delete it to start over, "
+                                 "its images are made again") from None
 
     @staticmethod
     def key(method_id, prompt, seed, w_con):

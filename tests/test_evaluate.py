@@ -310,6 +310,9 @@ def test_merge_mode_scores_subject_and_style(setup):
     (lambda t, a: setattr(a, "w_con", "cfg,1,1"), "repeated"),
     (lambda t, a: setattr(a, "w_con", "1,nan"), "finite"),
     (lambda t, a: setattr(a, "lora", a.lora[:1] * 2), "given twice"),
+    (lambda t, a: (t / "prompts.txt").write_bytes("a {} in the café".encode("latin-1")), "prompts.txt: not UTF-8"),
+    (lambda t, a: (os.makedirs(t / "out" / "images"), (t / "out" / "images" / "index.json").write_text('{"a": ')),
+     "index.json: not a readable image index"),
 ])
 def test_bad_input_is_one_clear_error(setup, change, message):
     tmp, argv = setup
@@ -317,6 +320,23 @@ def test_bad_input_is_one_clear_error(setup, change, message):
     change(tmp, args)
     with pytest.raises(ModelError, match=message):
         evaluate.main(args, make_generator=FakeGenerator())
+
+
+def test_a_partial_or_damaged_metric_checkpoint_is_refused(metric_models, tmp_path):
+    """transformers would fill a missing weight with a random one, and the metric would be noise."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "dino"
+    shutil.copytree(metric_models["dino"], folder)
+    weights = folder / "model.safetensors"
+    whole = weights.read_bytes()
+    tensors = load_file(weights)
+    save_file({k: v for k, v in tensors.items() if not k.endswith("layernorm.weight")}, weights)
+    with pytest.raises(ModelError, match="lacks the weight .*layernorm.weight"):
+        Embedder("dino", str(folder))
+    weights.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ModelError, match="--dino .*: cannot load"):
+        Embedder("dino", str(folder))
 
 
 def test_cli_reports_bad_input_in_one_line(setup, metric_models):
