@@ -306,9 +306,9 @@ def main(args):
             raise ModelError(f"{args.out} holds {found[0]} but no settings.json, so it is not a run of this script; "
                              "train into another --out")
     check_schedule(model_folder(args.model, args.config)[0])
-    if args.resolution % folder_size_multiple(args.model, args.config):
-        raise ModelError(f"--resolution {args.resolution} must be a multiple of "
-                         f"{folder_size_multiple(args.model, args.config)} for this model")
+    multiple = folder_size_multiple(args.model, args.config)
+    if args.resolution % multiple:
+        raise ModelError(f"--resolution {args.resolution} must be a multiple of {multiple} for this model")
     torch.manual_seed(args.seed)
     unet, vae, text = load_sdxl(args.model, device, dtype, args.config)
     ti = TokenEmbeddings(text, args.token, args.init_token) if args.token else None  # a bad token fails now
