@@ -166,9 +166,9 @@ def test_ctrl_c_saves_a_checkpoint(tiny_sdxl, trained, tmp_path):
         time.sleep(0.2)
     time.sleep(1)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=20)
+    _, err = p.communicate(timeout=120)  # (a loaded machine is slow to stop, and slower to sample)
     assert p.returncode == 130 and err.strip().endswith("interrupted"), err[-2000:]
-    assert json.loads((out / "settings.json").read_text())["step"] == 1
+    assert json.loads((out / "settings.json").read_text())["step"] == 1 and not (out / "samples").exists()
 
 
 def expect_error(args, needle, out, cli=False):
