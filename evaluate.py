@@ -17,7 +17,7 @@ method, points labelled by w_con). w_con "cfg" is plain CFG with the fine-tuned 
 Merge mode (--subject-lora A --style-lora B --style-images DIR) loads both LoRAs at once and scores subject similarity
 (DINOv2 to --ref-images), style similarity (DINOv2 to --style-images) and text similarity: the paper's merge table.
 
-Preprocessing is each checkpoint's own preprocessor_config.json, applied by transformers. For the official checkpoints:
+Preprocessing is each checkpoint's own preprocessor_config.json, applied by transformers' PIL backend. For the official checkpoints:
 DINOv2 (facebook/dinov2-*) resizes the short side to 256 (bicubic), center-crops 224, ImageNet mean/std; SigLIP resizes
 to its square input (bicubic, no crop: 384 for siglip-so400m-patch14-384, 224 for siglip-base-patch16-224), mean = std =
 0.5; CLIP resizes the short side to 224 (bicubic), center-crops 224, CLIP mean/std. Text is padded to the text model's
@@ -150,6 +150,13 @@ def weights_digest(spec):
 METRIC_MODELS = {"dino": ("dinov2", "Dinov2Model"), "siglip": ("siglip", "SiglipModel"), "clip": ("clip", "CLIPModel")}
 
 
+def pil_backend():
+    """The image processor's PIL backend in every setup: transformers 5 would pick torchvision's where it is installed,
+    and its resizing differs slightly, so that scores would depend on what else is installed."""
+    import transformers
+    return {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
+
+
 class Embedder:
     """One metric model, DINOv2 (images only), SigLIP or CLIP; embeddings come out L2-normalised. It loads on the CPU,
     so that a bad folder fails before generation starts without taking GPU memory from SDXL; .to(device) to score."""
@@ -160,7 +167,7 @@ class Embedder:
         import transformers  # here, not at the top: it takes seconds to import, and --help should not wait
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
         try:
-            self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+            self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, **pil_backend())
             self.tokenizer = None if kind == "dino" else AutoTokenizer.from_pretrained(folder, local_files_only=True)
             model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
             if model_type != METRIC_MODELS[kind][0]:  # transformers would load it anyway, with random weights
