@@ -17,12 +17,13 @@ method, points labelled by w_con). w_con "cfg" is plain CFG with the fine-tuned 
 Merge mode (--subject-lora A --style-lora B --style-images DIR) loads both LoRAs at once and scores subject similarity
 (DINOv2 to --ref-images), style similarity (DINOv2 to --style-images) and text similarity: the paper's merge table.
 
-Preprocessing is each checkpoint's own preprocessor_config.json, applied by transformers' PIL backend. For the official checkpoints:
-DINOv2 (facebook/dinov2-*) resizes the short side to 256 (bicubic), center-crops 224, ImageNet mean/std; SigLIP resizes
-to its square input (bicubic, no crop: 384 for siglip-so400m-patch14-384, 224 for siglip-base-patch16-224), mean = std =
-0.5; CLIP resizes the short side to 224 (bicubic), center-crops 224, CLIP mean/std. Text is padded to the text model's
-full length (64 for SigLIP, which was trained that way and pools the last position; 77 for CLIP) and given no attention
-mask, as SigLIP's processor gives none. SigLIP's tokenizer needs the sentencepiece package.
+Preprocessing is each checkpoint's own preprocessor_config.json, applied by transformers' PIL backend. For the official
+checkpoints: DINOv2 (facebook/dinov2-*) resizes the short side to 256 (bicubic), center-crops 224, ImageNet mean/std;
+SigLIP resizes to its square input (bicubic, no crop: 384 for siglip-so400m-patch14-384, 224 for
+siglip-base-patch16-224), mean = std = 0.5; CLIP resizes the short side to 224 (bicubic), center-crops 224, CLIP
+mean/std. Text is padded to the text model's full length (64 for SigLIP, which was trained that way and pools the last
+position; 77 for CLIP) and given no attention mask, as SigLIP's processor gives none. SigLIP's tokenizer needs the
+sentencepiece package.
 
 The metric folders are local transformers checkpoints (model.safetensors), e.g. facebook/dinov2-large,
 google/siglip-so400m-patch14-384, openai/clip-vit-large-patch14. The paper scores with a DINOv2 ViT and a SigLIP ViT;

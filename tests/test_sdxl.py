@@ -455,7 +455,8 @@ def test_text_encoders_load_strictly_from_the_official_files(tiny_sdxl, tmp_path
     path = folder / "text_encoder_2" / "model.fp16.safetensors"
     tensors = load_file(path)
     for change, error in ((lambda t: t.pop("text_projection.weight"), "missing key 'text_projection.weight'"),
-                          (lambda t: t.update({"text_model.extra": torch.zeros(1)}), "unexpected key 'text_model.extra'"),
+                          (lambda t: t.update({"text_model.extra": torch.zeros(1)}),
+                           "unexpected key 'text_model.extra'"),
                           (lambda t: t.update({"text_projection.weight": torch.zeros(3, 3)}),
                            "text_projection.weight has shape")):
         bad = dict(tensors)

@@ -254,7 +254,8 @@ def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, 
     (tmp_path / "list.json").write_text(json.dumps([full]))
     with pytest.raises(ModelError, match="not a data config"):
         read_config(str(tmp_path / "list.json"))
-    (tmp_path / "types.json").write_text(json.dumps({"a": {**full, "images": [0, 1]}, "b": {**full, "prompts": [None] * 2},
+    (tmp_path / "types.json").write_text(json.dumps({"a": {**full, "images": [0, 1]},
+                                                     "b": {**full, "prompts": [None] * 2},
                                                      "c": {**full, "inserting_tokens": [5]}}))
     for name, key in (("a", "images"), ("b", "prompts"), ("c", "inserting_tokens")):
         with pytest.raises(ModelError, match=f"{key} must be a list of strings"):
