@@ -1,8 +1,11 @@
 """The diffusion training objective: DDPM noising and the Direct Consistency Optimization loss.
 
-    q_sample:  x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps,  a_t = prod_{s<=t} (1 - beta_s)   (DDPM, eq. 1)
+    q_sample:  x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps,  a_t = prod_{s<=t} (1 - beta_s)   (Ho et al. 2020, eq. 4)
     dco_loss:  L = -log sigmoid(-beta (||eps - eps_theta(x_t; c)||^2 - ||eps - eps_phi(x_t; c_base)||^2))
                eps_theta: the model with LoRA; eps_phi: the frozen pretrained model (LoRA scale 0, no grad).
+
+Two betas: beta_s above is the noise schedule's; beta in dco_loss (--beta, 1000 in the paper) is DCO's strength of the
+pull toward the frozen model.
 
 The squared errors are per-sample means over the latent (B,), and the loss is averaged over the batch afterwards:
 the paper's expectation of a per-sample loss. The official code averages the errors over the batch before the
@@ -49,7 +52,9 @@ def min_snr_weight(t, gamma, a_bar=None):
 
 def dco_loss(err_theta, err_phi, beta):
     """DCO, the paper's objective: -log sigmoid(-beta (err_theta - err_phi)), per sample (B,).
-    At err_theta == err_phi it is ln 2, with gradient (beta / 2) * d(err_theta)."""
+    Its gradient is beta * sigmoid(beta * margin) * d(err_theta), margin = err_theta - err_phi (err_phi has none): the
+    plain denoising gradient, weighted toward 0 once the LoRA model beats the frozen one on the sample (margin < 0)
+    and toward beta while it is worse. At margin 0 (the start) the loss is ln 2 and the weight beta / 2."""
     return -F.logsigmoid(-beta * (err_theta - err_phi))
 
 

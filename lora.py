@@ -32,11 +32,13 @@ DIFFUSERS_FILE, KOHYA_FILE = "pytorch_lora_weights.safetensors", "lora_kohya.saf
 
 class LoRALinear(nn.Linear):
     def __init__(self, base: nn.Linear, rank, alpha=None, down=None, up=None):
+        # On the meta device: no weight of its own is made; the base layer's weight and bias are shared, not copied.
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias
         self.rank, self.alpha, self.scale = rank, float(alpha or rank), 1.0
         dev = base.weight.device
-        # peft's "gaussian" init: A ~ N(0, 1/rank^2), B = 0, so the LoRA starts as the identity.
+        # peft's "gaussian" init: A ~ N(0, 1/rank^2), B = 0. The update B A starts at zero (the layer is the base
+        # layer), and B gets a gradient through the random A at once; with A = 0 too, neither would ever move.
         self.lora_A = nn.Parameter(torch.randn(rank, self.in_features, device=dev) / rank) if down is None else down
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev)) if up is None else up
 

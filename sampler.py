@@ -45,13 +45,15 @@ def euler_step(x, eps, sigma, sigma_next):
     return x + (sigma_next - sigma) * eps
 
 
-def guidance(eps_uncond, eps_base, w_txt, eps_lora=None, w_con=0.0):
-    """Classifier-free guidance, plus the paper's consistency guidance when eps_lora is given:
+def guidance(eps_uncond, eps_cond, w_txt, eps_lora=None, w_con=0.0):
+    """Classifier-free guidance, eps_uncond + w_txt (eps_cond - eps_uncond), both from one model (plain CFG: the
+    fine-tuned one on the prompt c). With eps_lora, the paper's consistency guidance: the first two are the frozen
+    model on the empty and the base prompt, and the fine-tuned model's pull on the prompt is added:
     eps_hat = eps_phi(x; 0) + w_txt (eps_phi(x; c_base) - eps_phi(x; 0))
                             + w_con (eps_theta(x; c) - eps_phi(x; c_base))."""
-    eps = eps_uncond + w_txt * (eps_base - eps_uncond)
+    eps = eps_uncond + w_txt * (eps_cond - eps_uncond)
     if eps_lora is not None:
-        eps = eps + w_con * (eps_lora - eps_base)
+        eps = eps + w_con * (eps_lora - eps_cond)
     return eps
 
 
@@ -73,6 +75,8 @@ def sample(unet, noise, cond: Cond, uncond: Cond, steps=30, w_txt=5.0, w_con=Non
         conds, scales = [uncond, cond], contextlib.nullcontext()
     else:
         conds = [uncond, base, cond]
+        # The batch is [uncond | base | cond], B each: Cond.cat, x.repeat and these scales (repeat_interleave) share
+        # that layout, and chunk() below splits it back.
         scales = lora_scale(unet, torch.tensor([0.0, 0.0, 1.0], device=x.device, dtype=dtype).repeat_interleave(B))
     batch = Cond.cat(conds).to(device=x.device, dtype=dtype)
 

@@ -144,6 +144,8 @@ class TokenEmbeddings:
 
     @torch.no_grad()
     def retract(self):
+        """Rescale each learned row to its initializer word's norm (the official retract_embeddings; the rest of the
+        table never changes here)."""
         for row, norm in zip(self.rows, self.norms):
             row.mul_(norm / row.norm())
 
@@ -355,8 +357,11 @@ def main(args):
 
     def dco_step(idx, z, noise, t):
         """One optimizer step on the images idx (B instance images, then B class images with prior preservation), with
-        posterior draws z, noise and timesteps t, all on the device. Returns the loss and both errors (B,)."""
-        x0 = mean[idx] + std[idx] * z  # a sample of each image's latent posterior
+        posterior draws z, noise and timesteps t, all on the device: both passes, the backward pass, clipping, the
+        AdamW step and the learned rows' rescale. Returns the loss and the gradient norm (scalars) and both errors
+        (B,; err_phi zeros at beta 0), detached."""
+        # mean, std: (N, 4, h, w) for the instance images, then the class images, already times the VAE's scaling factor
+        x0 = mean[idx] + std[idx] * z  # (len(idx), 4, h, w): a fresh sample of each image's latent posterior
         x_t = q_sample(x0, t, noise, a_bar).to(dtype)
         # Without a learned token the captions are their own base captions: the cached embeddings serve both models.
         c = base[idx] if ti is None else Cond(*text.encode_tokens([tok[idx] for tok in tokens]), ids[idx])
@@ -370,6 +375,8 @@ def main(args):
                 b = base[idx[:B]].to(dtype=dtype)
                 err_phi = eps_mse(unet(x_t[:B], t[:B], b.context, b.pooled, b.time_ids), noise[:B])
         err_theta = eps_mse(unet(x_t, t, c.context, c.pooled, c.time_ids), noise)  # LoRA on
+        # As officially, min-SNR weights both errors: inside DCO's sigmoid that makes beta per-timestep (beta w(t)); at
+        # beta 0 it weights the loss. The prior term is not weighted.
         w = min_snr_weight(t[:B], args.snr_gamma, a_bar) if args.snr_gamma else 1.0
         loss = diffusion_loss(w * err_theta[:B], w * err_phi, args.beta).mean()
         if prior:

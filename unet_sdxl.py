@@ -80,6 +80,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.in_layers = nn.Sequential(nn.GroupNorm(groups, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
+        # Dropout(0.0) does nothing; it keeps the conv at out_layers.3, the checkpoint's name for it.
         self.out_layers = nn.Sequential(nn.GroupNorm(groups, cout), nn.SiLU(), nn.Dropout(0.0),
                                         nn.Conv2d(cout, cout, 3, padding=1))
         self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
@@ -99,7 +100,7 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(dim, dim))
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))  # a Sequential for the checkpoint's name, to_out.0
 
     def forward(self, x, context=None):
         context = x if context is None else context
@@ -149,7 +150,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attn1 = Attention(dim, dim, head_dim)
         self.attn2 = Attention(dim, context_dim, head_dim)
-        self.ff = nn.Module()
+        self.ff = nn.Module()  # empty, and the no-op Dropout: for the checkpoint's names ff.net.0 and ff.net.2
         self.ff.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
@@ -218,6 +219,7 @@ class UNet(nn.Module):
         if cfg.transformer_depth[-1] < 1:
             raise ValueError("the middle block needs a transformer (transformer_depth[-1] >= 1)")
         self.time_embed = nn.Sequential(nn.Linear(mc, E), nn.SiLU(), nn.Linear(E, E))
+        # Nested for the checkpoint's names, label_emb.0.0 and label_emb.0.2.
         self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, E), nn.SiLU(), nn.Linear(E, E)))
 
         self.input_blocks = nn.ModuleList([Block([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
