@@ -30,6 +30,14 @@ def test_hand_computed_loss():
     assert eps_mse(torch.tensor([[[0.0, 0.0]], [[2.0, 4.0]]]), torch.zeros(2, 1, 2)).tolist() == [0.0, 10.0]
 
 
+def test_dco_gradient_is_the_plain_one_weighted_by_sigmoid_of_the_margin():
+    # d/d err_theta of -log sigmoid(-beta m), m = err_theta - err_phi: beta sigmoid(beta m) = beta / (1 + e^(-beta m))
+    err_theta = torch.tensor([0.3, 0.1, 0.2], requires_grad=True)
+    dco_loss(err_theta, torch.tensor([0.1, 0.3, 0.2]), beta=10.0).sum().backward()
+    expected = [10 / (1 + math.e ** -2), 10 / (1 + math.e ** 2), 5.0]  # worse than the frozen model, better, equal
+    assert err_theta.grad.tolist() == pytest.approx(expected, rel=1e-6)
+
+
 def test_min_snr_weight_and_offset_noise():
     a = alphas_cumprod()
     t = torch.tensor([10, 999])
