@@ -187,10 +187,15 @@ def size_multiple(unet_cfg, vae_cfg):
     return vae_cfg.downscale * unet_cfg.downscale
 
 
-def folder_size_multiple(model, config=None):
-    """size_multiple from the model's configs alone, so that a bad size is refused before the weights load."""
+def check_sides(model, config, **sides):
+    """Refuse image sides (--name value) that are not multiples of size_multiple, from the model's configs alone: before
+    the weights load."""
     folder = model_folder(model, config)[0]
-    return size_multiple(component_config(folder, "unet"), component_config(folder, "vae"))
+    multiple = size_multiple(component_config(folder, "unet"), component_config(folder, "vae"))
+    if any(v % multiple for v in sides.values()):
+        given = " and ".join(f"--{name} {v}" for name, v in sides.items())
+        raise ModelError(f"{given} must be {'a multiple' if len(sides) == 1 else 'multiples'} of {multiple} for this "
+                         "model")
 
 
 @torch.no_grad()
@@ -241,10 +246,7 @@ def save_png(image, path, settings):
 
 def main(args):
     args.cuda_graph = cuda_graph_on(args.cuda_graph, resolve_device(args.device, args.dtype)[0])
-    multiple = folder_size_multiple(args.model, args.config)
-    if args.width % multiple or args.height % multiple:
-        raise ModelError(f"--width {args.width} and --height {args.height} must be multiples of {multiple} for this "
-                         "model")
+    check_sides(args.model, args.config, width=args.width, height=args.height)
     pipe = load_pipeline(args.model, args.lora, args.embeds, args.device, args.dtype, args.config,
                          fold=args.w_con is None)
     if args.compile:

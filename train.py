@@ -31,7 +31,7 @@ from cli import (add_compile, add_cuda_graph, check_steps, cuda_graph_on, non_ne
 from data import encode_images, image_files, is_config, load_rgb, read_captions, read_config
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from graph import cuda_graph
-from sample import Pipeline, folder_size_multiple, generate, load_sdxl, save_png, to_pil, warn_unloaded_tokens
+from sample import Pipeline, check_sides, generate, load_sdxl, save_png, to_pil, warn_unloaded_tokens
 from text import Cond, time_ids
 
 PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict(rank=64, steps=1000, offset_noise=0.1)}
@@ -308,9 +308,7 @@ def main(args):
             raise ModelError(f"{args.out} holds {found[0]} but no settings.json, so it is not a run of this script; "
                              "train into another --out")
     check_schedule(model_folder(args.model, args.config)[0])
-    multiple = folder_size_multiple(args.model, args.config)
-    if args.resolution % multiple:
-        raise ModelError(f"--resolution {args.resolution} must be a multiple of {multiple} for this model")
+    check_sides(args.model, args.config, resolution=args.resolution)
     torch.manual_seed(args.seed)
     unet, vae, text = load_sdxl(args.model, device, dtype, args.config)
     ti = TokenEmbeddings(text, args.token, args.init_token) if args.token else None  # a bad token fails now
