@@ -29,21 +29,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import lora as lora_lib
 from checkpoint import load_unet, unet_config_to_diffusers, unet_key_map
-from cli import positive_int, resolve_device, run
+from cli import Help, positive_int, resolve_device, run
 from dco import dco_loss, eps_mse
 from graph import cuda_graph
 from unet_sdxl import UNet, UNetConfig
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("--model", help="an SDXL folder (default: random weights)")
     p.add_argument("--tiny", action="store_true", help="tiny config at 64x64 (CPU smoke test)")
     p.add_argument("--size", type=positive_int, help="image size, a multiple of 32 (default 1024, tiny 64)")
-    p.add_argument("--rank", type=positive_int, default=32)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--iters", type=positive_int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rank", type=positive_int, default=32, help="of the LoRA")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--iters", type=positive_int, default=10, help="timed calls of each step (the median is printed)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls of each step first")
     p.add_argument("--reference", action="store_true", help="also time diffusers + peft")
     p.add_argument("--compile", action="store_true", help="also time our UNet with its blocks compiled")
     p.add_argument("--cuda-graph", action="store_true", help="also time our steps replayed from CUDA graphs (GPU)")

@@ -103,6 +103,15 @@ def resolve_device(device, dtype):
     return device, getattr(torch, dtype)
 
 
+class Help(argparse.RawDescriptionHelpFormatter):
+    """--help with the script's docstring as written, and each option's default after its help, where it has one."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS or default in ("", [])
+        return action.help if unset or "default" in action.help else action.help + " (default: %(default)s)"
+
+
 def add_cuda_graph(p, what):
     """--cuda-graph / --no-cuda-graph; unset, it is on with a CUDA GPU (see cuda_graph_on)."""
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,

@@ -57,7 +57,7 @@ BATCH = 16
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.Help)
     p.add_argument("--model", required=True, help="SDXL folder in the official (diffusers) layout, or the single file")
     p.add_argument("--config", help="with a single-file --model: a folder with the SDXL configs and tokenizers")
     p.add_argument("--lora", action="append", default=[], help="PATH[:SCALE], a file or a training output folder; "
@@ -74,14 +74,15 @@ def parse_args(argv=None):
     p.add_argument("--dino", required=True, help="local DINOv2 checkpoint folder (transformers, safetensors)")
     p.add_argument("--siglip", help="local SigLIP checkpoint folder")
     p.add_argument("--clip", help="local CLIP checkpoint folder")
-    p.add_argument("--out", default="results")
+    p.add_argument("--out", default="results", help="folder for the tables, plots and cached images")
     p.add_argument("--cfg", type=cli.number, default=5.0, help="classifier-free guidance scale w_txt")
-    p.add_argument("--steps", type=cli.positive_int, default=50)
-    p.add_argument("--width", type=cli.positive_int, default=1024)
-    p.add_argument("--height", type=cli.positive_int, default=1024)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--steps", type=cli.positive_int, default=50, help="Euler steps")
+    p.add_argument("--width", type=cli.positive_int, default=1024, help="a multiple of 32")
+    p.add_argument("--height", type=cli.positive_int, default=1024, help="a multiple of 32")
+    p.add_argument("--negative-prompt", default="", help="empty: SDXL's zero unconditional embedding")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="UNet and text encoders; auto: bfloat16 on GPU, float32 on CPU. The VAE stays float32.")
     cli.add_cuda_graph(p, "each UNet call")
     cli.add_compile(p)
     args = p.parse_args(argv)

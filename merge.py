@@ -20,13 +20,13 @@ from safetensors.torch import save
 import lora as lora_lib
 from checkpoint import (ModelError, atomic, check_file, component_config, model_folder, read_metadata, read_safetensors,
                         save_safetensors, save_single_file)
-from cli import number, run, split_spec
+from cli import Help, number, run, split_spec
 from sample import folder_embeds, load_sdxl
 from unet_sdxl import UNetConfig
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("loras", nargs="+", help="LoRA files or train.py output folders")
     p.add_argument("--weights", type=number, nargs="+", help="one per LoRA (default 1 each)")
     p.add_argument("--out", required=True, help="a .safetensors file, or a folder")

@@ -21,18 +21,18 @@ from PIL.PngImagePlugin import PngInfo
 import lora as lora_lib
 from checkpoint import (ModelError, atomic, check_file, check_parts_fit, check_schedule, component_config, load_unet,
                         load_vae, model_folder, read_metadata, read_single_file)
-from cli import (add_compile, add_cuda_graph, check_steps, cuda_graph_on, finite, float_list, number, positive_int,
-                 resolve_device, run, seed_int, split_spec)
+from cli import (Help, add_compile, add_cuda_graph, check_steps, cuda_graph_on, finite, float_list, number,
+                 positive_int, resolve_device, run, seed_int, split_spec)
 from sampler import EULER, sample
 from text import Cond, TextEncoders, time_ids
 from vae import decode_latents
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("--model", required=True, help="SDXL folder in the official (diffusers) layout, or the single file")
     p.add_argument("--config", help="with a single-file --model: a folder with the SDXL configs and tokenizers")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="learned tokens as trained, e.g. \"a <dog> in the snow\"")
     p.add_argument("--negative-prompt", default="", help="empty: SDXL's zero unconditional embedding")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA file or a train.py output folder (its learned tokens load too, unless --embeds "
@@ -40,14 +40,14 @@ def parse_args(argv=None):
     p.add_argument("--embeds", action="append", default=[], metavar="FILE[:TOKEN[:INITWORD]]",
                    help="learned_embeds.safetensors; TOKEN/INITWORD are needed only if the file does not name them")
     p.add_argument("--w-con", type=float_list, help="consistency guidance scale; a comma list makes a grid")
-    p.add_argument("--steps", type=positive_int, default=50)
+    p.add_argument("--steps", type=positive_int, default=50, help="Euler steps")
     p.add_argument("--cfg", type=number, default=5.0, help="classifier-free guidance scale w_txt")
-    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="of the first image's initial noise")
     p.add_argument("--n", type=positive_int, default=1,
                    help="images with seeds seed, seed+1, ... (a row each in a grid)")
     p.add_argument("--width", type=positive_int, default=1024, help="a multiple of 32")
     p.add_argument("--height", type=positive_int, default=1024, help="a multiple of 32")
-    p.add_argument("--out", default="out.png")
+    p.add_argument("--out", default="out.png", help="a PNG, its settings in its text")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="UNet and text encoders; auto: bfloat16 on GPU, float32 on CPU. The VAE stays float32.")

@@ -10,6 +10,7 @@ encoders with a word-level tokenizer), saved in the official folder layout, so t
 as they use SDXL. compare fine-tunes with train.py and samples through evaluate.py, scoring with toyworld's metrics.
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ import toyworld as world
 import train
 from checkpoint import (SCHEDULE, ModelError, load_training_state, load_vae, read_json, read_metadata, save_component,
                         save_training_state, write_text)
-from cli import non_negative, positive_int, run, seed_int
+from cli import Help, non_negative, positive_int, run, seed_int
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, eps_mse, min_snr_weight, q_sample
 from sample import conditioning, initial_noise, load_sdxl, to_pil
 from sampler import EULER, sample
@@ -445,20 +446,21 @@ def compare(model, out, plan, beta=1000.0):
 # ---------------------------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     commands = p.add_subparsers(dest="command")
-    pre = commands.add_parser("pretrain", help="pretrain the toy SDXL (the default command)")
-    pre.add_argument("--out", default="toy-sdxl")
-    pre.add_argument("--seed", type=seed_int, default=0)
+    command = functools.partial(commands.add_parser, formatter_class=Help)
+    pre = command("pretrain", help="pretrain the toy SDXL (the default command)")
+    pre.add_argument("--out", default="toy-sdxl", help="the model folder to write")
+    pre.add_argument("--seed", type=seed_int, default=0, help="of the toy world and the training")
     pre.add_argument("--quick", action="store_true", help="a few hundred steps: a working folder, not a good model")
-    data = commands.add_parser("data", help="write a held-out subject's or style's training folder")
+    data = command("data", help="write a held-out subject's or style's training folder")
     which = data.add_mutually_exclusive_group(required=True)
     which.add_argument("--subject", type=int, help=f"0..{len(world.SUBJECTS) - 1}")
     which.add_argument("--style", type=int, help=f"0..{len(world.HELD_OUT_STYLES) - 1}")
-    data.add_argument("--out", required=True)
+    data.add_argument("--out", required=True, help="the folder to write")
     data.add_argument("--n", type=positive_int, default=4, help="images of a subject (a style has one)")
-    data.add_argument("--seed", type=seed_int, default=0)
-    cmp = commands.add_parser("compare", help="DreamBooth vs DreamBooth + prior vs DCO: Pareto and merge tables")
+    data.add_argument("--seed", type=seed_int, default=0, help="of the images drawn")
+    cmp = command("compare", help="DreamBooth vs DreamBooth + prior vs DCO: Pareto and merge tables")
     cmp.add_argument("--model", help="default toy-sdxl (toy-sdxl-quick with --quick); pretrained first if missing")
     cmp.add_argument("--out", help="default toy-compare (toy-compare-quick with --quick)")
     cmp.add_argument("--quick", action="store_true", help="one subject and style, a few steps: minutes, not results")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import lora as lora_lib
 from checkpoint import (ModelError, check_schedule, load_training_state, model_folder, read_json,
                         save_safetensors, save_training_state, write_text)
-from cli import (add_compile, add_cuda_graph, check_steps, cuda_graph_on, non_negative, positive, positive_int,
+from cli import (Help, add_compile, add_cuda_graph, check_steps, cuda_graph_on, non_negative, positive, positive_int,
                  resolve_device, run, seed_int)
 from data import encode_images, image_files, is_config, load_rgb, read_captions, read_config
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
@@ -37,35 +37,41 @@ from text import Cond, time_ids
 PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict(rank=64, steps=1000, offset_noise=0.1)}
 
 
+def preset_default(key, what):
+    return f"{what} (default: {PRESETS['subject'][key]:g}, {PRESETS['style'][key]:g} with --preset style)"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("--model", required=True, help="SDXL folder in the official (diffusers) layout, or the single file")
     p.add_argument("--config", help="with a single-file --model: a folder with the SDXL configs and tokenizers")
     p.add_argument("--data", required=True, help="folder of images with same-name .txt captions or metadata.jsonl, "
                    "or the official code's data config as CONFIG.json[:NAME]")
-    p.add_argument("--out", default="out")
-    p.add_argument("--preset", choices=PRESETS, default="subject", help="official defaults for rank/steps/offset noise")
+    p.add_argument("--out", default="out", help="the output folder (see above)")
+    p.add_argument("--preset", choices=PRESETS, default="subject",
+                   help="the official recipe for --rank, --steps, --offset-noise")
     p.add_argument("--beta", type=non_negative, default=1000.0, help="DCO beta; 0 is the plain loss (DreamBooth-LoRA)")
-    p.add_argument("--steps", type=positive_int)
-    p.add_argument("--rank", type=positive_int)
+    p.add_argument("--steps", type=positive_int, help=preset_default("steps", "training steps"))
+    p.add_argument("--rank", type=positive_int, help=preset_default("rank", "LoRA rank"))
     p.add_argument("--alpha", type=positive, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    p.add_argument("--lr", type=non_negative, default=5e-5)
+    p.add_argument("--lr", type=non_negative, default=5e-5, help="AdamW learning rate of the LoRA")
     p.add_argument("--ti-lr", type=non_negative, default=5e-6, help="learning rate of the textual-inversion embeddings")
-    p.add_argument("--batch-size", type=positive_int, default=1)
-    p.add_argument("--resolution", type=positive_int, default=1024)
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images per step")
+    p.add_argument("--resolution", type=positive_int, default=1024,
+                   help="side of the square training images (resized, then center-cropped), a multiple of 32")
     p.add_argument("--caption", help="one caption for every image (instead of .txt files)")
     p.add_argument("--token", help='learned token, e.g. "<dog>"; every caption must contain it, as a word of its own')
     p.add_argument("--init-token", help="the word the token starts from, e.g. dog")
     p.add_argument("--prior-dir", help="class images for prior preservation (generated if too few)")
-    p.add_argument("--prior-prompt")
-    p.add_argument("--prior-weight", type=non_negative, default=1.0)
+    p.add_argument("--prior-prompt", help='the class images\' prompt, e.g. "a photo of a dog"')
+    p.add_argument("--prior-weight", type=non_negative, default=1.0, help="the class images' loss weight, lambda")
     p.add_argument("--num-prior", type=positive_int, default=100, help="class images wanted in --prior-dir")
-    p.add_argument("--offset-noise", type=non_negative)
+    p.add_argument("--offset-noise", type=non_negative, help=preset_default("offset_noise", "offset-noise strength"))
     p.add_argument("--snr-gamma", type=non_negative,
                    help="min-SNR-gamma loss weighting (0 or unset: off, as officially)")
-    p.add_argument("--max-grad-norm", type=positive, default=1.0)
-    p.add_argument("--weight-decay", type=non_negative, default=1e-4)
-    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--max-grad-norm", type=positive, default=1.0, help="clip the gradient to this norm")
+    p.add_argument("--weight-decay", type=non_negative, default=1e-4, help="AdamW's, on the LoRA")
+    p.add_argument("--seed", type=seed_int, default=0, help="of the LoRA's init and every random draw")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint + sample grid every N steps (0: never)")
     p.add_argument("--sample-steps", type=positive_int, default=30, help="sampler steps for grids and class images")
     p.add_argument("--sample-prompt", help="the prompt of the sample drawn at every save (default: the first caption)")
@@ -74,7 +80,7 @@ def parse_args(argv=None):
                    help="recompute each ResBlock and transformer block in the backward pass: less memory, slower")
     add_compile(p)
     add_cuda_graph(p, "each train step")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bfloat16 on a GPU, float32 on the CPU (float16's small gradients would underflow "
                         "without loss scaling, which this loop does not do)")

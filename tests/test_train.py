@@ -453,6 +453,20 @@ def test_impossible_settings_are_refused(tmp_path, capsys):
         assert needle in capsys.readouterr().err
 
 
+def test_help_names_each_default(capsys):
+    import sample
+    for script, wanted in [(train, ["--lr LR AdamW learning rate of the LoRA (default: 5e-05)",
+                                    "--steps STEPS training steps (default: 2000, 1000 with --preset style)",
+                                    "(default: subject)"]),
+                           (sample, ["--steps STEPS Euler steps (default: 50)"])]:
+        with pytest.raises(SystemExit):
+            script.parse_args(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for line in wanted:
+            assert line in text
+        assert "(default: None)" not in text and "(default: False)" not in text and "(default: )" not in text
+
+
 def test_the_scripts_start_without_importing_transformers():
     """transformers takes seconds to import: --help and argument errors should not wait for it."""
     code = "import sys, train, sample, merge, toy, evaluate; print('transformers' in sys.modules)"
