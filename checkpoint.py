@@ -175,13 +175,24 @@ def check_keys(expected, tensors, source):
 
 # ---------------------------------------------------------------------------------------------- UNet
 
+# The UNet config's fields that change what it computes, beyond its weights' shapes, at SDXL's values. A field a config
+# leaves out takes diffusers' default, which is SDXL's value for all but addition_embed_type (SD 1.x / 2.x have none).
+SDXL_UNET = {"addition_embed_type": "text_time", "use_linear_projection": True, "flip_sin_to_cos": True,
+             "freq_shift": 0, "act_fn": "silu", "mid_block_type": "UNetMidBlock2DCrossAttn",
+             "center_input_sample": False, "norm_eps": 1e-5, "downsample_padding": 1, "mid_block_scale_factor": 1,
+             "only_cross_attention": False, "mid_block_only_cross_attention": None, "dual_cross_attention": False,
+             "cross_attention_norm": None, "attention_type": "default", "resnet_time_scale_shift": "default",
+             "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
+             "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
+             "class_embed_type": None, "class_embeddings_concat": False, "encoder_hid_dim_type": None}
+
+
 def unet_config_from_diffusers(c, source="unet/config.json"):
     """diffusers UNet2DConditionModel config -> UNetConfig; refuses anything that is not SDXL-shaped."""
-    expected = {"addition_embed_type": "text_time", "use_linear_projection": True, "flip_sin_to_cos": True,
-                "freq_shift": 0, "act_fn": "silu", "mid_block_type": "UNetMidBlock2DCrossAttn"}
-    for k, v in expected.items():
-        if c.get(k, None if k == "addition_embed_type" else v) != v:  # SD 1.x / 2.x configs have no such key
-            raise ModelError(f"{source}: {k}={c.get(k)!r} is not an SDXL UNet (expected {v!r})")
+    for k, v in SDXL_UNET.items():
+        given = c.get(k, None if k == "addition_embed_type" else v)
+        if (given or None) != (v or None):  # null and false alike, as diffusers reads them
+            raise ModelError(f"{source}: {k}={given!r} is not an SDXL UNet (expected {v!r})")
     chs = c["block_out_channels"]
     depth = c.get("transformer_layers_per_block", 1)
     depth = [depth] * len(chs) if isinstance(depth, int) else list(depth)
@@ -375,6 +386,14 @@ def check_parts_fit(folder):
     for what, (a, b) in fits.items():
         if a != b:
             raise ModelError(f"{folder}: {what} differ ({a} and {b}); is this an SDXL base model?")
+    for tokenizer, encoder in (("tokenizer", te), ("tokenizer_2", te2)):  # prompts are padded to the tokenizer's length
+        path = os.path.join(folder, tokenizer, "tokenizer_config.json")
+        length, positions = read_json(path).get("model_max_length") if os.path.isfile(path) else None, \
+            encoder.get("max_position_embeddings", 77)  # transformers' default, SDXL's value
+        if length != positions:
+            raise ModelError(f"{path}: {'missing' if length is None else f'model_max_length {length}'}; the text "
+                             f"encoder reads prompts of {positions} tokens (SDXL's tokenizer_config.json says "
+                             "model_max_length 77)")
 
 
 def save_component(model, folder, sub):
@@ -422,8 +441,9 @@ def check_schedule(folder):
         return {}
     config = read_json(path)
     other = [f"{k} {config[k]!r}" for k, v in SCHEDULE.items() if k in config and config[k] != v]
-    if config.get("rescale_betas_zero_snr"):  # a zero-terminal-SNR schedule: another set of betas
-        other.append("rescale_betas_zero_snr True")
+    for k in ("rescale_betas_zero_snr", "trained_betas"):  # another set of betas: zero terminal SNR, or given outright
+        if config.get(k):
+            other.append(f"{k} {config[k]!r:.40}")
     if other:
         raise ModelError(f"{path}: {', '.join(other)}; only SDXL's own schedule is supported "
                          f"({', '.join(f'{k} {v!r}' for k, v in SCHEDULE.items())})")
@@ -457,7 +477,9 @@ def read_single_file(path):
             raise ModelError(f"{path}: unexpected key {key!r}; is this the SDXL base checkpoint?")
         parts[name][key[len(SINGLE_FILE[name]):]] = value
     # The autoencoder's attention projections are 1x1 convolutions there and linear layers here: (C, C, 1, 1) -> (C, C).
-    parts["vae"] = {k: v[:, :, 0, 0] if ".attn_1." in k and v.ndim == 4 else v for k, v in parts["vae"].items()}
+    # Any other shape stays as it is, for check_keys to refuse.
+    parts["vae"] = {k: v[:, :, 0, 0] if ".attn_1." in k and v.shape[2:] == (1, 1) else v
+                    for k, v in parts["vae"].items()}
     try:
         parts["text_encoder_2"] = openclip_to_transformers(parts["text_encoder_2"])
     except KeyError as e:

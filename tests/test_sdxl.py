@@ -271,6 +271,12 @@ def test_other_unet_configs_are_refused():
                    transformer_layers_per_block=4, attention_head_dim=[6, 12, 24, 24])
     with pytest.raises(ModelError, match="refiner"):
         checkpoint.unet_config_from_diffusers(refiner)
+    # Fields that change the output but no weight's shape: the same weights would load and compute something else.
+    for key, value in [("norm_eps", 1e-2), ("center_input_sample", True), ("time_embedding_act_fn", "silu")]:
+        with pytest.raises(ModelError, match=f"{key}={value!r} is not an SDXL UNet"):
+            checkpoint.unet_config_from_diffusers(dict(sdxl, **{key: value}))
+    assert checkpoint.unet_config_from_diffusers(dict(sdxl, cross_attention_norm=False, timestep_post_act=None,
+                                                      mid_block_only_cross_attention=False)) == UNetConfig()
 
 
 def test_models_that_do_not_fit_together_are_refused_before_loading(tiny_sdxl, tmp_path):
@@ -279,13 +285,21 @@ def test_models_that_do_not_fit_together_are_refused_before_loading(tiny_sdxl, t
     shutil.copytree(tiny_sdxl[0], folder, ignore=shutil.ignore_patterns("*.safetensors"))  # configs only
     for path, key, value, error in (("unet", "in_channels", 9, "input channels"),  # an inpainting UNet
                                     ("text_encoder", "hidden_size", 8, "context width"),
-                                    ("text_encoder_2", "projection_dim", 16, "pooled width")):
-        config = folder / path / "config.json"
+                                    ("text_encoder_2", "projection_dim", 16, "pooled width"),
+                                    ("tokenizer_2", "model_max_length", 128, "model_max_length 128; the text encoder "
+                                     "reads prompts of 77 tokens")):
+        config = folder / path / ("tokenizer_config.json" if "tokenizer" in path else "config.json")
         good = config.read_text()
         config.write_text(json.dumps(dict(json.loads(good), **{key: value})))
         with pytest.raises(ModelError, match=error):
             load_sdxl(str(folder), torch.device("cpu"), torch.float32)
         config.write_text(good)
+    config = folder / "tokenizer" / "tokenizer_config.json"
+    good = config.read_text()
+    config.unlink()  # then transformers would take any length at all
+    with pytest.raises(ModelError, match="tokenizer_config.json: missing"):
+        load_sdxl(str(folder), torch.device("cpu"), torch.float32)
+    config.write_text(good)
     with pytest.raises(ModelError, match="no diffusion_pytorch_model"):  # it fits: then the weights are read
         load_sdxl(str(folder), torch.device("cpu"), torch.float32)
 
@@ -308,7 +322,7 @@ def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
     with pytest.raises(ModelError, match="prediction_type 'v_prediction'; only SDXL's own schedule"):
         load_pipeline(str(bad))
     for key, value in [("beta_end", 0.02), ("beta_start", 0.001), ("beta_schedule", "linear"),
-                       ("num_train_timesteps", 2000), ("rescale_betas_zero_snr", True)]:
+                       ("num_train_timesteps", 2000), ("rescale_betas_zero_snr", True), ("trained_betas", [0.02])]:
         config = json.loads(sched.read_text().replace('"v_prediction"', '"epsilon"'))
         sched.write_text(json.dumps({**config, key: value}))
         with pytest.raises(ModelError, match=re.escape(f"{key} {value!r}")):
@@ -341,6 +355,9 @@ def test_impossible_sampling_settings_are_refused(tmp_path, capsys, monkeypatch)
         sample.main(sample.parse_args(["--model", "m", "--prompt", "p", "--device", "cpu", "--cuda-graph"]))
     with pytest.raises(ModelError, match="--device gpu: not a device name"):
         cli.resolve_device("gpu", "auto")
+    for name in ("mps", "xpu", "meta"):  # torch knows them; they used to fail later, in a stack trace
+        with pytest.raises(ModelError, match=f"--device {name}: only cpu and cuda devices are supported"):
+            cli.resolve_device(name, "auto")
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="--device cuda:1: this machine .* has no CUDA GPU"):
             cli.resolve_device("cuda:1", "auto")
@@ -630,4 +647,11 @@ def test_sample_py_reads_the_single_file_and_refuses_a_bad_one(tiny_sdxl, tmp_pa
     tensors["cond_stage_model.extra"] = torch.zeros(1)  # outside every part the file should hold
     save_file(tensors, path)
     with pytest.raises(ModelError, match="unexpected key 'cond_stage_model.extra'"):
+        load_sdxl(path, torch.device("cpu"), torch.float32, config=folder)
+    del tensors["cond_stage_model.extra"]
+    key = next(k for k in tensors if k.startswith("first_stage_model.") and k.endswith("attn_1.q.weight"))
+    channels = tensors[key].shape[0]
+    tensors[key] = torch.zeros(channels, channels, 3, 3)  # a 1x1 convolution there: any other kernel is wrong
+    save_file(tensors, path)
+    with pytest.raises(ModelError, match=re.escape(f"attn_1.q.weight has shape ({channels}, {channels}, 3, 3)")):
         load_sdxl(path, torch.device("cpu"), torch.float32, config=folder)
