@@ -87,6 +87,8 @@ def resolve_device(device, dtype):
         device = torch.device(name)
     except RuntimeError:
         raise ModelError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, ...: untested here, and fused AdamW or graphs may lack them
+        raise ModelError(f"--device {name}: only cpu and cuda devices are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"--device {name}: this machine (or this build of torch) has no CUDA GPU")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

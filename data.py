@@ -127,13 +127,16 @@ def read_config(spec):
 
 
 def load_rgb(path):
-    """Any PIL image (RGBA, palette, grayscale, CMYK, 16-bit, EXIF-rotated) as upright 8-bit RGB."""
+    """A PIL image (RGBA, palette, grayscale, CMYK, 16-bit, EXIF-rotated) as upright 8-bit RGB. 32-bit integer
+    grayscale is read as 16-bit (older Pillow opens 16-bit PNGs so); floating-point images are refused."""
     try:
         with Image.open(path) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ModelError(f"{path}: not a readable image ({e})") from None
+    if im.mode == "F":  # no one scale fits: [0, 1] and [0, 255] both occur
+        raise ModelError(f"{path}: a floating-point image; save it with 8 or 16 bits per channel")
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: scale to 8 bits, keep the contrast
         im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
     if im.mode in ("P", "LA", "PA") or "transparency" in im.info:

@@ -46,7 +46,8 @@ class UNetConfig:
 
     @property
     def downscale(self):
-        """How many times the UNet halves the latent's sides: they must be multiples of this."""
+        """The factor by which the UNet shrinks the latent's sides (halving them once per level below the first):
+        they must be multiples of it."""
         return 2 ** (len(self.channel_mult) - 1)
 
     @classmethod

@@ -599,6 +599,9 @@ def test_every_image_mode_becomes_upright_rgb(tmp_path):
     assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
     with pytest.warns(UserWarning, match="upscaling"):
         prepare_image(str(tmp_path / "rgba.png"), 64)
+    Image.fromarray(base[..., 0].astype(np.float32) / 255, "F").save(tmp_path / "float.tiff")  # was read as black
+    with pytest.raises(ModelError, match="float.tiff: a floating-point image"):
+        load_rgb(str(tmp_path / "float.tiff"))
 
 
 def test_resize_and_crop_round_as_torchvision(tmp_path):
