@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--config", help="with a single-file --model: a folder with the SDXL configs and tokenizers")
     p.add_argument("--lora", action="append", default=[], help="PATH[:SCALE], a file or a training output folder; "
                    "repeat for one curve per LoRA")
+    p.add_argument("--embeds", action="append", default=[], metavar="FILE[:TOKEN[:INITWORD]]",
+                   help="learned_embeds files loaded with every LoRA, as sample.py takes them; TOKEN/INITWORD are "
+                        "needed only if the file does not name them (the official code's)")
     p.add_argument("--subject-lora", action="append", default=[], help="merge mode: subject LoRA (repeatable)")
     p.add_argument("--style-lora", action="append", default=[], help="merge mode: style LoRA, paired in order")
     p.add_argument("--style-images", help="merge mode: folder of style reference images")
@@ -138,7 +141,10 @@ def weights_digest(spec):
     # The files load_pipeline reads: the weights, a peft file's config beside them, an output folder's learned tokens.
     weights = lora_lib.lora_path(path)
     files = [f for f in (weights, lora_lib.peft_config_path(weights)) if f]
-    files += sample.folder_embeds(path) if os.path.isdir(path) else []
+    return files_digest(files + (sample.folder_embeds(path) if os.path.isdir(path) else []))
+
+
+def files_digest(files):
     h = hashlib.sha1()
     for file in files:
         with open(file, "rb") as f:
@@ -287,7 +293,8 @@ class ImageCache:
 
 def make_generator(args, loras):
     """Load SDXL with loras applied together -> (draw(prompt, seed, w_con) -> PIL image, base(prompt) -> str)."""
-    pipe = sample.load_pipeline(args.model, loras=loras, device=args.device, dtype=args.dtype, config=args.config)
+    pipe = sample.load_pipeline(args.model, loras=loras, embeds=args.embeds, device=args.device, dtype=args.dtype,
+                                config=args.config)
     if args.compile:
         pipe.unet.compile_blocks()
 
@@ -318,6 +325,8 @@ def sweep(args, methods, prompts, seeds, w_cons, cache, make_generator):
     settings["model"] = base_model_id(args)
     if args.compile:  # compiled kernels round otherwise; left out when unset, so that earlier caches still match
         settings["compiled"] = True
+    if args.embeds:  # as the LoRA files: the specs, and the files' contents
+        settings["embeds"] = [[spec, files_digest([cli.split_spec(spec, 1)[0]])] for spec in args.embeds]
     entries = []
     for label, loras in methods:
         method_id = dict(settings, loras=loras, weights=[weights_digest(spec) for spec in loras])

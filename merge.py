@@ -13,6 +13,7 @@ default, as that file), the layout AUTOMATIC1111 and ComfyUI read; here, `--mode
 import argparse
 import json
 import os
+import warnings
 
 import torch
 from safetensors.torch import save
@@ -21,7 +22,7 @@ import lora as lora_lib
 from checkpoint import (ModelError, atomic, check_file, component_config, model_folder, read_metadata, read_safetensors,
                         save_safetensors, save_single_file)
 from cli import Help, number, run, split_spec
-from sample import folder_embeds, load_sdxl
+from sample import load_sdxl, with_folder_embeds
 from unet_sdxl import UNetConfig
 
 
@@ -94,7 +95,7 @@ def main(args):
         lora_lib.remove(unet, fuse=True)  # W + delta, added in float32
         save_single_file(args.out, unet, vae, text, dtype, {"dco.merged_from": json.dumps(args.loras)})
         print(f"wrote {args.out} (SDXL with the LoRA fused in, single-file layout, {args.dtype})")
-        if args.embeds or any(os.path.isdir(p) and folder_embeds(p) for p in args.loras):
+        if with_folder_embeds(args.embeds, args.loras):
             print("the learned tokens are not in it: give them to sample.py with --embeds FILE")
         return
 
@@ -105,8 +106,11 @@ def main(args):
         if args.embeds:
             raise ModelError("--embeds needs a folder as --out, to put them beside the LoRA")
         save_safetensors(tensors, path, meta)
+        if with_folder_embeds([], args.loras):
+            warnings.warn("the inputs' learned tokens are not in the file: merge into a folder to carry them along, or "
+                          "give them to sample.py with --embeds FILE")
     else:
-        embeds = args.embeds + [e for p in args.loras if os.path.isdir(p) for e in folder_embeds(p)]
+        embeds = with_folder_embeds(args.embeds, args.loras)
         tokens = {}  # token -> (file, its bytes), read now: they may be files of an earlier merge in --out
         for spec in embeds:
             e, named, init = split_spec(spec, 3)
@@ -135,8 +139,8 @@ def main(args):
             if stale == other or (stale.startswith("learned_embeds") and stale not in names):
                 os.remove(os.path.join(path, stale))
         path = os.path.join(path, name)
-    ranks = sorted({down.shape[0] for down, _ in merged.values()})
-    print(f"wrote {path}: {len(merged)} layers, rank {ranks[0]}" + (f"..{ranks[-1]}" if len(ranks) > 1 else ""))
+    rank = max(down.shape[0] for down, _ in merged.values())  # every module is written at it (lora.at_one_rank)
+    print(f"wrote {path}: {len(merged)} layers, rank {rank}")
 
 
 if __name__ == "__main__":

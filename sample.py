@@ -106,6 +106,14 @@ def folder_embeds(folder):
             if f.startswith("learned_embeds") and f.endswith(".safetensors")]
 
 
+def with_folder_embeds(embeds, paths):
+    """The --embeds specs, then the learned tokens of each output folder among paths, except the files --embeds names
+    itself (to give their tokens, say, where the files name none)."""
+    given = {os.path.realpath(split_spec(e, 1)[0]) for e in embeds}
+    found = [f for p in paths if os.path.isdir(p) for f in folder_embeds(p)]
+    return [*embeds, *(f for f in found if os.path.realpath(f) not in given)]
+
+
 def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", config=None, fold=False):
     """The base model plus LoRAs ('PATH[:SCALE]', summed exactly) and learned tokens ('FILE[:TOKEN[:INIT]]'). With
     fold, the LoRAs are folded into the weights (see lora.apply_lora): plain CFG runs them at scale 1 throughout, and
@@ -117,11 +125,9 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", confi
         warnings.warn(f"the model's scheduler config asks for {other}; this sampler is SDXL base's Euler ({EULER}), "
                       "so its images differ from those of diffusers' pipeline with that scheduler")
     pipe = Pipeline(*load_sdxl(model, device, dtype, config))
-    files, weights, given = [], [], {os.path.realpath(split_spec(e, 1)[0]) for e in embeds}
+    files, weights = [], []
     for spec in loras:
         path, scale = split_spec(spec, 2)
-        if os.path.isdir(path):  # an output folder: its learned tokens come along, unless --embeds names them
-            embeds = [*embeds, *(f for f in folder_embeds(path) if os.path.realpath(f) not in given)]
         files.append(lora_lib.read_lora(path, pipe.unet.cfg))
         weights.append(finite(scale) if scale else 1.0)
         if weights[-1] is None:
@@ -130,7 +136,7 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", confi
         lora_lib.apply_lora(pipe.unet, lora_lib.merge(files, weights), dtype, fold)
         pipe.folded = fold
     loaded = set()
-    for spec in embeds:
+    for spec in with_folder_embeds(embeds, [split_spec(spec, 2)[0] for spec in loras]):  # a folder's tokens come along
         path, *names = split_spec(spec, 3)
         check_file(path)
         with open(path, "rb") as f:

@@ -172,7 +172,9 @@ class TextEncoders(torch.nn.Module):
         """Read learned_embeds.safetensors (keys clip_l, clip_g, each (1, dim)) and add its vectors as token."""
         tensors = read_safetensors(path)
         if set(tensors) != {"clip_l", "clip_g"}:
-            raise ModelError(f"{path}: expected keys clip_l and clip_g, found {sorted(tensors)}")
+            found = sorted(tensors)
+            raise ModelError(f"{path}: expected keys clip_l and clip_g, found {', '.join(found[:3])}"
+                             + (f" and {len(found) - 3} more: is it a learned_embeds file?" if len(found) > 3 else ""))
         vectors = []
         for encoder, key in zip(self.encoders, ("clip_l", "clip_g")):
             dim = encoder.get_input_embeddings().weight.shape[1]

@@ -13,6 +13,7 @@ loss, and the mean denoising errors of the LoRA model (err_theta) and of the fro
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 import lora as lora_lib
-from checkpoint import (ModelError, check_schedule, load_training_state, model_folder, read_json,
+from checkpoint import (ModelError, check_schedule, load_training_state, model_folder, read_json, read_metadata,
                         save_safetensors, save_training_state, write_text)
 from cli import (Help, add_compile, add_cuda_graph, check_steps, cuda_graph_on, non_negative, positive, positive_int,
                  resolve_device, run, seed_int)
@@ -121,7 +122,24 @@ def make_class_images(args, unet, vae, text):
                          width=args.resolution, height=args.resolution)
         save_png(to_pil(image), os.path.join(args.prior_dir, f"class-{i:05d}.png"),
                  {"prompt": args.prior_prompt, "seed": 10_000 + i})
+    return class_items(args)
+
+
+def class_items(args):
+    """The (image, prompt) pairs prior preservation trains on: the first --num-prior images of --prior-dir."""
+    if not (args.prior_dir and os.path.isdir(args.prior_dir)):
+        return []
     return [(os.path.join(args.prior_dir, f), args.prior_prompt) for f in image_files(args.prior_dir)][: args.num_prior]
+
+
+def data_digest(items):
+    """A fingerprint of the training data, each image's bytes and its caption in order: a resumed run must train on
+    the data its run began with, not on images edited, added or removed since."""
+    h = hashlib.sha256()
+    for path, caption in items:
+        with open(path, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest() + caption.encode() + b"\0")
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -198,38 +216,55 @@ def load_checkpoint(path, params, optimizer, rng):
     return int(meta["step"])
 
 
-# What a resumed run may change: none of it alters what is trained (and --out is where the run is, however named).
+# What a resumed run may change: how long it runs, what it saves along the way, and where and how fast it runs (with
+# --dtype auto, a GPU run continued on the CPU trains on in float32). --out is where the run is, however named, and
+# --preset counts by the settings it gives, compared one by one.
 RESUMABLE = {"steps", "save_every", "sample_steps", "sample_prompt", "resume", "grad_checkpointing", "compile",
-             "cuda_graph", "device", "out"}
+             "cuda_graph", "device", "out", "preset"}
 PATHS = {"model", "config", "data", "prior_dir"}  # compared as the folders they name: ./data/ is data
 
 
-def check_resume(args):
-    """The step OUT's run reached (OUT/settings.json), after refusing settings other than the ones it was started
-    with, and a --steps below that step."""
-    path = os.path.join(args.out, "settings.json")
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: missing; nothing to resume")
-    before = read_json(path)
+def saved_run(out):
+    """The settings and step of the run OUT holds: its settings.json, which every save writes last, or where the
+    first save was cut short before that, the checkpoint's copy. None where OUT holds no run of this script."""
+    path, ckpt = os.path.join(out, "settings.json"), os.path.join(out, CHECKPOINT)
+    if os.path.isfile(path):
+        return read_json(path)
+    meta = read_metadata(ckpt) if os.path.isfile(ckpt) else {}
+    return {**json.loads(meta["dco.settings"]), "step": int(meta["step"])} if "dco.settings" in meta else None
+
+
+def check_resume(args, items):
+    """The step OUT's run reached, after refusing settings other than the ones it was started with, training data
+    other than its own, and a --steps below that step."""
+    before = saved_run(args.out)
+    if before is None:
+        raise ModelError(f"{os.path.join(args.out, 'settings.json')}: missing; nothing to resume")
 
     def effective(settings):  # alpha None is the rank; dtype auto is the device's (this run's device, for both)
         return {**settings, "alpha": settings.get("alpha") or settings.get("rank"),
-                "dtype": resolve_device(args.device, settings.get("dtype"))[1]}
+                "dtype": resolve_device(args.device, settings.get("dtype"))[1],
+                "snr_gamma": settings.get("snr_gamma") or None}  # 0 is off, as unset is
 
     def same(k, old, new):
         return old == new or (k in PATHS and None not in (old, new) and os.path.realpath(old) == os.path.realpath(new))
     now, then = effective(vars(args)), effective(before)
     changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {v}" for k, v in vars(args).items()
-               if k not in RESUMABLE and not same(k, then.get(k), now[k])]
+               if k not in RESUMABLE and not same(k, then.get(k), now[k]) and not same(k, before.get(k), v)]
     if changed:
         raise ModelError(f"{args.out} was trained with other settings ({'; '.join(changed)}); "
                          "give the same ones, or train into another --out")
+    if before.get("data_sha256") not in (None, data_digest(items + class_items(args))):  # None: an older run's
+        where = "--data or --prior-dir" if args.prior_dir else "--data"
+        raise ModelError(f"{args.out} was trained on other data: images or captions in {where} were changed, added "
+                         "or removed since; put them back, or train into another --out")
     if before["step"] > args.steps:
         raise ModelError(f"{args.out} is at step {before['step']}, past --steps {args.steps}; give at least that")
     return before["step"]
 
 
-OUTPUTS = ("checkpoint.safetensors", lora_lib.DIFFUSERS_FILE, lora_lib.KOHYA_FILE, "learned_embeds.safetensors")
+CHECKPOINT = "checkpoint.safetensors"
+OUTPUTS = (CHECKPOINT, lora_lib.DIFFUSERS_FILE, lora_lib.KOHYA_FILE, "learned_embeds.safetensors")
 
 
 def save_outputs(args, unet, ti, step):
@@ -298,11 +333,11 @@ def main(args):
         if args.token:
             check_token(path, cap, args.token)
         load_rgb(path)  # fail on a bad image now, before anything is written
-    ckpt = os.path.join(args.out, "checkpoint.safetensors")
-    if args.resume or os.path.exists(os.path.join(args.out, "settings.json")):
-        done = check_resume(args)  # OUT holds a run: never overwritten, continued only with its own settings
+    ckpt = os.path.join(args.out, CHECKPOINT)
+    if args.resume or saved_run(args.out):
+        done = check_resume(args, items)  # OUT holds a run: never overwritten, continued only with its own settings
         if not args.resume:
-            if done == args.steps:
+            if done == args.steps and os.path.exists(os.path.join(args.out, "settings.json")):  # its last save whole
                 print(f"{args.out} already holds this run, finished at step {done}; nothing to do")
                 return
             raise ModelError(f"{args.out} holds this run at step {done}; continue it with --resume")
@@ -331,6 +366,7 @@ def main(args):
 
     # Prepare: class images, then every latent and (frozen) text embedding once, before the loop.
     prior = make_class_images(args, unet, vae, text) if args.prior_dir else []
+    args.data_sha256 = data_digest(items + prior)  # in settings.json, for --resume to compare
     mean, std = encode_images(vae, items + prior, res, device)
     # SDXL's size conditioning as the official code sets it: every image an uncropped res x res original, which is
     # also what the sampler uses.
@@ -397,7 +433,8 @@ def main(args):
         dco_step = graph_step(dco_step, trained, optimizer, B * (2 if prior else 1), mean.shape[1:], device)
 
     def save(step):
-        save_training_state(ckpt, {f"param.{i}": p for i, p in enumerate(trained)}, optimizer, rng, {"step": str(step)})
+        settings = {"step": str(step), "dco.settings": json.dumps(vars(args))}  # the run, if settings.json never comes
+        save_training_state(ckpt, {f"param.{i}": p for i, p in enumerate(trained)}, optimizer, rng, settings)
         save_outputs(args, unet, ti, step)
 
     log = open_log(os.path.join(args.out, "log.jsonl"), start)

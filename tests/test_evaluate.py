@@ -276,6 +276,13 @@ def test_interrupted_run_resumes_without_recomputing(setup):
     evaluate.main(argv("--compile"), make_generator=ninth)
     evaluate.main(argv(), make_generator=tenth)
     assert len(ninth.drawn) == total and tenth.drawn == []  # compiled images apart from the eager ones, both kept
+    (tmp / "e.safetensors").write_bytes(b"token")
+    runs = [FakeGenerator() for _ in range(3)]
+    evaluate.main(argv("--embeds", str(tmp / "e.safetensors") + ":<dog>:dog"), make_generator=runs[0])
+    (tmp / "e.safetensors").write_bytes(b"token, retrained")
+    evaluate.main(argv("--embeds", str(tmp / "e.safetensors") + ":<dog>:dog"), make_generator=runs[1])
+    evaluate.main(argv("--embeds", str(tmp / "e.safetensors") + ":<cat>:cat"), make_generator=runs[2])
+    assert [len(r.drawn) for r in runs] == [total] * 3  # learned tokens given, then retrained, then named otherwise
 
 
 def test_a_lora_digest_covers_its_learned_tokens_and_peft_config(tmp_path):
@@ -393,8 +400,8 @@ def test_make_generator_calls_the_sampling_api(monkeypatch):
             "--steps", "12", "--width", "768", "--height", "512", "--dtype", "float16", "--config", "cfg",
             "--cuda-graph"]
     draw, base = evaluate.make_generator(evaluate.parse_args(argv), ["subject/", "style.safetensors:0.5"])
-    assert calls["load_pipeline"] == (("sdxl",), dict(loras=["subject/", "style.safetensors:0.5"], device="auto",
-                                                      dtype="float16", config="cfg"))
+    assert calls["load_pipeline"] == (("sdxl",), dict(loras=["subject/", "style.safetensors:0.5"], embeds=[],
+                                                      device="auto", dtype="float16", config="cfg"))
     image = draw("a <dog>", 3, 2.0)
     assert calls["generate"] == ((pipe, "a <dog>", 3), dict(w_con=2.0, cfg=7.0, steps=12, width=768, height=512,
                                                             negative_prompt="", graph=True))
@@ -405,6 +412,9 @@ def test_make_generator_calls_the_sampling_api(monkeypatch):
     # --compile: the UNet's transformer blocks, once for each pipeline loaded
     evaluate.make_generator(evaluate.parse_args([*argv, "--compile"]), ["subject/"])
     assert compiled == [True]
+    # --embeds: learned tokens for every LoRA, as sample.py loads them (the official code's files name none)
+    evaluate.make_generator(evaluate.parse_args([*argv, "--embeds", "e.safetensors:<dog>:dog"]), ["subject/"])
+    assert calls["load_pipeline"][1]["embeds"] == ["e.safetensors:<dog>:dog"]
 
 
 def test_cli_end_to_end_with_the_tiny_sdxl(tiny_sdxl, trained, metric_models, tmp_path):

@@ -297,6 +297,23 @@ def test_each_learned_token_is_carried_once(tiny_sdxl, trained, tmp_path):
     save_file({k: v + 2 for k, v in embeds.items()}, str(official))
     merge_here(trained, "--embeds", f"{official}:<cat>:cat", "--model", folder, "--out", tmp_path / "named")
     assert load_pipeline(folder, loras=[str(tmp_path / "named")]).tokens == {"<dog>": "dog", "<cat>": "cat"}
+    # An official output folder (its token file names no token) with the file named by --embeds: carried once, named
+    run_official = tmp_path / "run_official"
+    run_official.mkdir()
+    shutil.copy(os.path.join(trained, "pytorch_lora_weights.safetensors"), run_official)
+    shutil.copy(official, run_official / "learned_embeds.safetensors")
+    merge_here(run_official, "--embeds", f"{run_official / 'learned_embeds.safetensors'}:<cat>:cat", "--model", folder,
+               "--out", tmp_path / "official_named")
+    assert sorted(os.listdir(tmp_path / "official_named")) == ["learned_embeds.safetensors",
+                                                               "pytorch_lora_weights.safetensors"]
+    assert load_pipeline(folder, loras=[str(tmp_path / "official_named")]).tokens == {"<cat>": "cat"}
+    with pytest.raises(ModelError) as e:  # a LoRA file given as learned tokens: a short error, not all its keys
+        load_pipeline(folder, embeds=[os.path.join(trained, "pytorch_lora_weights.safetensors") + ":<x>"])
+    assert re.search(r"expected keys clip_l and clip_g, found [^,]+, [^,]+, [^,]+ and \d+ more: is it a learned_embeds "
+                     r"file\?$", str(e.value))
+    # Into one file, the tokens stay behind, and it is said
+    with pytest.warns(UserWarning, match="learned tokens are not in the file"):
+        merge_here(trained, "--model", folder, "--out", tmp_path / "one.safetensors")
 
 
 def test_fused_checkpoint_equals_base_plus_lora(tiny_sdxl, trained, tmp_path):
@@ -319,8 +336,12 @@ def test_fused_checkpoint_equals_base_plus_lora(tiny_sdxl, trained, tmp_path):
 
 def test_rank_compression_prints_its_error(tiny_sdxl, trained, tmp_path, capsys):
     merge_here(trained, trained, "--model", tiny_sdxl[0], "--rank", 2, "--out", tmp_path / "m.safetensors")
-    err = float(capsys.readouterr().out.split("relative error of the summed delta ")[1].split()[0])
-    assert 0 < err < 1
+    out = capsys.readouterr().out
+    err = float(out.split("relative error of the summed delta ")[1].split()[0])
+    assert 0 < err < 1 and out.endswith(", rank 2\n")
+    style = random_lora_file(tiny_sdxl[0], str(tmp_path / "style.safetensors"), seed=1)  # rank 2 on to_q and to_v
+    merge_here(trained, style, "--model", tiny_sdxl[0], "--out", tmp_path / "mixed.safetensors")
+    assert capsys.readouterr().out.endswith(", rank 6\n")  # as written: every module at the largest rank, 4 + 2
     written = load_file(str(tmp_path / "m.safetensors"))
     assert {v.shape[0] for k, v in written.items() if k.endswith("lora.down.weight")} == {2}
 

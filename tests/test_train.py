@@ -110,21 +110,33 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     # The same folders spelled otherwise are the same run; fewer steps than done, or no --resume, are refused.
     spelled = ["--model", folder + "/", "--data", os.path.relpath(data), "--token", "<dog>", "--init-token", "dog",
                *map(str, TRAIN_ARGS), "--out", str(tmp_path / "r") + "/"]
-    train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume"]))
+    items = read_captions(data, None)
+    train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume"]), items)
     # What the README says a resume may change, and a change of anything else, each refused naming it
     allowed = ["--save-every", "4", "--sample-steps", "3", "--grad-checkpointing", "--compile", "--cuda-graph",
                "--device", "cpu"]
-    train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *allowed]))
-    same = ["--alpha", "4", "--dtype", "float32"]  # as given: alpha = rank 4; auto on the CPU is float32
-    train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *same]))
+    train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *allowed]), items)
+    # The same settings given otherwise: alpha = rank 4; auto on the CPU is float32; min-SNR 0 is off, as unset; the
+    # style preset with its offset noise overridden gives the run's settings
+    for same in (["--alpha", "4", "--dtype", "float32"], ["--snr-gamma", "0"], ["--preset", "style", "--offset-noise",
+                                                                                 "0"]):
+        train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *same]), items)
+    with pytest.raises(ModelError) as e:  # a changed setting is named once, as given (alpha follows the rank)
+        train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", "--rank", "8"]), items)
+    assert "--rank 4 -> 8)" in str(e.value) and "--alpha" not in str(e.value)
+    # Data that changed since: a caption edited, an image added or left out
+    for other_data in ([(p, c + " again") if i == 0 else (p, c) for i, (p, c) in enumerate(items)],
+                       items + items[:1], items[1:]):
+        with pytest.raises(ModelError, match="was trained on other data: images or captions in --data were changed"):
+            train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume"]), other_data)
     for change in (["--ti-lr", "1e-4"], ["--batch-size", "2"], ["--weight-decay", "0.1"], ["--max-grad-norm", "2"],
                    ["--offset-noise", "0.05"], ["--snr-gamma", "5"], ["--prior-weight", "0.5"], ["--alpha", "3"],
                    ["--rank", "8"], ["--beta", "10"], ["--seed", "3"], ["--resolution", "64"], ["--dtype", "bfloat16"],
                    ["--caption", "a <dog>"], ["--num-prior", "7"], ["--config", folder]):
         with pytest.raises(ModelError, match=re.escape(change[0])):
-            train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *change]))
+            train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *change]), items)
     with pytest.raises(ModelError, match="at step 8, past --steps 7"):  # one step short is short
-        train.check_resume(train.parse_args([*spelled, "--steps", "7", "--resume"]))
+        train.check_resume(train.parse_args([*spelled, "--steps", "7", "--resume"]), items)
     with pytest.raises(ModelError, match="holds this run at step 8; continue it with --resume"):
         train.main(train.parse_args([*spelled, "--steps", "9"]))
     train.main(train.parse_args([*spelled, "--steps", "8"]))  # the same finished command again: nothing to do
@@ -134,6 +146,16 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     (tmp_path / "r" / "settings.json").write_text(json.dumps({**settings, "step": 5}))
     with pytest.raises(ModelError, match="checkpoint.safetensors is at step 8, past --steps 6"):
         train.main(train.parse_args([*spelled, "--steps", "6", "--resume"]))
+    # A first save cut short before settings.json: the checkpoint names the run, which resumes to a whole save
+    (tmp_path / "r" / "settings.json").unlink()
+    lora = load_file(str(tmp_path / "r" / "pytorch_lora_weights.safetensors"))
+    (tmp_path / "r" / "pytorch_lora_weights.safetensors").unlink()
+    with pytest.raises(ModelError, match="holds this run at step 8; continue it with --resume"):
+        train.main(train.parse_args([*spelled, "--steps", "8"]))  # not finished: its files are not all there
+    train.main(train.parse_args([*spelled, "--steps", "8", "--resume"]))
+    assert json.loads((tmp_path / "r" / "settings.json").read_text())["step"] == 8
+    again = load_file(str(tmp_path / "r" / "pytorch_lora_weights.safetensors"))
+    assert lora.keys() == again.keys() and all(torch.equal(lora[k], again[k]) for k in lora)
     other = tmp_path / "official"  # another program's run: its files are not replaced
     other.mkdir()
     shutil.copy(tmp_path / "r" / "pytorch_lora_weights.safetensors", other)
