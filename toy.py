@@ -29,6 +29,7 @@ import train
 from checkpoint import (SCHEDULE, ModelError, load_training_state, load_vae, read_json, read_metadata, save_component,
                         save_training_state, write_text)
 from cli import Help, non_negative, positive_int, run, seed_int
+from data import read_captions
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, eps_mse, min_snr_weight, q_sample
 from sample import conditioning, initial_noise, load_sdxl, to_pil
 from sampler import EULER, sample
@@ -380,15 +381,15 @@ def fine_tune(model, out, target, method, plan, beta):
     if METHODS[method]["prior"]:
         argv += ["--prior-dir", os.path.join(out, "prior", name), "--prior-prompt", class_prompt,
                  "--num-prior", str(plan.num_prior)]
+    world.write_training_folder(scenes, data)  # the same files each time: rendered from a fixed seed
     if os.path.exists(os.path.join(run, "settings.json")):  # train.py's record of its arguments and its step
-        try:  # the settings compared as train.py compares them for --resume
-            done = train.check_resume(train.parse_args(argv))
+        try:  # the settings and data compared as train.py compares them for --resume
+            done = train.check_resume(train.parse_args(argv), read_captions(data, None))
         except ModelError as e:
             sys.exit(f"error: {e} (or give compare another --out)")
         if done == plan.steps:
             return run
         argv.append("--resume")
-    world.write_training_folder(scenes, data)
     print(f"fine-tuning {name} with {method}")
     try:  # train.py's command line, in this process (a process each would start Python and torch 15 times)
         train.main(train.parse_args(argv))
@@ -401,11 +402,11 @@ def score_table(model, out, title, jobs, w_cons, plan, axes):
     """Sample every job (label, LoRA folders, evaluation scenes) at every w_con, prompt and seed through evaluate.py's
     cached sweep, score each image with toy_metrics against its scene; write the table as csv and the Pareto plot
     (axes: the x and y metric), and return the table in markdown. Jobs with the same label are summarized together."""
-    # What evaluate.sweep and make_generator read of evaluate.py's arguments: the sampling settings, which also key
-    # its image cache.
-    settings = argparse.Namespace(model=model, cfg=5.0, steps=plan.sample_steps, width=world.SIZE, height=world.SIZE,
-                                  negative_prompt="", device="cpu", dtype="float32", config=None, cuda_graph=False,
-                                  compile=False)
+    # evaluate.py's arguments, its defaults but for these sampling settings (which also key its image cache); sweep and
+    # make_generator do not read the references, prompts or metric models.
+    settings = evaluate.parse_args(["--model", model, "--steps", str(plan.sample_steps), "--width", str(world.SIZE),
+                                    "--height", str(world.SIZE), "--device", "cpu", "--dtype", "float32",
+                                    "--no-cuda-graph", "--ref-images", "-", "--prompts", "-", "--dino", "-"])
     cache, entries = evaluate.ImageCache(os.path.join(out, "images")), []
     for label, loras, scenes in jobs:
         by_prompt = {world.caption(s): s for s in scenes}
