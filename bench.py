@@ -9,8 +9,8 @@
 
 Reports the median time per step, peak memory (reserved), for the CFG step the achieved TFLOP/s (forward FLOPs
 counted by torch.utils.flop_counter) against a large matmul's in the same run, the compile time of each step (its
-first call), and with --reference the ratios and the speed targets below. Compare only numbers from one run on one
-machine.
+first call), with --reference the ratios to it, and a line per speed target (SPEED_TARGETS; n/a without what it
+compares). Compare only numbers from one run on one machine.
 """
 import argparse
 import importlib.util

@@ -1,6 +1,6 @@
 """Full-size parity with diffusers, for a GPU machine (CI runs it with --tiny on the CPU so it cannot rot).
 
-    python tests/gpu_check.py                # full SDXL UNet and VAE, random weights, 1024x1024; then CUDA graphs
+    python tests/gpu_check.py                # CUDA graphs; then the full SDXL UNet and VAE, random weights, 1024x1024
     python tests/gpu_check.py --tiny         # the same checks on the tiny configs (CPU: the CUDA graphs are skipped)
     python tests/gpu_check.py --only graphs  # only train.py and sample.py with --cuda-graph against without
 
