@@ -25,13 +25,15 @@ import torch
 from torch._dynamo.utils import counters
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import lora as lora_lib
-from checkpoint import load_unet, unet_config_to_diffusers, unet_key_map
+from checkpoint import component_config, load_unet, unet_config_to_diffusers, unet_key_map
 from cli import Help, positive_int, resolve_device, run
 from dco import dco_loss, eps_mse
 from graph import cuda_graph
+from sample import check_sides
 from unet_sdxl import UNet, UNetConfig
 
 
@@ -210,13 +212,16 @@ def reference(unet, cfg, size, device, dtype, rank):
     return ref, {"DCO train step": train_step, "CFG step (batch 2)": cfg_step, "CG step": cg_step}
 
 
-# FlopCounterMode has no formula for the in-place addmm_ with which a LoRA adds its up product (lora.py): without
-# this it would count that matmul as nothing. Shapes: (self, a (N, r), b (r, out)).
-ADDMM_INPLACE = {torch.ops.aten.addmm_: lambda self, a, b, *args, **kwargs: 2 * a[0] * a[1] * b[1]}
+# FlopCounterMode has no formula for the in-place addmm_ with which a LoRA adds its up product (lora.py), nor for the
+# CPU's attention kernel (the GPU's it counts): without these it would count them as nothing. Shapes: addmm_'s
+# (self, a (N, r), b (r, out)); attention's (query, key, value), each (B, heads, tokens, head_dim).
+UNCOUNTED = {torch.ops.aten.addmm_: lambda self, a, b, *args, **kwargs: 2 * a[0] * a[1] * b[1],
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                 lambda q, k, v, *args, **kwargs: flop_counter.sdpa_flop_count(q, k, v)}
 
 
 def forward_flops(unet, cfg, size, device, dtype):
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=ADDMM_INPLACE) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=UNCOUNTED) as counter:
         unet(*inputs(cfg, 1, size, device, dtype))
     return counter.get_total_flops()
 
@@ -331,7 +336,10 @@ def main(args):
     if args.reference and not all(importlib.util.find_spec(m) for m in ("diffusers", "peft")):
         sys.exit("error: --reference needs diffusers and peft (pip install -r requirements-dev.txt)")
     size = args.size or (64 if args.tiny else 1024)
-    if args.model:
+    if args.model:  # its own configs say which sizes it takes; the latents are the image's sides / 8, as SDXL's
+        check_sides(args.model, None, size=size)
+        if component_config(args.model, "vae").downscale != 8:
+            sys.exit(f"error: {args.model}: its VAE does not shrink images 8x, as SDXL's does, which bench.py assumes")
         unet = load_unet(args.model, dtype, device)
     else:
         torch.manual_seed(0)

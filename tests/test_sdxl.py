@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
 import checkpoint
 import cli
@@ -521,6 +522,10 @@ def test_bench_counts_both_lora_matmuls():
     """A LoRA adds 2 N r (in + out) FLOPs per adapted layer of N tokens: its down and its (in-place) up product."""
     import bench
     unet, cfg = UNet(UNetConfig.tiny()).requires_grad_(False), UNetConfig.tiny()
+    q, k, v = torch.randn(2, 3, 16, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    with FlopCounterMode(display=False, custom_mapping=bench.UNCOUNTED) as counter:  # the CPU's attention kernel too
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == 2 * 2 * (2 * 3 * 16 * 5 * 8)  # Q K^T, then its product with V
     base = bench.forward_flops(unet, cfg, 64, torch.device("cpu"), torch.float32)
     lora_lib.inject(unet, 4)
     lora_flops = []
@@ -531,7 +536,7 @@ def test_bench_counts_both_lora_matmuls():
     assert lora_flops and with_lora - base == sum(lora_flops)
 
 
-def test_bench_refuses_bad_settings_before_building_anything(monkeypatch, capsys):
+def test_bench_refuses_bad_settings_before_building_anything(tiny_sdxl, monkeypatch, capsys):
     import bench
     for bad, needle in [(["--iters", "0"], "positive whole number"), (["--rank", "0"], "positive whole number"),
                         (["--size", "60"], "multiple of 32"), (["--warmup", "-1"], "0 or more")]:
@@ -541,8 +546,10 @@ def test_bench_refuses_bad_settings_before_building_anything(monkeypatch, capsys
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no GPU, and the full SDXL UNet at 1024x1024 would take hours"):
         bench.main(bench.parse_args([]))
-    with pytest.raises(ModelError, match="nowhere/unet: missing"):
+    with pytest.raises(ModelError, match="nowhere: no such model folder"):
         bench.main(bench.parse_args(["--tiny", "--model", "nowhere"]))
+    with pytest.raises(SystemExit, match="its VAE does not shrink images 8x"):  # the tiny VAE halves them once
+        bench.main(bench.parse_args(["--tiny", "--model", tiny_sdxl[0]]))
 
 
 def test_bench_frees_the_reference_before_ours_returns(monkeypatch):
