@@ -241,7 +241,7 @@ def pretrain(out, seed=0, budget=FULL):
     done = read_json(record) if os.path.exists(record) else run  # written first, so a resumed run has it too
     if done != run:  # say, the --quick model where the full one is asked for
         sys.exit(f"error: {out} holds a toy model pretrained otherwise (seed {done[0]}, {done[1]['unet_steps']} "
-                 f"UNet steps, not {budget.unet_steps}); delete it to pretrain it again, or give another --out")
+                 f"UNet steps, not {budget.unet_steps}); delete it to pretrain it again, or use another folder")
     if os.path.exists(os.path.join(out, "model_index.json")):
         print(f"{out} is already pretrained; delete it to pretrain again")
         return False
@@ -298,8 +298,8 @@ def pretrain(out, seed=0, budget=FULL):
 # ---------------------------------------------------------------------------------------------- base model report
 
 def sample_scenes(folder, scenes, seed=0, steps=30, cfg=5.0):
-    """Images the model in folder makes for world.caption(scene) of each scene: sample.py's sampler and settings, in
-    one batch from one noise draw of `seed` (sample.py draws each image's noise from its own seed)."""
+    """Images the model in folder makes for world.caption(scene) of each scene: sample.py's sampler (at `steps` and
+    `cfg`), in one batch from one noise draw of `seed` (sample.py draws each image's noise from its own seed)."""
     unet, vae, text = load_sdxl(folder, torch.device("cpu"), torch.float32)
     prompts = [world.caption(s) for s in scenes]
     with torch.no_grad():
@@ -395,6 +395,10 @@ def fine_tune(model, out, target, method, plan, beta):
         train.main(train.parse_args(argv))
     except (ModelError, OSError) as e:
         sys.exit(f"error: train.py on {name} with {method}: {e}; rerun to continue")
+    except SystemExit as e:  # train.py's Ctrl-C: it saved the run and says to give --resume; here a rerun resumes
+        if not str(e.code).startswith("interrupted"):
+            raise
+        sys.exit(f"interrupted: {run} is saved; rerun this command to continue")
     return run
 
 

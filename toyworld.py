@@ -382,9 +382,10 @@ def learned_token(index=None, style=None):
 
 
 def eval_scenes(subject=None, style=None, n=8, seed=0):
-    """Evaluation prompts as scenes (the prompt is caption(scene), the scene its ground truth): the subject (or a
-    world object) at every place and both sizes on every background, every other pair beside a small world object,
-    in the pretraining styles, or all in a held-out style when one is given."""
+    """Evaluation prompts as scenes (the prompt is caption(scene), the scene its ground truth). Scene i has the subject
+    (or a world object) big and small in turn: in two scenes of four alone at place i mod 5, in the other two beside
+    a small world object; the backgrounds and pretraining styles cycle, or all are in a held-out style when one is
+    given. It stands at every place once n is 9 or more."""
     rng = np.random.default_rng([seed, 7])
     scenes = []
     for i in range(n):

@@ -304,3 +304,16 @@ def test_compare_quick_runs_the_experiments_end_to_end(quick_model, tmp_path):
     assert (out / "results.md").read_text() == text
     other_beta = subprocess.run(command + ["--beta", "100"], capture_output=True, text=True)
     assert other_beta.returncode != 0 and "another --out" in other_beta.stderr and "Traceback" not in other_beta.stderr
+
+
+def test_an_interrupted_fine_tune_says_to_rerun_compare(tmp_path, monkeypatch):
+    """train.py's Ctrl-C message says to continue with --resume, which compare does not take: a rerun resumes."""
+    def interrupted(args):
+        sys.exit(f"interrupted: saved step 3 in {args.out}; continue with --resume")
+    monkeypatch.setattr(toy.train, "main", interrupted)
+    target = toy.training_sets(toy.QUICK_COMPARE)[0]
+    with pytest.raises(SystemExit, match=r"^interrupted: .* is saved; rerun this command to continue$"):
+        toy.fine_tune("model", str(tmp_path), target, "DCO", toy.QUICK_COMPARE, 1000.0)
+    monkeypatch.setattr(toy.train, "main", lambda args: sys.exit("error: something else"))
+    with pytest.raises(SystemExit, match="^error: something else$"):  # other exits pass through as they are
+        toy.fine_tune("model", str(tmp_path), target, "DCO", toy.QUICK_COMPARE, 1000.0)
