@@ -145,6 +145,7 @@ def weights_digest(spec):
 
 
 def files_digest(files):
+    """sha1 of the files' contents, in order."""
     h = hashlib.sha1()
     for file in files:
         with open(file, "rb") as f:
