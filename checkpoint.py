@@ -62,12 +62,14 @@ def read_metadata(path):
 
 @contextlib.contextmanager
 def atomic(path):
-    """Gives a temporary name to write to, renamed to path once written: a crash leaves either the old file or the
-    new one, never half of one. Makes path's folder if needed."""
+    """Gives a temporary name to write to, renamed to path once written and synced to disk: a crash, or a power loss,
+    leaves either the old file or the new one, never half of one. Makes path's folder if needed."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     try:
         yield tmp
+        with open(tmp, "rb+") as f:  # on disk before it takes the name: a rename can reach the disk before the data
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):  # the write failed: no leftover either

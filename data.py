@@ -28,7 +28,7 @@ def image_files(folder):
 def read_text(path):
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark, as Windows tools write, is not text
-            return f.read().strip()
+            return f.read()
     except UnicodeDecodeError:
         raise ModelError(f"{path}: not UTF-8 text") from None
 
@@ -62,7 +62,7 @@ def read_captions(folder, caption):
         txt = os.path.join(folder, stem + ".txt")
         if not os.path.isfile(txt) and stem in other_case:
             txt = os.path.join(folder, other_case[stem])
-        text = caption or captions.get(f) or (read_text(txt) if os.path.isfile(txt) else None)
+        text = caption or captions.get(f) or (read_text(txt).strip() if os.path.isfile(txt) else None)
         if not text:
             raise ModelError(f"{os.path.join(folder, f)}: no caption ({os.path.basename(txt)} is missing or empty; "
                              "or use --caption)")

@@ -38,8 +38,9 @@ class LoRALinear(nn.Linear):
         self.rank, self.alpha, self.scale = rank, float(alpha or rank), 1.0
         dev = base.weight.device
         # peft's "gaussian" init: A ~ N(0, 1/rank^2), B = 0. The update B A starts at zero (the layer is the base
-        # layer), and B gets a gradient through the random A at once; with A = 0 too, neither would ever move.
-        self.lora_A = nn.Parameter(torch.randn(rank, self.in_features, device=dev) / rank) if down is None else down
+        # layer), and B gets a gradient through the random A at once; with A = 0 too, neither would ever move. A is
+        # drawn on the CPU, so that a seed starts the same LoRA on every device.
+        self.lora_A = nn.Parameter(torch.randn(rank, self.in_features).to(dev) / rank) if down is None else down
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev)) if up is None else up
 
     def forward(self, x):
@@ -48,8 +49,10 @@ class LoRALinear(nn.Linear):
         # Trained parameters stay fp32; like autocast, the product runs in the activations' dtype (bf16 on a GPU).
         h = F.linear(x, self.lora_A.to(x.dtype))  # (..., rank)
         factor = self.alpha / self.rank
-        if torch.is_tensor(self.scale):  # per-sample scale (B,) -> (B, 1, ..., 1), on the narrow h
-            h = h * self.scale.to(h.dtype).view(-1, *[1] * (x.ndim - 1))
+        # A per-sample scale multiplies the narrow h, in its dtype (in bf16, exact for consistency guidance's 0s and
+        # 1s); a float scale goes into addmm_'s alpha, exactly.
+        if torch.is_tensor(self.scale):
+            h = h * self.scale.to(h.dtype).view(-1, *[1] * (x.ndim - 1))  # (B,) -> (B, 1, ..., 1)
         else:
             factor *= self.scale
         y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)  # (N, out), N = all leading dims

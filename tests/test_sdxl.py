@@ -240,6 +240,19 @@ def test_saved_folder_loads_in_diffusers(tmp_path):
         close(vae.decode(x), ref_vae.decode(x).sample)
 
 
+def test_a_file_is_synced_to_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """Otherwise a power loss could leave the rename on disk and not the data: an empty file where a good one was."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or replace(a, b))
+    path = str(tmp_path / "x.safetensors")
+    checkpoint.save_safetensors({"w": torch.ones(2)}, path)
+    checkpoint.write_text(str(tmp_path / "settings.json"), "{}")
+    assert events == ["fsync", "replace"] * 2 and load_file(path)["w"].tolist() == [1.0, 1.0]
+    assert sorted(os.listdir(tmp_path)) == ["settings.json", "x.safetensors"]  # no temporary file left
+
+
 def test_wrong_model_is_refused_with_the_key_named(tiny_sdxl, tmp_path):
     folder = tiny_sdxl[0]
     from safetensors.torch import load_file, save_file

@@ -236,8 +236,8 @@ def test_bad_data_is_refused_in_one_line(tiny_sdxl, tmp_path):
         f.write("a photo of a <dog> in Köln".encode("latin-1"))
     expect_error(("--data", data, *common), "00.txt: not UTF-8 text", out)
     with open(os.path.join(data, "metadata.jsonl"), "w") as f:
-        f.write(json.dumps({"file_name": "00.png", "text": "a dog"}) + "\n" + json.dumps(["00.png", "a dog"]) + "\n")
-    expect_error(("--data", data, *common), "metadata.jsonl: line 2 needs file_name and text", out)
+        f.write("\n\n" + json.dumps({"file_name": "00.png", "text": "a dog"}) + "\n" + json.dumps(["00.png", "a dog"]))
+    expect_error(("--data", data, *common), "metadata.jsonl: line 4 needs file_name and text", out)  # blank lines count
     with open(os.path.join(data, "metadata.jsonl"), "w") as f:
         f.write(json.dumps({"file_name": 0, "text": "a dog"}) + "\n")
     expect_error(("--data", data, *common), "metadata.jsonl: line 1 needs file_name and text", out)
