@@ -326,6 +326,12 @@ def test_folding_into_bf16_weights_loses_no_more_than_the_lora_apart():
         want = run(torch.float32, fold=False)
         folded, apart = ((run(torch.bfloat16, fold) - want).norm() / want.norm() for fold in (True, False))
         assert folded <= 1.25 * apart, (strength, folded, apart)
+    # How the fold rounds, exactly: W + up @ down summed in fp32, rounded once to bf16
+    unet = copy.deepcopy(base).to(torch.bfloat16)
+    lora_lib.apply_lora(unet, lora, torch.bfloat16, fold=True)
+    for name, (down, up) in lora.items():
+        want = (base.get_submodule(name).weight + up @ down).to(torch.bfloat16)
+        assert torch.equal(unet.get_submodule(name).weight, want), name
 
 
 def test_compiled_blocks_equal_eager():

@@ -244,12 +244,15 @@ def test_a_file_is_synced_to_disk_before_it_replaces_the_old_one(tmp_path, monke
     """Otherwise a power loss could leave the rename on disk and not the data: an empty file where a good one was."""
     events = []
     fsync, replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
-    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or replace(a, b))
+    synced = lambda fd: os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))  # noqa: E731  (Linux: the file's name)
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", synced(fd))) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.path.basename(a))) or replace(a, b))
     path = str(tmp_path / "x.safetensors")
     checkpoint.save_safetensors({"w": torch.ones(2)}, path)
     checkpoint.write_text(str(tmp_path / "settings.json"), "{}")
-    assert events == ["fsync", "replace"] * 2 and load_file(path)["w"].tolist() == [1.0, 1.0]
+    assert events == [(step, name + ".tmp") for name in ("x.safetensors", "settings.json")
+                      for step in ("fsync", "replace")]
+    assert load_file(path)["w"].tolist() == [1.0, 1.0]
     assert sorted(os.listdir(tmp_path)) == ["settings.json", "x.safetensors"]  # no temporary file left
 
 

@@ -296,6 +296,15 @@ def test_compare_quick_runs_the_experiments_end_to_end(quick_model, tmp_path):
             expected = np.mean([toyworld.toy_metrics([im], scenes[e["prompt"]])[key] for im, e in zip(images, entries)])
             assert float(row[f"{key}_mean"]) == pytest.approx(expected)
 
+    # The merge rows sample each method's subject LoRA and style LoRA together.
+    merged = {toyworld.caption(s): (i, style) for i, style in plan.merges
+              for s in toyworld.eval_scenes(toyworld.SUBJECTS[i], style=style, n=plan.prompts)}
+    entries = [e for e in index.values() if e["prompt"] in merged]
+    assert {e["method"] for e in entries} == {"DreamBooth", "DCO"}
+    for e in entries:
+        i, style = merged[e["prompt"]]
+        assert [os.path.basename(p) for p in e["loras"]] == [f"sub{i}-{e['method']}", f"{style}-{e['method']}"]
+
     # A run recorded before train.py had some of its resumable options (here --cuda-graph) is still this run.
     settings = out / "runs" / "sub0-DCO" / "settings.json"
     settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "cuda_graph"}))

@@ -318,13 +318,14 @@ def test_each_step_compares_the_lora_with_the_frozen_model_on_one_draw(tiny_sdxl
     encode = TextEncoders.encode
     monkeypatch.setattr(TextEncoders, "encode", lambda self, prompts, **kw: encoded.append(list(prompts)) or
                         encode(self, prompts, **kw))
-    monkeypatch.setattr(train, "diffusion_loss", lambda a, b, beta: losses.append((a.detach().clone(), b.clone()))
+    monkeypatch.setattr(train, "diffusion_loss", lambda a, b, beta: losses.append((a.detach().clone(), b.clone(), beta))
                         or dco.diffusion_loss(a, b, beta))
     monkeypatch.setattr(train, "min_snr_weight", lambda t, gamma, a_bar: torch.full(t.shape, 0.5))
-    errors = []  # the unweighted errors, frozen model then LoRA model at each step
-    monkeypatch.setattr(train, "eps_mse", lambda pred, eps: (lambda e: errors.append(e.detach()) or e)(
-        dco.eps_mse(pred, eps)))
-    monkeypatch.setattr(train, "q_sample", lambda x0, *a: x0s.append(x0) or q_sample(x0, *a))
+    errors, targets = [], []  # the unweighted errors and their targets, frozen model then LoRA model at each step
+    monkeypatch.setattr(train, "eps_mse", lambda pred, eps: targets.append(eps) or (
+        lambda e: errors.append(e.detach()) or e)(dco.eps_mse(pred, eps)))
+    monkeypatch.setattr(train, "q_sample", lambda x0, t, noise, a_bar: x0s.append((x0, t, noise)) or
+                        q_sample(x0, t, noise, a_bar))
     monkeypatch.setattr(train, "encode_images", lambda *a: latents.append(encode_images(*a)) or latents[-1])
     calls, forward = [], UNet.forward  # (grad enabled, the LoRA scales, context, time ids) of every UNet call
     monkeypatch.setattr(UNet, "forward", lambda self, *a: calls.append(
@@ -349,19 +350,33 @@ def test_each_step_compares_the_lora_with_the_frozen_model_on_one_draw(tiny_sdxl
     assert len(clipped) == 3 and all(  # the gradient clipped is the LoRA's and the token rows' together
         sorted(p.numel() for p in group if p.ndim == 1) == sorted(w.numel() for w in words) and
         any(p.ndim == 2 for p in group) for group in clipped)
-    (theta0, phi0), *later = losses
-    assert len(later) == 2 and len(errors) == 6
-    for (theta, phi), err_phi, err_theta in zip(losses, errors[::2], errors[1::2]):  # weighted by min-SNR's 0.5
+    (theta0, phi0, _), *later = losses
+    assert len(later) == 2 and len(errors) == 6 and {beta for *_, beta in losses} == {1000.0}  # --beta's default
+    for (theta, phi, _), err_phi, err_theta in zip(losses, errors[::2], errors[1::2]):  # weighted by min-SNR's 0.5
         assert torch.equal(theta, 0.5 * err_theta) and torch.equal(phi, 0.5 * err_phi)
     torch.testing.assert_close(theta0, phi0, rtol=1e-5, atol=0)  # (the LoRA layer's matmul rounds differently)
-    assert all(not torch.allclose(theta, phi, rtol=1e-3) for theta, phi in later)
+    assert all(not torch.allclose(theta, phi, rtol=1e-3) for theta, phi, _ in later)
+    # The logged loss is DCO's, -log sigmoid(-beta (err_theta - err_phi)) = softplus(beta margin), from those errors
+    logged = [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert logged == pytest.approx([torch.nn.functional.softplus(1000 * (theta - phi)).mean().item()
+                                    for theta, phi, _ in losses], rel=1e-5)
     mean, std = latents[0]
     with torch.no_grad():  # the latent posterior as diffusers' VAE gives it, in the UNet's scale
         dist = tiny_sdxl[1].vae.encode(torch.stack([prepare_image(p, 32) for p, _ in read_captions(data, None)]))
     factor = tiny_sdxl[1].vae.config.scaling_factor
     torch.testing.assert_close(mean, dist.latent_dist.mean * factor, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(std, dist.latent_dist.std * factor, rtol=1e-4, atol=1e-5)
-    assert len(x0s) == 3 and std.min() > 0 and not any(torch.equal(x0[0], m) for x0 in x0s for m in mean)
+    # Each step's draws from the run's generator (--seed 0), in the loop's order: an image, a posterior sample z of its
+    # latent, the noise, a timestep. x0 = mean + std z; both models are scored against that same noise.
+    rng = torch.Generator().manual_seed(0)
+    assert len(x0s) == 3 and std.min() > 0
+    for (x0, t, noise), eps_phi, eps_theta in zip(x0s, targets[::2], targets[1::2]):
+        i = torch.randint(0, len(mean), (1,), generator=rng)
+        z = torch.randn((1, *mean.shape[1:]), generator=rng)
+        assert torch.equal(noise, torch.randn(z.shape, generator=rng))  # offset noise 0: plain N(0, I)
+        assert torch.equal(t, torch.randint(0, 1000, (1,), generator=rng))
+        torch.testing.assert_close(x0, mean[i] + std[i] * z, rtol=0, atol=1e-6)
+        assert torch.equal(eps_phi, noise) and torch.equal(eps_theta, noise)
     learned = load_file(os.path.join(out, "learned_embeds.safetensors"))
     for key, row in zip(("clip_l", "clip_g"), words):
         assert not torch.allclose(learned[key][0], row)  # it trained ...
