@@ -329,7 +329,7 @@ def test_merge_mode_scores_subject_and_style(setup):
     (lambda t, a: setattr(a, "subject", None), "give the subject phrase with --subject"),
     (lambda t, a: setattr(a, "ref_images", str(t / "style" / "none")), "--ref-images .*none: no such folder"),
     (lambda t, a: setattr(a, "lora", [str(t / "missing.safetensors")]), "missing.safetensors: not found"),
-    (lambda t, a: setattr(a, "w_con", "1,x"), "--w-con"),
+    (lambda t, a: setattr(a, "w_con", "1,x"), "--w-con '1,x': expected numbers or 'cfg'"),
     (lambda t, a: setattr(a, "style_lora", ["x"]), "merge mode needs"),
     (lambda t, a: setattr(a, "dino", a.siglip), "a siglip checkpoint, not dinov2"),
     (lambda t, a: setattr(a, "seeds", 0), "--seeds 0"),

@@ -344,6 +344,12 @@ def test_rank_compression_prints_its_error(tiny_sdxl, trained, tmp_path, capsys)
     assert capsys.readouterr().out.endswith(", rank 6\n")  # as written: every module at the largest rank, 4 + 2
     written = load_file(str(tmp_path / "m.safetensors"))
     assert {v.shape[0] for k, v in written.items() if k.endswith("lora.down.weight")} == {2}
+    # The error printed is the written file's: its deltas against twice the run's, over all layers together
+    cfg = load_unet(tiny_sdxl[0]).cfg
+    run, m = (lora_lib.read_lora(p, cfg) for p in (trained, str(tmp_path / "m.safetensors")))
+    diff2 = sum((2 * up @ down - m[k][1] @ m[k][0]).pow(2).sum() for k, (down, up) in run.items())
+    total2 = sum((2 * up @ down).pow(2).sum() for down, up in run.values())
+    assert err == pytest.approx((diff2 / total2).sqrt().item(), rel=1e-3)
 
 
 def test_merge_refuses_to_fuse_into_a_folder_or_read_a_missing_input(tmp_path, capsys):
