@@ -40,6 +40,9 @@ def test_w_con_zero_is_the_base_model(tiny_sdxl, trained):
     base = generate(plain, "a photo of a dog in the snow", [0, 1], **KW)
     torch.testing.assert_close(cg0, base, rtol=0, atol=1e-4)
     assert (generate(tuned, PROMPT, [0, 1], w_con=3.0, **KW) - base).abs().max() > 0.05  # and w_con matters
+    wide = dict(KW, width=64, height=32)  # not square: every prompt's size conditioning is (height, width)
+    torch.testing.assert_close(generate(tuned, PROMPT, [0], w_con=0.0, **wide),
+                               generate(plain, "a photo of a dog in the snow", [0], **wide), rtol=0, atol=1e-4)
 
 
 @torch.no_grad()

@@ -158,6 +158,24 @@ def test_time_ids_stay_exact_in_bfloat16():
     assert cond.context.dtype == torch.bfloat16 and cond.time_ids.tolist() == [[1023, 777, 0, 0, 1023, 777]]
 
 
+def test_timesteps_and_time_ids_reach_the_unet_unrounded_in_bfloat16(monkeypatch):
+    """bfloat16 would turn timestep 958 into 960 and a size of 1023 into 1024: the sampler passes them, and the UNet
+    embeds them, in float32."""
+    import sampler
+    import unet_sdxl
+    seen, embed = [], unet_sdxl.timestep_embedding
+    monkeypatch.setattr(unet_sdxl, "timestep_embedding", lambda t, *a: seen.append(t.clone()) or embed(t, *a))
+    unet = UNet(UNetConfig.tiny()).to(torch.bfloat16)
+    cfg = unet.cfg
+    ids = time_ids((1023, 777), (0, 0), (1023, 777))[None]
+    cond = Cond(torch.randn(1, 77, cfg.context_dim), torch.randn(1, cfg.pooled_dim), ids)
+    sampler.sample(unet, torch.randn(1, 4, 8, 8), cond, cond, steps=30, progress=False)
+    timesteps = euler_schedule(30)[0]
+    assert all(s.dtype == torch.float32 for s in seen) and len(seen) == 2 * 30
+    assert [s.tolist() for s in seen[1::2]] == [[t] * 2 for t in timesteps.tolist()]  # 958, 925, ... (batch 2)
+    assert all(s.tolist() == [1023, 777, 0, 0, 1023, 777] * 2 for s in seen[::2])
+
+
 def test_long_prompt_warns(tiny_sdxl):
     text = TextEncoders(tiny_sdxl[0])
     with pytest.warns(UserWarning, match="only the first 77"):
@@ -185,8 +203,9 @@ def test_sample_cli_matches_pipeline(tiny_sdxl, tmp_path):
     prompt, out = "a photo of a dog in the snow", str(tmp_path / "ours.png")
     subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", folder, "--prompt", prompt,
                     "--steps", "12", "--width", "64", "--height", "48", "--seed", "7", "--n", "2", "--cfg", "6",
-                    "--out", out, "--quiet"], check=True)
+                    "--negative-prompt", "a photo of a cat", "--out", out, "--quiet"], check=True)
     ref = pipe(prompt, num_inference_steps=12, width=64, height=48, guidance_scale=6.0, num_images_per_prompt=2,
+               negative_prompt="a photo of a cat",
                generator=[torch.Generator("cpu").manual_seed(s) for s in (7, 8)]).images  # image i: seed 7 + i
     ours = Image.open(out)
     diff = np.abs(np.asarray(ours, dtype=int) - np.concatenate([np.asarray(r, dtype=int) for r in ref], axis=1))
