@@ -205,8 +205,10 @@ def test_alpha_in_a_diffusers_file_header_or_a_peft_config_is_applied(tiny_sdxl,
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
     folder = tiny_sdxl[0]
+    # diffusers' names; "attn1" ends no adapted module's name, so peft leaves lora_alpha there; attn2's to_k at rank 2
     pipe, config, want = peft_lora(folder, r=4, lora_alpha=8, alpha_pattern={
-        "attn2.to_v": 2, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": 16})  # diffusers' names
+        "attn2.to_v": 2, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": 16, "attn1": 32},
+        rank_pattern={"attn2.to_k": 2})
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
     type(pipe).save_lora_weights(str(tmp_path), unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict())
     # peft's own save_pretrained folder: the same LoraConfig, in adapter_config.json beside the weights
