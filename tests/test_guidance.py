@@ -144,6 +144,11 @@ def test_w_con_sweep_makes_a_labelled_grid(tiny_sdxl, trained, tmp_path):
     assert im.size == (3 * 32, 2 * 32 + 14)
     settings = json.loads(im.info["parameters"])  # what made the image, as given
     assert (settings["lora"], settings["prompt"], settings["w_con"], settings["n"]) == ([trained], PROMPT, [0, 2, 4], 2)
+    # The columns in --w-con's order, a row per seed: column 0 is w_con 0, the base model's image for seed 0 and 1
+    pipe = load_pipeline(tiny_sdxl[0], loras=[trained])
+    for col, w in enumerate((0.0, 2.0, 4.0)):
+        want = np.asarray(grid([generate(pipe, PROMPT, [0, 1], w_con=w, steps=2, width=32, height=32)], [""]))[14:]
+        assert np.abs(np.asarray(im.convert("RGB"))[14:, 32 * col:32 * (col + 1)].astype(int) - want).max() <= 1, w
     r = run_script("sample.py", "--model", tiny_sdxl[0], "--prompt", "x", "--w-con", "abc", check=False)
     assert r.returncode == 2 and "expected a number" in r.stderr
 

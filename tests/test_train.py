@@ -424,18 +424,25 @@ def test_the_cuda_graph_path_trains_and_samples_as_the_eager_one(tiny_sdxl, tmp_
     import sample
     import sampler
     recorded = []  # per call a graph would replay: the ops found in it that a graph cannot record
+    scales, forward = [], lora_lib.LoRALinear.forward  # the scale each LoRA layer runs at, call by call
+    monkeypatch.setattr(lora_lib.LoRALinear, "forward", lambda self, x: scales.append(
+        self.scale.tolist() if torch.is_tensor(self.scale) else self.scale) or forward(self, x))
 
     def no_recording(fn, *inputs, warmup=2, after_warmup=None):
         for _ in range(warmup):
+            scales.clear()
             fn(*inputs)
         if after_warmup is not None:
             after_warmup()
+        captured = list(scales)  # a graph replays its recording's LoRA scales, whatever they are at replay time
 
         def run(*args):
             watch = UnrecordableOps()
+            scales.clear()
             with watch:
                 out = fn(*args)
             recorded.append(watch.found)
+            assert scales == captured
             return out
         return run
     data = write_images(str(tmp_path / "d"), ["a photo of a <dog>", "a <dog> in the snow"])
