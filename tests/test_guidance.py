@@ -287,6 +287,9 @@ def test_each_learned_token_is_carried_once(tiny_sdxl, trained, tmp_path):
     folder = tiny_sdxl[0]
     merge_here(trained, trained, "--model", folder, "--out", tmp_path / "twice")  # the same run twice: its token once
     assert sorted(os.listdir(tmp_path / "twice")) == ["learned_embeds.safetensors", "pytorch_lora_weights.safetensors"]
+    shutil.copytree(trained, tmp_path / "copy")  # and a copy of it elsewhere: the same bytes, so one token too
+    merge_here(trained, tmp_path / "copy", "--model", folder, "--out", tmp_path / "copied")
+    assert sorted(os.listdir(tmp_path / "copied")) == ["learned_embeds.safetensors", "pytorch_lora_weights.safetensors"]
     assert load_pipeline(folder, loras=[str(tmp_path / "twice"), trained + ":0.5"]).tokens == {"<dog>": "dog"}
     other = tmp_path / "other"  # another run that learned <dog>, as other vectors: which to keep is the user's call
     other.mkdir()
@@ -347,6 +350,8 @@ def test_rank_compression_prints_its_error(tiny_sdxl, trained, tmp_path, capsys)
     out = capsys.readouterr().out
     err = float(out.split("relative error of the summed delta ")[1].split()[0])
     assert 0 < err < 1 and out.endswith(", rank 2\n")
+    merge_here(trained, "--model", tiny_sdxl[0], "--rank", 64, "--out", tmp_path / "m64.safetensors")
+    assert capsys.readouterr().out.endswith(", rank 4\n")  # never more than the LoRA has
     style = random_lora_file(tiny_sdxl[0], str(tmp_path / "style.safetensors"), seed=1)  # rank 2 on to_q and to_v
     merge_here(trained, style, "--model", tiny_sdxl[0], "--out", tmp_path / "mixed.safetensors")
     assert capsys.readouterr().out.endswith(", rank 6\n")  # as written: every module at the largest rank, 4 + 2

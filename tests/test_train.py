@@ -607,6 +607,11 @@ def test_captions_come_from_caption_then_metadata_then_txt(tmp_path):
     (tmp_path / "d" / "metadata.jsonl").write_text(  # with a byte-order mark, as Windows tools write it
         "\ufeff" + json.dumps({"file_name": "00.png", "text": "bom"}) + "\n", encoding="utf-8")
     assert [c for _, c in read_captions(data, None)][0] == "bom"
+    (tmp_path / "d" / "01.TXT").write_text("  from txt, padded \n")  # a caption file's spaces and newline are not text
+    assert [c for _, c in read_captions(data, None)][1] == "from txt, padded"
+    (tmp_path / "d" / "01.TXT").write_text(" \n")
+    with pytest.raises(ModelError, match="01.PNG: no caption .* missing or empty"):
+        read_captions(data, None)
     imagefolder = tmp_path / "hf"  # Hugging Face's imagefolder layout: the images in a subfolder
     os.makedirs(imagefolder / "images")
     shutil.copy(tmp_path / "d" / "00.png", imagefolder / "images" / "00.png")
@@ -650,9 +655,11 @@ def test_every_image_mode_becomes_upright_rgb(tmp_path):
 
 def test_resize_and_crop_round_as_torchvision(tmp_path):
     # The official code's transforms.Resize(16) then CenterCrop(16): the long side truncates (20x31 -> 16x24.8 -> 24),
-    # the offset rounds half to even (27 - 16 = 11 -> 5.5 -> 6), and the resampling is PIL's bilinear.
+    # the offset rounds half to even (27 - 16 = 11 -> 5.5 -> 6; 25 - 16 = 9 -> 4.5 -> 4), and the resampling is PIL's
+    # bilinear.
     rng = np.random.default_rng(0)
-    for (w, h), size, box in [((31, 20), (24, 16), (4, 0, 20, 16)), ((16, 27), (16, 27), (0, 6, 16, 22))]:
+    for (w, h), size, box in [((31, 20), (24, 16), (4, 0, 20, 16)), ((16, 27), (16, 27), (0, 6, 16, 22)),
+                              ((16, 25), (16, 25), (0, 4, 16, 20))]:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         img.save(tmp_path / "x.png")
         want = np.asarray(img.resize(size, Image.BILINEAR).crop(box), dtype=np.float32) / 127.5 - 1
