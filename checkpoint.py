@@ -390,8 +390,8 @@ def check_parts_fit(folder):
             raise ModelError(f"{folder}: {what} differ ({a} and {b}); is this an SDXL base model?")
     for tokenizer, encoder in (("tokenizer", te), ("tokenizer_2", te2)):  # prompts are padded to the tokenizer's length
         path = os.path.join(folder, tokenizer, "tokenizer_config.json")
-        length, positions = read_json(path).get("model_max_length") if os.path.isfile(path) else None, \
-            encoder.get("max_position_embeddings", 77)  # transformers' default, SDXL's value
+        length = read_json(path).get("model_max_length") if os.path.isfile(path) else None
+        positions = encoder.get("max_position_embeddings", 77)  # transformers' default, SDXL's value
         if length != positions:
             raise ModelError(f"{path}: {'missing' if length is None else f'model_max_length {length}'}; the text "
                              f"encoder reads prompts of {positions} tokens (SDXL's tokenizer_config.json says "

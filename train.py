@@ -267,8 +267,13 @@ CHECKPOINT = "checkpoint.safetensors"
 OUTPUTS = (CHECKPOINT, lora_lib.DIFFUSERS_FILE, lora_lib.KOHYA_FILE, "learned_embeds.safetensors")
 
 
+def run_metadata(args, step):
+    """What every file a save writes says of its run, in its safetensors header."""
+    return {"dco.settings": json.dumps(vars(args)), "dco.step": str(step)}
+
+
 def save_outputs(args, unet, ti, step):
-    meta = {"dco.settings": json.dumps(vars(args)), "dco.step": str(step)}
+    meta = run_metadata(args, step)
     lora = lora_lib.get_lora(unet)
     save_safetensors(lora_lib.to_diffusers(lora, unet.cfg), os.path.join(args.out, lora_lib.DIFFUSERS_FILE),
                      meta)
@@ -433,8 +438,8 @@ def main(args):
         dco_step = graph_step(dco_step, trained, optimizer, B * (2 if prior else 1), mean.shape[1:], device)
 
     def save(step):
-        settings = {"step": str(step), "dco.settings": json.dumps(vars(args))}  # the run, if settings.json never comes
-        save_training_state(ckpt, {f"param.{i}": p for i, p in enumerate(trained)}, optimizer, rng, settings)
+        meta = {"step": str(step), **run_metadata(args, step)}  # the run, should settings.json never come
+        save_training_state(ckpt, {f"param.{i}": p for i, p in enumerate(trained)}, optimizer, rng, meta)
         save_outputs(args, unet, ti, step)
 
     log = open_log(os.path.join(args.out, "log.jsonl"), start)
