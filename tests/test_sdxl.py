@@ -216,7 +216,8 @@ def test_sample_cli_matches_pipeline(tiny_sdxl, tmp_path):
 
 
 def test_full_size_keys_and_shapes_match_reference():
-    """The full SDXL configs, built on the meta device: our key map covers diffusers' state dict exactly."""
+    """The full SDXL configs, built on the meta device: our key map covers diffusers' state dict exactly, and each norm
+    layer has its diffusers counterpart's eps and groups."""
     from diffusers import AutoencoderKL as RefVAE, UNet2DConditionModel
     sdxl_unet = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -238,6 +239,14 @@ def test_full_size_keys_and_shapes_match_reference():
         for k, v in ours.state_dict().items():
             assert v.shape == theirs[mapping[k]].shape, k
         assert from_diffusers(dict(ref.config)) == default  # diffusers' SDXL config reads as our default
+        # A norm's eps changes the output but no weight's shape: each must be its diffusers counterpart's.
+        norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+        ref_modules = dict(ref.named_modules())
+        norms = [(name, m) for name, m in ours.named_modules() if isinstance(m, norm_types)]
+        for name, m in norms:
+            r = ref_modules[mapping[name + ".weight"].removesuffix(".weight")]
+            assert (type(r), r.eps, getattr(r, "num_groups", 0)) == (type(m), m.eps, getattr(m, "num_groups", 0)), name
+        assert len(norms) == sum(isinstance(m, norm_types) for m in ref.modules())
     unet, ref_unet = pairs[0][0], pairs[0][1]
     assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in ref_unet.parameters()) == 2567463684
 
