@@ -298,11 +298,17 @@ def test_wrong_model_is_refused_with_the_key_named(tiny_sdxl, tmp_path):
         load_unet(str(bad))
     del tensors["conv_in.weight"]
     save_file(tensors, weights)
-    with pytest.raises(ModelError, match="missing key 'conv_in.weight'"):
+    with pytest.raises(ModelError, match=r"missing key 'conv_in.weight'; is this"):
         load_unet(str(bad))
-    tensors["conv_in.weight"], tensors["extra.weight"] = torch.zeros(32, 4, 3, 3), torch.zeros(1)
+    del tensors["conv_in.bias"], tensors["conv_out.bias"]
     save_file(tensors, weights)
-    with pytest.raises(ModelError, match="unexpected key 'extra.weight'"):
+    with pytest.raises(ModelError, match=r"missing key 'conv_in.bias' \(and 2 more\); is this"):
+        load_unet(str(bad))
+    tensors = load_file(weights)
+    tensors["conv_in.weight"], tensors["conv_in.bias"] = torch.zeros(32, 4, 3, 3), torch.zeros(32)
+    tensors["conv_out.bias"], tensors["extra.weight"] = torch.zeros(4), torch.zeros(1)
+    save_file(tensors, weights)
+    with pytest.raises(ModelError, match=r"unexpected key 'extra.weight'; is this"):
         load_unet(str(bad))
 
 

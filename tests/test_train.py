@@ -615,8 +615,10 @@ def test_captions_come_from_caption_then_metadata_then_txt(tmp_path):
     imagefolder = tmp_path / "hf"  # Hugging Face's imagefolder layout: the images in a subfolder
     os.makedirs(imagefolder / "images")
     shutil.copy(tmp_path / "d" / "00.png", imagefolder / "images" / "00.png")
-    (imagefolder / "metadata.jsonl").write_text(json.dumps({"file_name": "images/00.png", "text": "sub"}) + "\n")
-    assert read_captions(str(imagefolder), None) == [(str(imagefolder / "images" / "00.png"), "sub")]
+    rows = [{"file_name": "images/00.png", "text": "sub"}, {"file_name": "images/01.png", "text": "deleted"}]
+    (imagefolder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.warns(UserWarning, match="captions without an image .*: images/01.png; they are not"):
+        assert read_captions(str(imagefolder), None) == [(str(imagefolder / "images" / "00.png"), "sub")]
 
 
 def test_every_image_mode_becomes_upright_rgb(tmp_path):
