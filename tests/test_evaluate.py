@@ -218,6 +218,42 @@ def test_csv_table_and_plot_are_written(setup, monkeypatch):
     assert not (plot == evaluate.COLORS[2]).all(-1).any()
 
 
+def test_prompts_w_con_and_the_table_cells(tmp_path):
+    (tmp_path / "p.txt").write_text("a {} in the snow\n# a comment\n{} on a table\n")
+    assert evaluate.read_prompts(str(tmp_path / "p.txt"), "<dog>", ", in watercolor") == [
+        "a <dog> in the snow, in watercolor", "<dog> on a table, in watercolor"]
+    assert evaluate.parse_w_con("0, cfg ,2.5") == [0.0, None, 2.5]
+    entries = [dict(method="m", w_con=w) for w in (None, 1.0, 1.0, 1.0)]
+    scores = {"s": np.array([0.9, 0.1, 0.2, 0.6])}
+    one, three = evaluate.summarize(entries, scores)
+    assert (one["n"], one["s_mean"], np.isnan(one["s_se"])) == (1, 0.9, True)  # one image: no standard error
+    se = np.std([0.1, 0.2, 0.6], ddof=1) / np.sqrt(3)
+    assert (three["w_con"], three["n"]) == ("1", 3) and three["s_se"] == pytest.approx(se)
+    assert evaluate.to_markdown([three], ["s"]).splitlines()[2] == f"| m | 1 | 3 | 0.3000 ± {se:.4f} |"
+
+
+def test_a_text_metric_reads_a_long_prompt_as_its_first_tokens(metric_models):
+    clip = Embedder("clip", metric_models["clip"])
+    long = "a " * 100  # past CLIP's 77 positions: the tail is cut, as SDXL's text encoders cut it
+    a, b = clip.texts([long + "dog", long + "cat"])
+    assert torch.equal(a, b)
+
+
+def test_clip_alone_scores_and_plots_the_text(setup):
+    tmp, argv = setup
+    rows = evaluate.main(argv(metrics=("dino", "clip")), make_generator=FakeGenerator())
+    assert "text_clip_mean" in rows[0] and "text_siglip_mean" not in rows[0]
+    assert (tmp / "out" / "pareto.png").exists()
+
+
+def test_the_image_cache_keys_on_the_device(setup, monkeypatch):
+    _, argv = setup
+    args = argv()
+    on_cpu = evaluate.base_model_id(args)
+    monkeypatch.setattr(evaluate.cli, "resolve_device", lambda device, dtype: (torch.device("cuda"), torch.float32))
+    assert evaluate.base_model_id(args) != on_cpu  # kernels differ: a GPU's images are not the CPU's
+
+
 def test_plot_puts_each_point_at_its_values(tmp_path):
     """Method A has the lower text and higher image similarity: its marker must be top-left, B's bottom-right."""
     rows = [dict(method=m, w_con="cfg", n=4, t_mean=x, t_se=0.01, i_mean=y, i_se=0.01)
@@ -228,6 +264,13 @@ def test_plot_puts_each_point_at_its_values(tmp_path):
     a, b = [(plot == color).all(-1) for color in evaluate.COLORS[:2]]
     assert a[:h, :w].sum() > 30 and not a[h:, w:].any()  # the legend is top-right, outside both quadrants
     assert b[h:, w:].sum() > 30 and not b[:h, :w].any()
+    # One method's curve through its numeric w_con, not through its cfg point (bottom-right); more methods than colors
+    rows = [dict(method="A", w_con=w, n=4, t_mean=x, t_se=0.0, i_mean=y, i_se=0.0)
+            for w, x, y in (("0", 0.1, 0.9), ("1", 0.15, 0.85), ("cfg", 0.9, 0.1))]
+    rows += [dict(method=f"M{k}", w_con="cfg", n=4, t_mean=0.5, t_se=0.0, i_mean=0.5, i_se=0.0) for k in range(7)]
+    evaluate.plot_pareto(rows, "t", "i", str(tmp_path / "q.png"))
+    a = (np.asarray(Image.open(tmp_path / "q.png").convert("RGB")) == evaluate.COLORS[0]).all(-1)
+    assert a[h - 100:h + 100, w - 100:w + 100].sum() < 10  # no line across the middle to the cfg point
 
 
 def test_interrupted_run_resumes_without_recomputing(setup):
@@ -248,6 +291,15 @@ def test_interrupted_run_resumes_without_recomputing(setup):
     third = FakeGenerator()
     evaluate.main(argv(), make_generator=third)
     assert third.loads == [] and third.drawn == []  # everything cached: SDXL is not even loaded
+    index = json.loads((images / "index.json").read_text())
+    gone = next(iter(index))
+    os.remove(images / index[gone]["file"])
+    again = FakeGenerator()
+    evaluate.main(argv(), make_generator=again)
+    assert len(again.drawn) == 1 and (images / index[gone]["file"]).exists()  # a deleted image is made again
+    steps = FakeGenerator()
+    evaluate.main(argv("--steps", "20"), make_generator=steps)
+    assert len(steps.drawn) == total  # other sampling steps: nothing reused
 
     (tmp / "db.safetensors").write_bytes(b"retrained")
     fourth = FakeGenerator()
@@ -268,10 +320,17 @@ def test_interrupted_run_resumes_without_recomputing(setup):
     seventh = FakeGenerator()
     evaluate.main(argv(), make_generator=seventh)
     assert len(seventh.drawn) == total  # another base model at the same path: nothing reused
-    (tmp / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"the same file, retrained")
+    weights = tmp / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"new base retrain")  # the same size, as retrained safetensors are
+    os.utime(weights, (1e9, 1e9))
     eighth = FakeGenerator()
     evaluate.main(argv(), make_generator=eighth)
     assert len(eighth.drawn) == total  # its weights rewritten: nothing reused
+    (tmp / "sdxl" / "vae").mkdir()
+    (tmp / "sdxl" / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"another VAE")
+    vae = FakeGenerator()
+    evaluate.main(argv(), make_generator=vae)
+    assert len(vae.drawn) == total  # another VAE decodes other images
     ninth, tenth = FakeGenerator(), FakeGenerator()
     evaluate.main(argv("--compile"), make_generator=ninth)
     evaluate.main(argv(), make_generator=tenth)
@@ -331,6 +390,13 @@ def test_merge_mode_scores_subject_and_style(setup):
     (lambda t, a: setattr(a, "lora", [str(t / "missing.safetensors")]), "missing.safetensors: not found"),
     (lambda t, a: setattr(a, "w_con", "1,x"), "--w-con '1,x': expected numbers or 'cfg'"),
     (lambda t, a: setattr(a, "style_lora", ["x"]), "merge mode needs"),
+    (lambda t, a: a.__dict__.update(subject_lora=[str(t / "dco.safetensors")], style_images=str(t / "style"), lora=[],
+                                    style_lora=[str(t / "sty.safetensors"), str(t / "db.safetensors")]),
+     "merge mode needs as many"),
+    (lambda t, a: a.__dict__.update(subject_lora=[str(t / "dco.safetensors")], style_images=str(t / "style"),
+                                    style_lora=[str(t / "sty.safetensors")]), "and no --lora"),
+    (lambda t, a: setattr(a, "w_con", "cfg,1,cfg"), "repeated"),
+    (lambda t, a: setattr(a, "w_con", "1,inf"), "finite"),
     (lambda t, a: setattr(a, "dino", a.siglip), "a siglip checkpoint, not dinov2"),
     (lambda t, a: setattr(a, "seeds", 0), "--seeds 0"),
     (lambda t, a: setattr(a, "w_con", "cfg,1,1"), "repeated"),
@@ -359,6 +425,11 @@ def test_a_partial_or_damaged_metric_checkpoint_is_refused(metric_models, tmp_pa
     tensors = load_file(weights)
     save_file({k: v for k, v in tensors.items() if not k.endswith("layernorm.weight")}, weights, {"format": "pt"})
     with pytest.raises(ModelError, match="lacks the weight .*layernorm.weight"):
+        Embedder("dino", str(folder))
+    name = next(k for k in tensors if k.endswith("layernorm.weight"))
+    save_file({**tensors, name: tensors[name][:16]}, weights, {"format": "pt"})  # mis-shaped: random if loaded
+    # transformers 5.24 refuses it itself; versions that report it as a mismatched key are refused by evaluate.py
+    with pytest.raises(ModelError, match=f"--dino .*(lacks the weight '{name}' \\(or it is mis-shaped\\)|cannot load)"):
         Embedder("dino", str(folder))
     weights.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ModelError, match="--dino .*: cannot load"):
