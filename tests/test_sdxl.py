@@ -443,6 +443,23 @@ def test_cuda_graphs_are_on_by_default_on_a_gpu_only():
             cli.cuda_graph_on(flags[1], cpu)
 
 
+def test_device_and_number_arguments(monkeypatch):
+    import argparse
+    for parse in (cli.number, cli.non_negative, cli.positive):
+        for bad in ("inf", "-inf", "nan", "1e999"):
+            with pytest.raises(argparse.ArgumentTypeError):
+                parse(bad)
+    cli.check_steps(argparse.ArgumentParser(), "--steps", 1000)  # as many steps as training timesteps: allowed
+    with pytest.raises(SystemExit):
+        cli.check_steps(argparse.ArgumentParser(), "--steps", 1001)
+    assert cli.resolve_device("auto", "auto") == (torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")
+    assert cli.resolve_device("auto", "auto") == (torch.device("cuda"), torch.bfloat16)
+    assert cli.resolve_device("cpu", "auto") == (torch.device("cpu"), torch.float32)  # bf16 only on the GPU
+
+
 def test_scripts_end_in_one_line_on_an_expected_error_or_ctrl_c(capsys, monkeypatch):
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # cli.run sets it: restored after
     def failing(error):

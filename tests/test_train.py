@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora as lora_lib
@@ -114,7 +114,7 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume"]), items)
     # What the README says a resume may change, and a change of anything else, each refused naming it
     allowed = ["--save-every", "4", "--sample-steps", "3", "--grad-checkpointing", "--compile", "--cuda-graph",
-               "--device", "cpu"]
+               "--device", "cpu", "--sample-prompt", "a <dog> on the moon"]
     train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *allowed]), items)
     # The same settings given otherwise: alpha = rank 4; auto on the CPU is float32; min-SNR 0 is off, as unset; the
     # style preset with its offset noise overridden gives the run's settings
@@ -132,9 +132,18 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     for change in (["--ti-lr", "1e-4"], ["--batch-size", "2"], ["--weight-decay", "0.1"], ["--max-grad-norm", "2"],
                    ["--offset-noise", "0.05"], ["--snr-gamma", "5"], ["--prior-weight", "0.5"], ["--alpha", "3"],
                    ["--rank", "8"], ["--beta", "10"], ["--seed", "3"], ["--resolution", "64"], ["--dtype", "bfloat16"],
-                   ["--caption", "a <dog>"], ["--num-prior", "7"], ["--config", folder]):
+                   ["--caption", "a <dog>"], ["--num-prior", "7"], ["--config", folder], ["--init-token", "cat"],
+                   ["--model", str(tmp_path)], ["--prior-dir", str(tmp_path / "class"), "--prior-prompt", "a dog"]):
         with pytest.raises(ModelError, match=re.escape(change[0])):
             train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *change]), items)
+    settings_path = tmp_path / "r" / "settings.json"
+    settings = settings_path.read_text()
+    settings_path.write_text(json.dumps({k: v for k, v in json.loads(settings).items() if k != "data_sha256"}))
+    train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume"]), items[1:])  # an older run's: unknown
+    prior = ["--prior-dir", str(tmp_path / "class"), "--prior-prompt", "a dog"]
+    settings_path.write_text(json.dumps({**json.loads(settings), "prior_dir": prior[1] + "/", "prior_prompt": "a dog"}))
+    train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *prior]), items)  # spelled otherwise
+    settings_path.write_text(settings)
     with pytest.raises(ModelError, match="at step 8, past --steps 7"):  # one step short is short
         train.check_resume(train.parse_args([*spelled, "--steps", "7", "--resume"]), items)
     with pytest.raises(ModelError, match="holds this run at step 8; continue it with --resume"):
@@ -162,6 +171,10 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     with pytest.raises(ModelError, match="holds pytorch_lora_weights.safetensors but no settings.json"):
         train.main(train.parse_args([*spelled[:-1], str(other), "--steps", "1"]))
     assert os.listdir(other) == ["pytorch_lora_weights.safetensors"]
+    os.remove(other / "pytorch_lora_weights.safetensors")
+    save_file({"w": torch.zeros(1)}, str(other / "checkpoint.safetensors"))  # another program's checkpoint
+    with pytest.raises(ModelError, match="holds checkpoint.safetensors but no settings.json"):
+        train.main(train.parse_args([*spelled[:-1], str(other), "--steps", "1"]))
 
 
 def test_ctrl_c_saves_a_checkpoint(tiny_sdxl, trained, tmp_path):
