@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 
 import numpy as np
 import pytest
@@ -190,7 +191,8 @@ def test_ctrl_c_saves_a_checkpoint(tiny_sdxl, trained, tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode != 0 and "continue with --resume" in err
     with safe_open(str(out / "checkpoint.safetensors"), "pt") as f:
-        assert int(f.metadata()["step"]) > 0
+        saved = int(f.metadata()["step"])
+    assert saved > 0 and saved == len((out / "log.jsonl").read_text().splitlines())  # the step it was in is done
     # Once the run is saved, Ctrl-C stops the final sample at once (here: one of 1000 steps, half a minute).
     out = tmp_path / "s"
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--model", tiny_sdxl[0], "--data", data,
@@ -307,13 +309,18 @@ def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, 
                                                       *TRAIN_ARGS, "--out", out)]))
         return {**load_file(os.path.join(out, "pytorch_lora_weights.safetensors")),
                 **load_file(os.path.join(out, "learned_embeds.safetensors"))}
-    from_config, from_folder = run("config.json:full_ti"), run(".", "--token", "<dog>", "--init-token", "dog")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        from_config, from_folder = run("config.json:full_ti"), run(".", "--token", "<dog>", "--init-token", "dog")
+    assert not [w for w in seen if "not a learned token" in str(w.message)]  # its own token is not warned about
     assert from_config.keys() == from_folder.keys() and "clip_l" in from_config
     assert all(torch.equal(from_config[k], from_folder[k]) for k in from_config)
     one = run("config.json:full_ti", "--init-token", "dog")  # the config names the token
     assert one.keys() == from_config.keys() and all(torch.equal(one[k], from_config[k]) for k in one)
     with pytest.raises(ModelError, match="names no learned token: --token and --init-token go together"):
         run("config.json:dreambooth", "--init-token", "dog")
+    with pytest.raises(ModelError, match="does not contain the token '<cat>'"):  # the user's token, not the config's
+        run("config.json:full_ti", "--token", "<cat>", "--init-token", "cat")
     with pytest.warns(UserWarning, match="the captions hold <dog>, which is not a learned token here"):
         train.main(train.parse_args([str(a) for a in ("--model", tiny_sdxl[0], "--data", ".", "--steps", 1,
                                                       *TRAIN_ARGS, "--out", tmp_path / "plain")]))
@@ -449,7 +456,8 @@ def test_the_cuda_graph_path_trains_and_samples_as_the_eager_one(tiny_sdxl, tmp_
             after_warmup()
         captured = list(scales)  # a graph replays its recording's LoRA scales, whatever they are at replay time
 
-        def run(*args):
+        def run(*args):  # a graph replays on its recorded input buffers: each call's inputs must fit them
+            assert [(a.shape, a.dtype, a.device) for a in args] == [(i.shape, i.dtype, i.device) for i in inputs]
             watch = UnrecordableOps()
             scales.clear()
             with watch:
@@ -485,6 +493,41 @@ def test_the_cuda_graph_path_trains_and_samples_as_the_eager_one(tiny_sdxl, tmp_
     assert eager.keys() == graphed.keys() and all(torch.equal(eager[k], graphed[k]) for k in eager)
     assert np.array_equal(draw("graph.png", "--cuda-graph"), image)
     assert len(recorded) == 4 + 3 and not any(recorded), recorded  # 4 train steps, then the 3 sampler steps
+
+
+def test_seed_sample_prompt_and_grids(tiny_sdxl, tmp_path):
+    """--seed sets both the LoRA's initial A and the loop's draws (with --lr 0, A stays as drawn and B at zero, so the
+    logged errors are the draws' alone); the grids along the way show the first caption."""
+    data = write_images(str(tmp_path / "d"), ["a photo of a dog", "a dog in the snow"])
+
+    def run(out, seed, *extra):
+        train.main(train.parse_args([str(a) for a in (
+            "--model", tiny_sdxl[0], "--data", data, *TRAIN_ARGS, "--steps", 2, "--lr", 0, *extra, "--seed", seed,
+            "--out", tmp_path / out)]))
+        return (load_file(str(tmp_path / out / "pytorch_lora_weights.safetensors")),
+                (tmp_path / out / "log.jsonl").read_text())
+    (a0, log0), (a1, log1) = run("s0", 0, "--save-every", 1, "--sample-steps", 1), run("s1", 1)
+    downs = [k for k in a0 if "lora_A" in k or "lora.down" in k]
+    assert downs and not any(torch.equal(a0[k], a1[k]) for k in downs) and log0 != log1
+    assert sorted(os.listdir(tmp_path / "s0" / "samples")) == ["step-000001.png", "step-000002.png"]
+    for f in ("step-000001.png", "step-000002.png"):
+        meta = json.loads(Image.open(tmp_path / "s0" / "samples" / f).text["parameters"])
+        assert meta["prompt"] == "a photo of a dog", f
+
+
+def test_a_checkpoint_of_other_shapes_is_refused(tmp_path):
+    from checkpoint import save_training_state
+
+    def state(shapes):
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+        optimizer = torch.optim.AdamW(params)
+        return params, optimizer
+    params, optimizer = state([(2, 3), (3, 2)])
+    save_training_state(str(tmp_path / "c.safetensors"), {f"param.{i}": p for i, p in enumerate(params)}, optimizer,
+                        torch.Generator(), {"step": "1"})
+    params, optimizer = state([(3, 2), (2, 3)])  # as many tensors, other shapes: another rank or targets
+    with pytest.raises(ModelError, match="made by a run with other settings"):
+        train.load_checkpoint(str(tmp_path / "c.safetensors"), params, optimizer, torch.Generator())
 
 
 def test_impossible_settings_are_refused(tmp_path, capsys):
@@ -561,12 +604,30 @@ def test_an_infinite_gradient_under_a_finite_loss_is_never_saved(tiny_sdxl, trai
     assert all(torch.isfinite(v.float()).all() for v in load_file(str(out / "checkpoint.safetensors")).values())
 
 
+def test_an_infinite_loss_under_a_finite_gradient_stops_before_any_save(tiny_sdxl, trained, tmp_path, monkeypatch):
+    import dco
+    data, out = os.path.join(os.path.dirname(trained), "data"), tmp_path / "inf"
+    monkeypatch.setattr(train, "diffusion_loss", lambda *a: dco.diffusion_loss(*a) + float("inf"))  # no gradient
+    with pytest.raises(SystemExit, match="the loss is inf and the gradient norm .* at step 0; stopped, no checkpoint"):
+        train.main(train.parse_args([str(a) for a in ("--model", tiny_sdxl[0], "--data", data, "--out", out,
+                                                      "--steps", 2, *TRAIN_ARGS)]))
+    assert not (out / "checkpoint.safetensors").exists()
+
+
+def test_a_token_stands_as_a_word_of_each_caption():
+    for caption in ("a <dog>'s toy", "(<dog>) in the snow", "\"<dog>\", at noon"):
+        train.check_token("00.txt", caption, "<dog>")
+    with pytest.raises(ModelError, match="00.txt: caption 'a photo of a dog' does not contain the token '<dog>'"):
+        train.check_token("00.txt", "a photo of a dog", "<dog>")
+
+
 def test_prior_preservation_generates_class_images(tiny_sdxl, trained, tmp_path, monkeypatch):
     data, prior = os.path.join(os.path.dirname(trained), "data"), tmp_path / "prior"
     run_script("train.py", "--model", tiny_sdxl[0], "--data", data, "--out", tmp_path / "p", "--resolution", 32,
                "--steps", 2, "--beta", 0, "--prior-dir", prior, "--prior-prompt", "a photo of a dog", "--num-prior",
                2, "--sample-steps", 2, "--rank", 2, "--sample-prompt", "a dog at night")
     assert sorted(os.listdir(prior)) == ["class-00000.png", "class-00001.png"]
+    assert not np.array_equal(*[np.asarray(Image.open(prior / f)) for f in sorted(os.listdir(prior))])  # two seeds
     assert os.path.isfile(tmp_path / "p" / "pytorch_lora_weights.safetensors")
     assert os.listdir(tmp_path / "p" / "samples") == ["step-000002.png"]  # the last step's grid, of --sample-prompt
     assert json.loads(Image.open(tmp_path / "p" / "samples" / "step-000002.png").text["parameters"])["prompt"] == \
