@@ -1,9 +1,11 @@
 """Our SDXL stack against the reference (diffusers + transformers) on a tiny random model in the official layout."""
 import json
+import math
 import os
 import re
 import subprocess
 import sys
+import time
 import warnings
 import weakref
 
@@ -603,10 +605,149 @@ def test_bench_counts_both_lora_matmuls():
     assert lora_flops and with_lora - base == sum(lora_flops)
 
 
+def test_bench_targets_compare_the_issues_rows_and_bounds(capsys):
+    """Each target line: the ratio of the row named to the reference row it is measured against (graphed rows against
+    the reference as officially run, eagerly), the issue's bound, and PASS at the bound itself."""
+    import bench
+    pairs = [("ours", "reference", "DCO train step", 0.5, 1.0),
+             ("ours, checkpointing", "reference, checkpointing", "DCO train step", 0.6, 1.0),
+             ("ours", "reference", "CG step", 0.5, None), ("ours", "reference", "CFG step (batch 2)", 1.0, None),
+             ("ours, compiled", "reference, compiled", "DCO train step", 0.5, None),
+             ("ours, CUDA graph", "reference", "DCO train step", 0.5, 1.0),
+             ("ours, checkpointing, CUDA graph", "reference, checkpointing", "DCO train step", 0.6, 1.0),
+             ("ours, CUDA graph", "reference", "CG step", 0.5, None),
+             ("ours, CUDA graph", "reference", "CFG step (batch 2)", 1.0, None),
+             ("ours, compiled, CUDA graph", "reference, compiled", "DCO train step", 0.5, None)]
+    rows = {}
+    for theirs in ("reference", "reference, checkpointing", "reference, compiled"):  # a time and a peak per row
+        for k, step in enumerate(("DCO train step", "CG step", "CFG step (batch 2)")):
+            rows[theirs, step] = (1.0 + k + len(theirs), 10.0 + k + len(theirs))
+    expected = []
+    for i, (mine, theirs, step, max_time, max_mem) in enumerate(pairs):
+        t_ref, m_ref = rows[theirs, step]
+        time_ratio = max_time if i % 2 == 0 else max_time * 1.25  # at the bound: PASS; above: MISS
+        rows[mine, step] = (t_ref * time_ratio, m_ref * (max_mem or 1.0) * 0.5)
+        expected.append((time_ratio, max_time, "PASS" if i % 2 == 0 else "MISS"))
+        if max_mem is not None:
+            expected.append((0.5 * max_mem, max_mem, "PASS"))
+    roofline = 100.0
+    bench.check_targets(rows, {("ours, compiled", "DCO train step"): 60.0, ("ours, compiled", "CG step"): 90.0},
+                        {"ours, compiled": 55.0, "ours, compiled, CUDA graph": 54.0}, roofline)
+    expected += [(0.55, 0.55, "PASS"), (0.54, 0.55, "MISS"), (60.0, 60.0, "PASS")]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(expected) == 17
+    for line, (value, bound, verdict) in zip(lines, expected):
+        got = re.match(r"target .* +(-?[\d.]+)  \((<=|>=) ([\d.]+)\)  (PASS|MISS)$", line)
+        assert got and float(got[1]) == pytest.approx(value, abs=0.006) and float(got[3]) == bound, line
+        assert got[4] == verdict, line
+
+
+def test_bench_reports_rates_and_ratios_from_its_measurements(monkeypatch, capsys):
+    """main's arithmetic on given measurements: the CFG step's rate from its batch of 2 and the FLOPs of the UNet as
+    each stack runs it (ours folded, the reference's LoRA apart), each ratio against the reference as officially run,
+    and a compiled step's first call timed alone as its compile time."""
+    import bench
+    flops = iter([1e12, 3e12])  # per forward pass: ours with the LoRA folded in, then with it apart
+    monkeypatch.setattr(bench, "forward_flops", lambda *a: next(flops))
+    monkeypatch.setattr(bench, "matmul_tflops", lambda *a: 400.0)
+    secs = {"ours": 0.02, "ours, CUDA graph": 0.01, "reference": 0.05, "ours, compiled": 0.04}
+    steps = ("CFG step (batch 2)", "DCO train step")
+
+    def plan(args, unet, cfg, size, device, dtype):
+        for stack in secs:
+            yield stack, lambda stack=stack: {what: (stack, what) for what in steps}, stack == "ours, compiled"
+    timed = []
+
+    def timeit(fn, iters, warmup, device):
+        timed.append((fn, iters, warmup))
+        return secs[fn[0]] * (10 if fn[1] == "DCO train step" else 1) * (100 if iters == 1 else 1), float("nan")
+    monkeypatch.setattr(bench, "plan", plan)
+    monkeypatch.setattr(bench, "timeit", timeit)
+    bench.main(bench.parse_args(["--tiny", "--iters", "3"]))
+    out = capsys.readouterr().out
+    assert re.search(r"^ours +CFG step \(batch 2\) +20.00 ms .* 100.0 TFLOP/s \(25% of matmul\)$", out, re.M), out
+    assert re.search(r"^reference +CFG step \(batch 2\) +50.00 ms .* 120.0 TFLOP/s \(30% of matmul\)$", out, re.M)
+    assert "ratio ours / reference, CFG step (batch 2): 0.40" in out
+    assert "ratio ours, CUDA graph / reference, DCO train step: 0.20" in out
+    assert "ratio ours, compiled / reference" not in out  # no compiled reference measured
+    assert (("ours, compiled", "DCO train step"), 1, 0) in timed  # the first call, compile included
+    assert "ours, compiled               DCO train step       first call 40.0 s" in out
+
+
+def test_bench_times_the_median_after_warmup(monkeypatch):
+    import bench
+    calls, clock = [], iter([0.0, 1.0, 10.0, 15.0, 20.0, 22.0])  # three timed calls: 1, 5 and 2 s
+    real = time.perf_counter
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock, None) or real())
+    sec, peak = bench.timeit(lambda: calls.append(1), iters=3, warmup=2, device=torch.device("cpu"))
+    assert len(calls) == 5 and sec == 2.0 and math.isnan(peak)  # the median, not the mean or the best
+    monkeypatch.setattr(bench, "timeit", lambda fn, iters, warmup, device: (0.5, float("nan")))
+    assert bench.matmul_tflops(torch.device("cpu"), torch.float32, 64) == 2 * 64 ** 3 / 0.5 / 1e12
+    unet, cfg = UNet(UNetConfig.tiny()).requires_grad_(False), UNetConfig.tiny()
+    with FlopCounterMode(display=False, custom_mapping=bench.UNCOUNTED) as counter:
+        unet(*bench.inputs(cfg, 1, 64, torch.device("cpu"), torch.float32))
+    assert bench.forward_flops(unet, cfg, 64, torch.device("cpu"), torch.float32) == counter.get_total_flops()
+
+
+def test_bench_steps_do_the_same_work_in_both_stacks():
+    """Ours and the reference: the same UNet calls (batch, LoRA on or off, with or without a graph for the backward
+    pass) for each step, and LoRAs on the same layers."""
+    import bench
+    from diffusers import UNet2DConditionModel
+    cfg, cpu = UNetConfig.tiny(), torch.device("cpu")
+    unet = UNet(cfg).requires_grad_(False)
+    calls = []
+    ours_forward, ref_forward = UNet.forward, UNet2DConditionModel.forward
+
+    def lora_on(scale):
+        return scale.tolist() if torch.is_tensor(scale) else [float(scale) != 0.0]
+
+    def ours(self, x, *a):
+        layers = list(lora_lib.lora_modules(self).values())  # none when folded into the weights
+        calls.append((len(x), lora_on(layers[0].scale) if layers else None, torch.is_grad_enabled()))
+        return ours_forward(self, x, *a)
+
+    def ref(self, x, *a, cross_attention_kwargs=None, **kw):
+        on = (cross_attention_kwargs or {}).get("scale", 1.0) != 0.0
+        calls.append((len(x), [on] * len(x) if on else [False], torch.is_grad_enabled()))
+        return ref_forward(self, x, *a, cross_attention_kwargs=cross_attention_kwargs, **kw)
+    def work_of(steps):
+        out = {}
+        for what, fn in steps.items():
+            calls.clear()
+            fn()
+            out[what] = sorted(calls)
+        return out
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(UNet, "forward", ours)
+        mp.setattr(UNet2DConditionModel, "forward", ref)
+        bench.set_lora(unet, 2)  # each step as bench.plan readies the model for it
+        n_ours = len(lora_lib.lora_modules(unet))
+        work = {("ours", k): v for k, v in work_of(bench.ours_train(unet, cfg, 32, cpu, torch.float32)).items()}
+        bench.set_lora(unet, 2, torch.float32)
+        work.update({("ours", k): v for k, v in work_of(bench.ours_sample(unet, cfg, 32, cpu, torch.float32,
+                                                                          folded=False)).items()})
+        model, ref_steps = bench.reference(unet, cfg, 32, cpu, torch.float32, 2)
+        n_ref = sum(name.endswith(".lora_A") for name, _ in model.named_modules())
+        work.update({("reference", k): v for k, v in work_of(ref_steps).items()})
+        bench.set_lora(unet, 2, torch.float32, folded=True)
+        work.update({("ours", k): v for k, v in work_of(bench.ours_sample(unet, cfg, 32, cpu, torch.float32,
+                                                                          folded=True)).items()})
+    assert n_ours == n_ref > 0
+    # the LoRA pass with a graph for the backward pass, the frozen one without; CG: the LoRA for one of three samples
+    assert work["ours", "DCO train step"] == work["reference", "DCO train step"] == [(1, [False], False),
+                                                                                   (1, [True], True)]
+    assert work["ours", "CG step"] == [(3, [0.0, 0.0, 1.0], False)]
+    assert work["reference", "CG step"] == [(1, [True], False), (2, [False], False)]
+    assert [c[0] for c in work["ours", "CFG step (batch 2)"]] == [c[0] for c in work["reference", "CFG step (batch 2)"]
+                                                                   ] == [2]
+
+
 def test_bench_refuses_bad_settings_before_building_anything(tiny_sdxl, monkeypatch, capsys):
     import bench
     for bad, needle in [(["--iters", "0"], "positive whole number"), (["--rank", "0"], "positive whole number"),
-                        (["--size", "60"], "multiple of 32"), (["--warmup", "-1"], "0 or more")]:
+                        (["--size", "60"], "multiple of 32"), (["--size", "48"], "multiple of 32"),
+                        (["--warmup", "-1"], "0 or more")]:
         with pytest.raises(SystemExit):
             bench.parse_args(["--tiny", *bad])
         assert needle in capsys.readouterr().err
@@ -647,12 +788,16 @@ def test_bench_measures_eager_stacks_first_then_graphs_then_compiled(monkeypatch
     monkeypatch.setattr(bench, "cuda_graph", lambda fn: recorded.append(fn) or fn)
     args = bench.parse_args(["--tiny", "--reference", "--compile", "--cuda-graph", "--rank", "2"])
     unet = UNet(UNetConfig.tiny()).requires_grad_(False)
+    refs, build = [], bench.reference
+    monkeypatch.setattr(bench, "reference", lambda *a: refs.append(build(*a)) or refs[-1])
     seen = []
     for stack, make_steps, first_call in bench.plan(args, unet, unet.cfg, 32, torch.device("cpu"), torch.float32):
         steps = make_steps()
         trains = any(p.requires_grad for p in unet.parameters())  # a fresh trainable LoRA, or a frozen one
         apart = bool(lora_lib.lora_modules(unet))  # or folded into the weights, as sample.py runs plain CFG
-        seen.append((stack, sorted(steps), first_call, trains, apart, unet.output_blocks[0][0].checkpointing))
+        checkpointing = (refs[-1][0].is_gradient_checkpointing if stack.startswith("reference")
+                         else unet.output_blocks[0][0].checkpointing)
+        seen.append((stack, sorted(steps), first_call, trains, apart, checkpointing))
         if stack == "ours, CUDA graph" and "CFG step (batch 2)" in steps:
             assert not recorded
             steps["CFG step (batch 2)"]()
@@ -663,7 +808,7 @@ def test_bench_measures_eager_stacks_first_then_graphs_then_compiled(monkeypatch
     assert seen == [("ours", train, False, True, True, False), ("ours, checkpointing", train, False, True, True, True),
                     ("ours", cfg, False, False, False, False), ("ours", cg, False, False, True, False),
                     ("reference", ref, False, False, True, False),
-                    ("reference, checkpointing", train, False, False, True, False),
+                    ("reference, checkpointing", train, False, False, True, True),
                     ("ours, CUDA graph", train, False, True, True, False),
                     ("ours, checkpointing, CUDA graph", train, False, True, True, True),
                     ("ours, CUDA graph", cfg, False, False, False, False),
