@@ -134,6 +134,18 @@ def test_held_out_subjects_and_styles_never_appear_in_pretraining():
     assert set(metrics) == {"prompt", "subject", "style"} and all(0 <= v <= 1 for v in metrics.values())
 
 
+def test_the_pretraining_images_show_their_captions():
+    images, captions = toy.render_dataset(40, 3)
+    alone = [(im, c) for im, c in zip(images, captions) if " and " not in c]
+    for image, text in alone:  # (3, 64, 64) as the UNet takes it: its object where the caption says
+        read = toyworld.analyze(Image.fromarray(image.permute(1, 2, 0).numpy()))
+        where = read["objects"][0]["position"]
+        assert ("in the center" if where == "center" else f"at the {where}") in text, text
+    assert len(alone) > 10
+    _, styled = toy.render_dataset(8, 3, tuple(toyworld.HELD_OUT_STYLES))  # the autoencoder sees held-out styles
+    assert all(c.endswith(("in <sty0>", "in <sty1>")) for c in styled)
+
+
 def test_captions_name_every_attribute_as_the_readme_shows():
     Obj = toyworld.Obj
     scene = toyworld.Scene((Obj("circle", "red", "stripes", "white", "small", "left"),
@@ -182,6 +194,17 @@ def test_data_command_writes_a_training_folder(tmp_path):
         toy.main(toy.parse_args(["data", "--subject", "1", "--n", "2", "--out", str(tmp_path / "sub0")]))
     with pytest.raises(SystemExit, match="00.png is a file"):
         toy.main(toy.parse_args(["data", "--subject", "1", "--out", str(tmp_path / "sub0" / "00.png")]))
+    for flag, bad in (("--subject", "3"), ("--style", "2")):  # one past the last
+        with pytest.raises(SystemExit, match=f"^error: {flag} must be in 0.."):
+            toy.main(toy.parse_args(["data", flag, bad, "--out", str(tmp_path / "x")]))
+    toy.main(toy.parse_args(["data", "--style", "1", "--out", str(tmp_path / "sty1")]))
+    assert (tmp_path / "sty1" / "00.txt").read_text().strip().endswith("in <sty1>")
+    for flag, n in (("--subject", "0"), ("--style", "1")):  # another seed, other scenes (places, backgrounds)
+        toy.main(toy.parse_args(["data", flag, n, "--seed", "1", "--out", str(tmp_path / f"seed1{flag}")]))
+        seed0 = tmp_path / ("sub0" if flag == "--subject" else "sty1")
+        captions = [sorted(p.read_text() for p in folder.glob("*.txt"))
+                    for folder in (seed0, tmp_path / f"seed1{flag}")]
+        assert captions[0] != captions[1], flag
     assert sorted(os.listdir(tmp_path / "sub0")) == names and "<sub0>" in (tmp_path / "sub0" / "00.txt").read_text()
 
 
@@ -213,6 +236,13 @@ def test_quick_pretraining_makes_an_sdxl_folder(quick_model):
     assert (scheduler["beta_schedule"], scheduler["timestep_spacing"], scheduler["steps_offset"]) == \
         ("scaled_linear", "leading", 1)
     assert 0.05 < vae.cfg.scaling_factor < 5
+    images = toy.render_dataset(toy.QUICK.images, 0)[0][:256]  # what the factor was measured on: unit variance
+    with torch.no_grad():
+        mean, _ = vae.encode(images.float() / 127.5 - 1)
+    assert (mean * vae.cfg.scaling_factor).std().item() == pytest.approx(1.0, abs=1e-3)
+    from transformers import CLIPTokenizer
+    assert [CLIPTokenizer.from_pretrained(os.path.join(folder, sub)).pad_token
+            for sub in ("tokenizer", "tokenizer_2")] == ["<|endoftext|>", "!"]  # as SDXL's two tokenizers pad
     with pytest.raises(SystemExit, match="pretrained otherwise"):  # not taken for the full model
         toy.pretrain(folder, 0, toy.FULL)
     with pytest.raises(SystemExit, match="holds the --quick toy model"):  # nor compared as if it were
@@ -344,6 +374,29 @@ def test_compare_quick_runs_the_experiments_end_to_end(quick_model, tmp_path):
     assert (out / "results.md").read_text() == text
     other_beta = subprocess.run(command + ["--beta", "100"], capture_output=True, text=True)
     assert other_beta.returncode != 0 and "another --out" in other_beta.stderr and "Traceback" not in other_beta.stderr
+
+
+def test_fine_tune_runs_each_method_as_its_recipe_says(tmp_path, monkeypatch):
+    """compare's train.py runs: DreamBooth at beta 0, with class images of the class prompt for its prior variant,
+    DCO at the given beta; a run cut short is resumed, a finished one reused."""
+    runs = []
+    monkeypatch.setattr(toy.train, "main", runs.append)
+    subject, style = toy.training_sets(toy.QUICK_COMPARE)
+    assert "<" not in subject[4] and subject[3] in subject[4].split()  # the token's initializer word in its place
+    assert "<" not in style[4] and not style[4].endswith("style")  # the style's scene without the style
+    for method in toy.METHODS:
+        toy.fine_tune("model", str(tmp_path), subject, method, toy.QUICK_COMPARE, 500.0)
+    assert [(a.beta, a.prior_dir is not None, a.prior_prompt, a.resume) for a in runs] == [
+        (0.0, False, None, False), (0.0, True, subject[4], False), (500.0, False, None, False)]
+    run = toy.fine_tune("model", str(tmp_path), subject, "DCO", toy.QUICK_COMPARE, 500.0)
+    os.makedirs(run)
+    (tmp_path / "runs" / os.path.basename(run) / "settings.json").write_text("{}")
+    monkeypatch.setattr(toy.train, "check_resume", lambda args, items: 3)  # cut short at step 3
+    toy.fine_tune("model", str(tmp_path), subject, "DCO", toy.QUICK_COMPARE, 500.0)
+    assert runs[-1].resume
+    monkeypatch.setattr(toy.train, "check_resume", lambda args, items: toy.QUICK_COMPARE.steps)  # finished
+    toy.fine_tune("model", str(tmp_path), subject, "DCO", toy.QUICK_COMPARE, 500.0)
+    assert len(runs) == 5
 
 
 def test_an_interrupted_fine_tune_says_to_rerun_compare(tmp_path, monkeypatch):
