@@ -390,7 +390,8 @@ def test_fine_tune_runs_each_method_as_its_recipe_says(tmp_path, monkeypatch):
         (0.0, False, None, False), (0.0, True, subject[4], False), (500.0, False, None, False)]
     run = toy.fine_tune("model", str(tmp_path), subject, "DCO", toy.QUICK_COMPARE, 500.0)
     os.makedirs(run)
-    (tmp_path / "runs" / os.path.basename(run) / "settings.json").write_text("{}")
+    with open(os.path.join(run, "settings.json"), "w") as f:
+        f.write("{}")
     monkeypatch.setattr(toy.train, "check_resume", lambda args, items: 3)  # cut short at step 3
     toy.fine_tune("model", str(tmp_path), subject, "DCO", toy.QUICK_COMPARE, 500.0)
     assert runs[-1].resume
