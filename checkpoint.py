@@ -82,6 +82,7 @@ def write_text(path, text):
 
 
 def save_safetensors(tensors, path, metadata=None):
+    metadata = {"format": "pt", **(metadata or {})}  # as diffusers and transformers mark their files
     with atomic(path) as tmp:
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)

@@ -18,9 +18,9 @@ NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012  # SDXL's scheduler_config.json
 
 
-def alphas_cumprod(beta_start=BETA_START, beta_end=BETA_END, steps=NUM_TRAIN_TIMESTEPS):
-    """SDXL's "scaled linear" schedule: sqrt(beta) linear in t. Returns a_t = prod(1 - beta_s), (steps,) float32."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float32) ** 2
+def alphas_cumprod():
+    """SDXL's "scaled linear" schedule: sqrt(beta) linear in t. Returns a_t = prod(1 - beta_s), (1000,) float32."""
+    betas = torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
 
 

@@ -135,8 +135,8 @@ def check_pair(name, down, up, shape):
 
 
 def apply_lora(model, lora, dtype=torch.float32, fold=False):
-    """Add a {module: (down, up)} LoRA to the model's linear layers, frozen, at scale 1. Sampling stores it in the
-    activations' dtype: the product is computed in that dtype anyway, and then no cast runs on every call. With fold,
+    """Add a {module: (down, up)} LoRA to the model's linear layers, frozen, at scale 1, stored in dtype (sampling
+    gives the activations' dtype: the product is computed in it anyway, and then no cast runs on every call). With fold,
     it goes into the weights instead, W + up @ down summed in fp32 and rounded once to W's dtype."""
     modules = dict(model.named_modules())
     for name, (down, up) in lora.items():
@@ -168,7 +168,8 @@ def merge(loras, weights):
 
 
 def compress(lora, rank):
-    """Best rank-r approximation of each module's delta (truncated SVD); returns (lora, relative Frobenius error)."""
+    """Best rank-r approximation of each module's delta (truncated SVD); returns (lora, the relative Frobenius error
+    of all modules' deltas together)."""
     out, err2, total2 = {}, 0.0, 0.0
     for name, (down, up) in lora.items():
         delta = up @ down
@@ -225,8 +226,6 @@ SUFFIXES = {  # key ending -> which matrix it holds; the module name is what pre
     ".lora.down.weight": "down", ".lora.up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
     ".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 
-OLD_PROCESSOR_NAMES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
-
 
 def parse_lora(tensors, unet_cfg, source):
     """Read a diffusers / official DCO / peft / kohya LoRA file into {official module: (down, up)}."""
@@ -237,7 +236,8 @@ def parse_lora(tensors, unet_cfg, source):
     parts, text_encoder_key = {}, None
     for key, value in tensors.items():
         # diffusers 0.19-0.20 (the first SDXL DreamBooth-LoRA scripts) named them after attention processors
-        key = re.sub(r"\.processor\.(to_[qkv]|to_out)_lora\.", lambda m: f".{OLD_PROCESSOR_NAMES[m[1]]}.lora.", key)
+        key = re.sub(r"\.processor\.(to_[qkv])_lora\.", r".\1.lora.", key).replace(".processor.to_out_lora.",
+                                                                                 ".to_out.0.lora.")
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
         if suffix is None:
             dora = " (a DoRA magnitude: DoRA is not supported)" if "dora_scale" in key or "magnitude" in key else ""

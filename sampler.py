@@ -23,14 +23,16 @@ EULER = {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading",
 
 
 def euler_schedule(steps):
-    """timesteps (steps,) from T to 1, "leading" spacing: 958, 925, ..., 34, 1 for 30 steps;
-    sigmas (steps + 1,) interpolated linearly in t from the training schedule, then a final 0."""
+    """timesteps (steps,) in "leading" spacing, descending to 1: 958, 925, ..., 34, 1 for 30 steps;
+    sigmas (steps + 1,): the training schedule's sigma at each timestep, then a final 0."""
     if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"steps must be in 1..{NUM_TRAIN_TIMESTEPS}, got {steps}")
     a_bar = alphas_cumprod()
     ratio = NUM_TRAIN_TIMESTEPS // steps
-    timesteps = (np.arange(steps) * ratio).round()[::-1] + EULER["steps_offset"]
+    timesteps = (np.arange(steps) * ratio)[::-1] + EULER["steps_offset"]
     train_sigmas = ((1 - a_bar) / a_bar).sqrt().numpy()
+    # a lookup, as the timesteps are whole numbers; interp (as diffusers) also holds the last sigma for t = 1000,
+    # the first timestep at 1000 steps
     sigmas = np.interp(timesteps, np.arange(NUM_TRAIN_TIMESTEPS), train_sigmas)
     sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
     return torch.from_numpy(timesteps.astype(np.float32)), torch.from_numpy(sigmas)
@@ -46,9 +48,9 @@ def euler_step(x, eps, sigma, sigma_next):
 
 
 def guidance(eps_uncond, eps_cond, w_txt, eps_lora=None, w_con=0.0):
-    """Classifier-free guidance, eps_uncond + w_txt (eps_cond - eps_uncond), both from one model (plain CFG: the
-    fine-tuned one on the prompt c). With eps_lora, the paper's consistency guidance: the first two are the frozen
-    model on the empty and the base prompt, and the fine-tuned model's pull on the prompt is added:
+    """Classifier-free guidance, eps_uncond + w_txt (eps_cond - eps_uncond), both from one model (in plain CFG, the
+    fine-tuned one, the second on the prompt c). With eps_lora, the paper's consistency guidance: the first two are
+    the frozen model on the empty and the base prompt, and the fine-tuned model's pull on the prompt is added:
     eps_hat = eps_phi(x; 0) + w_txt (eps_phi(x; c_base) - eps_phi(x; 0))
                             + w_con (eps_theta(x; c) - eps_phi(x; c_base))."""
     eps = eps_uncond + w_txt * (eps_cond - eps_uncond)

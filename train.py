@@ -187,7 +187,7 @@ def open_log(path, start):
     return open(path, "a")
 
 
-def graph_step(step, trained, optimizer, batch, latent_shape, device):
+def graph_step(step, trained, optimizer, batch_size, latent_shape, device):
     """step(idx, z, noise, t) replayed from a CUDA graph (graph.py). Its warm-up calls train on zeros; what they
     changed in the trained parameters and AdamW's state is undone before the recording (fresh AdamW state is zeros)."""
     params = [p.detach().clone() for p in trained]
@@ -198,20 +198,23 @@ def graph_step(step, trained, optimizer, batch, latent_shape, device):
         for p, saved in zip(trained, params):
             p.copy_(saved)
             for k, v in optimizer.state[p].items():
-                v.copy_(state[p][k]) if k in state[p] else v.zero_()
-    idx, t = torch.zeros(batch, dtype=torch.long, device=device), torch.zeros(batch, dtype=torch.long, device=device)
-    z = torch.zeros(batch, *latent_shape, device=device)
+                if k in state[p]:
+                    v.copy_(state[p][k])
+                else:
+                    v.zero_()
+    idx = t = torch.zeros(batch_size, dtype=torch.long, device=device)
+    z = torch.zeros(batch_size, *latent_shape, device=device)
     return cuda_graph(step, idx, z, z, t, after_warmup=undo)
 
 
-def load_checkpoint(path, params, optimizer, rng):
+def load_checkpoint(path, trained, optimizer, rng):
     """Restore what save_training_state wrote for --resume: the LoRA and token rows, AdamW, the generator."""
     tensors, meta = load_training_state(path, optimizer, rng)
     shapes = {k: tuple(t.shape) for k, t in tensors.items() if k.startswith("param.")}
-    if shapes != {f"param.{i}": tuple(p.shape) for i, p in enumerate(params)}:  # the run stops here: no harm done
+    if shapes != {f"param.{i}": tuple(p.shape) for i, p in enumerate(trained)}:  # the run stops here: no harm done
         raise ModelError(f"{path}: made by a run with other settings (rank, targets or --token); cannot resume it")
     with torch.no_grad():
-        for i, p in enumerate(params):
+        for i, p in enumerate(trained):
             p.copy_(tensors[f"param.{i}"])
     return int(meta["step"])
 
@@ -249,6 +252,7 @@ def check_resume(args, items):
     def same(k, old, new):
         return old == new or (k in PATHS and None not in (old, new) and os.path.realpath(old) == os.path.realpath(new))
     now, then = effective(vars(args)), effective(before)
+    # Compared as given too: an alpha left unset stays unset when --rank changes (only --rank is reported then).
     changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {v}" for k, v in vars(args).items()
                if k not in RESUMABLE and not same(k, then.get(k), now[k]) and not same(k, before.get(k), v)]
     if changed:
@@ -310,8 +314,9 @@ def ctrl_c_deferred():
 
 def check_token(path, caption, token):
     """The learned token must stand as a word of every caption, punctuation around it allowed. Inside a longer word
-    it is most likely a typo (sub0 for <sub0>): it would train there all the same, and the base caption that the
-    frozen model sees (DCO's reference, consistency guidance) would read <star>."""
+    it is most likely a typo: with --token sub0 (initializer word star) for captions that say <sub0>, the token would
+    train there all the same, and the base caption that the frozen model sees (DCO's reference, consistency
+    guidance) would read <star>."""
     if token not in caption:
         raise ModelError(f"{path}: caption {caption!r} does not contain the token {token!r}")
     for word in caption.split():
@@ -355,7 +360,7 @@ def main(args):
                              "train into another --out")
     check_schedule(model_folder(args.model, args.config)[0])
     check_sides(args.model, args.config, resolution=args.resolution)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # for the LoRA's initialization (lora.inject, below)
     unet, vae, text = load_sdxl(args.model, device, dtype, args.config)
     ti = TokenEmbeddings(text, args.token, args.init_token) if args.token else None  # a bad token fails now
     if ti is not None:
@@ -397,7 +402,7 @@ def main(args):
     start = load_checkpoint(ckpt, trained, optimizer, rng) if args.resume else 0
     if start > args.steps:  # a save cut short after the checkpoint, before settings.json named its step
         raise ModelError(f"{ckpt} is at step {start}, past --steps {args.steps}; give at least that")
-    n, B = len(items), args.batch_size
+    n_instance, B = len(items), args.batch_size
     tokens = text.tokens(captions) if ti else None  # [(N, 77)] per encoder: the captions are tokenized once
 
     def dco_step(idx, z, noise, t):
@@ -447,9 +452,9 @@ def main(args):
         bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training")
         for step in bar:
             # A batch of instance images, plus as many class images for prior preservation.
-            idx = torch.randint(0, n, (B,), generator=rng)
+            idx = torch.randint(0, n_instance, (B,), generator=rng)
             if prior:
-                idx = torch.cat([idx, n + torch.randint(0, len(prior), (B,), generator=rng)])
+                idx = torch.cat([idx, n_instance + torch.randint(0, len(prior), (B,), generator=rng)])
             z = torch.randn((len(idx), *mean.shape[1:]), generator=rng)
             noise = offset_noise(z.shape, args.offset_noise, rng)
             t = torch.randint(0, len(a_bar), (len(idx),), generator=rng)

@@ -205,7 +205,7 @@ class Block(nn.ModuleList):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = call(layer, x, emb)
-            elif isinstance(layer, SpatialTransformer):
+            elif isinstance(layer, SpatialTransformer):  # checkpointed inside, a transformer block at a time
                 x = layer(x, context)
             else:
                 x = layer(x)
@@ -263,9 +263,10 @@ class UNet(nn.Module):
         return self.time_embed(t_emb) + self.label_emb(y)
 
     def compile_blocks(self, **options):
-        """torch.compile (with options, e.g. mode=) the transformer blocks, where most of the FLOPs are, rather than
-        the whole UNet: blocks of one shape share a compiled graph, so a DCO train step compiles 5 graphs instead of
-        29 with the ResBlocks too (full SDXL at 128², 2-core CPU: a first call of 48 s instead of 153 s)."""
+        """torch.compile (with options, e.g. backend= in the tests) the transformer blocks, where most of the FLOPs
+        are, rather than the whole UNet: blocks of one shape share a compiled graph, so a DCO train step compiles 5
+        graphs instead of 29 with the ResBlocks too (full SDXL at 128², 2-core CPU: a first call of 48 s instead of
+        153 s)."""
         # One graph per (input shape, grad mode, LoRA scale kind): more than dynamo's default of 8 per code object.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for m in self.modules():

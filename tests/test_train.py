@@ -58,8 +58,11 @@ def test_training_lowers_the_dco_loss(tiny_sdxl, trained):
         assert os.path.isfile(os.path.join(out, f)), f
     settings = json.load(open(os.path.join(out, "settings.json")))
     assert settings["beta"] == 1000.0 and settings["step"] == settings["steps"]
-    with safe_open(os.path.join(out, "pytorch_lora_weights.safetensors"), "pt") as f:
-        assert json.loads(f.metadata()["dco.settings"])["token"] == "<dog>"
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "learned_embeds.safetensors"):
+        with safe_open(os.path.join(out, name), "pt") as f:
+            assert f.metadata()["format"] == "pt"  # as diffusers marks its files
+            if "lora" in name:
+                assert json.loads(f.metadata()["dco.settings"])["token"] == "<dog>"
     assert dco_margin(tiny_sdxl[0], out, os.path.join(os.path.dirname(out), "data")) < 0
 
 
