@@ -142,7 +142,7 @@ def weights_files(d, stem):
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ModelError(f"{os.path.join(d, index)}: no weight_map naming the shards")
             return [os.path.join(d, f) for f in sorted(set(weight_map.values()))]
-    pickles = [f for f in os.listdir(d) if f.startswith(stem) and f.endswith(PICKLE_SUFFIXES)]
+    pickles = [f for f in os.listdir(d) if stem in f and f.endswith(PICKLE_SUFFIXES)]  # model: pytorch_model.bin
     hint = f" ({pickles[0]} is there, but only .safetensors files are loaded: pickles can run code)" if pickles else ""
     raise ModelError(f"{d}: no {stem}[.fp16].safetensors{hint}")
 
@@ -155,12 +155,18 @@ def read_weights(paths):
     return tensors
 
 
-def read_json(path):
+def read_json(path, kind=dict):
+    """The value a JSON file holds, which must be a `kind`: an object unless told otherwise."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: {e}") from None
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except OSError as e:
+        raise ModelError(f"{path}: {e.strerror or e}") from None
+    except ValueError as e:  # not JSON, or not UTF-8 text (JSON files are)
+        raise ModelError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(value, kind):
+        raise ModelError(f"{path}: not a JSON {'object' if kind is dict else kind.__name__}")
+    return value
 
 
 def check_keys(expected, tensors, source):
@@ -287,8 +293,8 @@ def unet_key_map(cfg):
 # ---------------------------------------------------------------------------------------------- VAE
 
 def vae_config_from_diffusers(c, source="vae/config.json"):
-    for k in ("down_block_types", "up_block_types"):
-        if any(t not in ("DownEncoderBlock2D", "UpDecoderBlock2D") for t in c[k]):
+    for k, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if any(t != block for t in c[k]):
             raise ModelError(f"{source}: {k}={c[k]} is not an SDXL autoencoder")
     if c.get("latents_mean") or c.get("shift_factor"):
         raise ModelError(f"{source}: latents_mean/shift_factor are not SDXL's autoencoder")

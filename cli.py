@@ -74,6 +74,14 @@ def split_spec(spec, n):
     return (parts + [None] * n)[:n]
 
 
+def lora_spec(s):
+    """'PATH[:SCALE]' as given, its scale (if any) a finite number: a typo is refused before a model loads."""
+    scale = split_spec(s, 2)[1]
+    if scale and finite(scale) is None:
+        raise argparse.ArgumentTypeError(f"expected PATH[:SCALE], the scale a number, got {s!r}")
+    return s
+
+
 def check_steps(p, flag, steps):
     """Sampling steps are a subset of the training timesteps, so there can be no more of them."""
     if steps > NUM_TRAIN_TIMESTEPS:

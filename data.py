@@ -46,7 +46,7 @@ def read_captions(folder, caption):
                 row = json.loads(line)
                 if not isinstance(row["file_name"], str) or not isinstance(row["text"], str):
                     raise TypeError
-                captions[row["file_name"]] = row["text"]
+                captions[os.path.normpath(row["file_name"])] = row["text"].strip()  # ./00.jpg is 00.jpg
             except (ValueError, KeyError, TypeError):  # not JSON, or not an object with both keys as strings
                 raise ModelError(f"{meta}: line {i + 1} needs file_name and text") from None
     # metadata.jsonl may name images in subfolders (file_name "images/00.jpg"), as Hugging Face's imagefolder does
@@ -64,8 +64,9 @@ def read_captions(folder, caption):
             txt = os.path.join(folder, other_case[stem])
         text = caption or captions.get(f) or (read_text(txt).strip() if os.path.isfile(txt) else None)
         if not text:
-            raise ModelError(f"{os.path.join(folder, f)}: no caption ({os.path.basename(txt)} is missing or empty; "
-                             "or use --caption)")
+            why = ("its text in metadata.jsonl is blank" if f in captions
+                   else f"{os.path.basename(txt)} is missing or empty")
+            raise ModelError(f"{os.path.join(folder, f)}: no caption ({why}; or use --caption)")
         items.append((os.path.join(folder, f), text))
     stems = {os.path.splitext(f)[0] for f in files}
     unused = sorted({t for s, t in other_case.items() if s not in stems and not t.startswith(".")}
@@ -161,8 +162,8 @@ def prepare_image(path, res):
 
 @torch.no_grad()
 def encode_images(vae, items, res, device):
-    """Encode every image once: latent mean and std (N, 4, h, w). Posterior samples are drawn per step from these,
-    as the official code does with latent_dist.sample()."""
+    """Encode every image once: latent mean and std (N, 4, h, w), times the VAE's scaling factor. Posterior samples
+    are drawn per step from these, as the official code does with latent_dist.sample()."""
     means, stds = [], []
     for path, _ in tqdm(items, desc="encoding images"):
         mean, std = vae.encode(prepare_image(path, res)[None].to(device))

@@ -60,13 +60,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.Help)
     p.add_argument("--model", required=True, help="SDXL folder in the official (diffusers) layout, or the single file")
     p.add_argument("--config", help="with a single-file --model: a folder with the SDXL configs and tokenizers")
-    p.add_argument("--lora", action="append", default=[], help="PATH[:SCALE], a file or a training output folder; "
-                   "repeat for one curve per LoRA")
+    p.add_argument("--lora", type=cli.lora_spec, action="append", default=[],
+                   help="PATH[:SCALE], a file or a training output folder; repeat for one curve per LoRA")
     p.add_argument("--embeds", action="append", default=[], metavar="FILE[:TOKEN[:INITWORD]]",
                    help="learned_embeds files loaded with every LoRA, as sample.py takes them; TOKEN/INITWORD are "
                         "needed only if the file does not name them (the official code's)")
-    p.add_argument("--subject-lora", action="append", default=[], help="merge mode: subject LoRA (repeatable)")
-    p.add_argument("--style-lora", action="append", default=[], help="merge mode: style LoRA, paired in order")
+    p.add_argument("--subject-lora", type=cli.lora_spec, action="append", default=[],
+                   help="merge mode: subject LoRA (repeatable)")
+    p.add_argument("--style-lora", type=cli.lora_spec, action="append", default=[],
+                   help="merge mode: style LoRA, paired in order")
     p.add_argument("--style-images", help="merge mode: folder of style reference images")
     p.add_argument("--ref-images", required=True, help="folder of subject (or style) reference images")
     p.add_argument("--prompts", required=True, help="text file, one prompt a line; {} is replaced by --subject")

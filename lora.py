@@ -310,11 +310,10 @@ def lora_config(path):
     beside = peft_config_path(path)
     if not config and beside:
         config = read_json(beside)
-    patterns = (config.get("alpha_pattern") or {}) if isinstance(config, dict) else None
-    alphas = [config.get("lora_alpha", 1), *patterns.values()] if isinstance(patterns, dict) else [None]
+    patterns = config.get("alpha_pattern") or {}
+    alphas = [config.get("lora_alpha", 1), *(patterns.values() if isinstance(patterns, dict) else [None])]
     if not all(type(a) in (int, float) for a in alphas):  # as peft reads them: numbers, and {module pattern: number}
-        raise ModelError(f"{beside or path}: its LoRA config is not an object with a numeric lora_alpha and "
-                         "alpha_pattern")
+        raise ModelError(f"{beside or path}: its LoRA config has no numeric lora_alpha and alpha_pattern")
     return config
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import save
 import lora as lora_lib
 from checkpoint import (ModelError, atomic, check_file, component_config, model_folder, read_metadata, read_safetensors,
                         save_safetensors, save_single_file)
-from cli import Help, number, run, split_spec
+from cli import Help, number, positive_int, run, split_spec
 from sample import load_sdxl, with_folder_embeds
 from unet_sdxl import UNetConfig
 
@@ -31,7 +31,8 @@ def parse_args(argv=None):
     p.add_argument("loras", nargs="+", help="LoRA files or train.py output folders")
     p.add_argument("--weights", type=number, nargs="+", help="one per LoRA (default 1 each)")
     p.add_argument("--out", required=True, help="a .safetensors file, or a folder")
-    p.add_argument("--rank", type=int, help="compress the sum to this rank by SVD (prints the error it introduces)")
+    p.add_argument("--rank", type=positive_int,
+                   help="compress the sum to this rank by SVD (prints the error it introduces)")
     p.add_argument("--kohya", action="store_true", help="write the kohya format (ComfyUI, AUTOMATIC1111)")
     p.add_argument("--embeds", action="append", default=[], metavar="FILE[:TOKEN[:INITWORD]]",
                    help="learned_embeds files to carry along; TOKEN/INITWORD name them where the file does not")
@@ -45,9 +46,9 @@ def parse_args(argv=None):
         p.error(f"--weights needs one number per LoRA ({len(args.loras)})")
     if args.fuse and not args.model:
         p.error("--fuse needs --model")
-    if args.rank is not None and args.rank < 1:
-        p.error("--rank must be at least 1")
     args.to_file = args.out.lower().endswith(".safetensors")
+    if args.embeds and args.to_file and not args.fuse:
+        p.error("--embeds needs a folder as --out, to put them beside the LoRA")
     if args.fuse and not args.to_file:
         p.error("--fuse writes one file: give --out NAME.safetensors")
     if args.fuse and args.kohya:
@@ -83,7 +84,8 @@ def main(args):
     except ModelError as e:
         hint = "" if args.model else " (read as a LoRA of SDXL base; --model names another model)"
         raise ModelError(f"{e}{hint}") from None
-    merged = lora_lib.merge(loras, args.weights or [1.0] * len(loras))
+    weights = args.weights or [1.0] * len(loras)
+    merged = lora_lib.merge(loras, weights)
     if args.rank:
         merged, err = lora_lib.compress(merged, args.rank)
         print(f"rank {args.rank}: relative error of the summed delta {err:.3e} (Frobenius, over all layers)")
@@ -100,11 +102,9 @@ def main(args):
         return
 
     tensors = lora_lib.to_kohya(merged) if args.kohya else lora_lib.to_diffusers(merged, cfg)
-    meta = {"dco.merged_from": json.dumps(args.loras), "dco.weights": json.dumps(args.weights)}
+    meta = {"dco.merged_from": json.dumps(args.loras), "dco.weights": json.dumps(weights)}
     path = args.out
     if args.to_file:
-        if args.embeds:
-            raise ModelError("--embeds needs a folder as --out, to put them beside the LoRA")
         save_safetensors(tensors, path, meta)
         if with_folder_embeds([], args.loras):
             warnings.warn("the inputs' learned tokens are not in the file: merge into a folder to carry them along, or "
@@ -124,8 +124,9 @@ def main(args):
             token = header.get("token") or os.path.realpath(e)  # the official code's files name none
             if token in tokens and tokens[token][1] != data:  # the same bytes (a run given twice) are carried once
                 raise ModelError(f"{tokens[token][0]} and {e} both learned {token!r}, as other vectors, and a folder "
-                                 "carries one: give one run's LoRA file (DIR/pytorch_lora_weights.safetensors) rather "
-                                 "than its folder, so that its tokens stay behind")
+                                 "carries one: leave one out of --embeds, or give one run's LoRA file "
+                                 "(DIR/pytorch_lora_weights.safetensors) rather than its folder, so that its tokens "
+                                 "stay behind")
             tokens.setdefault(token, (e, data))
         # The LoRA first: until it is written, an earlier merge in --out stays whole.
         name, other = ((lora_lib.KOHYA_FILE, lora_lib.DIFFUSERS_FILE) if args.kohya

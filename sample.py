@@ -21,8 +21,8 @@ from PIL.PngImagePlugin import PngInfo
 import lora as lora_lib
 from checkpoint import (ModelError, atomic, check_file, check_parts_fit, check_schedule, component_config, load_unet,
                         load_vae, model_folder, read_metadata, read_single_file)
-from cli import (Help, add_compile, add_cuda_graph, check_steps, cuda_graph_on, finite, float_list, number,
-                 positive_int, resolve_device, run, seed_int, split_spec)
+from cli import (Help, add_compile, add_cuda_graph, check_steps, cuda_graph_on, finite, float_list, lora_spec,
+                 number, positive_int, resolve_device, run, seed_int, split_spec)
 from sampler import EULER, sample
 from text import Cond, TextEncoders, time_ids
 from vae import decode_latents
@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--config", help="with a single-file --model: a folder with the SDXL configs and tokenizers")
     p.add_argument("--prompt", required=True, help="learned tokens as trained, e.g. \"a <dog> in the snow\"")
     p.add_argument("--negative-prompt", default="", help="empty: SDXL's zero unconditional embedding")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+    p.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA file or a train.py output folder (its learned tokens load too, unless --embeds "
                         "names them); repeatable")
     p.add_argument("--embeds", action="append", default=[], metavar="FILE[:TOKEN[:INITWORD]]",
@@ -198,9 +198,10 @@ def check_sides(model, config, **sides):
     the weights load."""
     folder = model_folder(model, config)[0]
     multiple = size_multiple(component_config(folder, "unet"), component_config(folder, "vae"))
-    if any(v % multiple for v in sides.values()):
-        given = " and ".join(f"--{name} {v}" for name, v in sides.items())
-        raise ModelError(f"{given} must be {'a multiple' if len(sides) == 1 else 'multiples'} of {multiple} for this "
+    bad = {name: v for name, v in sides.items() if v % multiple}
+    if bad:
+        given = " and ".join(f"--{name} {v}" for name, v in bad.items())
+        raise ModelError(f"{given} must be {'a multiple' if len(bad) == 1 else 'multiples'} of {multiple} for this "
                          "model")
 
 
@@ -262,12 +263,9 @@ def main(args):
     seeds = [args.seed + i for i in range(args.n)]
     kw = dict(cfg=args.cfg, steps=args.steps, width=args.width, height=args.height,
               negative_prompt=args.negative_prompt, progress=not args.quiet, graph=args.cuda_graph)
-    if args.w_con is None or len(args.w_con) == 1:
-        w = args.w_con[0] if args.w_con else None
-        image = to_pil(generate(pipe, args.prompt, seeds, w, **kw))
-    else:
-        columns = [generate(pipe, args.prompt, seeds, w, **kw) for w in args.w_con]
-        image = grid(columns, [f"w_con={w:g}" for w in args.w_con])
+    ws = args.w_con or [None]  # None: plain CFG
+    columns = [generate(pipe, args.prompt, seeds, w, **kw) for w in ws]
+    image = to_pil(columns[0]) if len(ws) == 1 else grid(columns, [f"w_con={w:g}" for w in ws])
     save_png(image, args.out, {k: v for k, v in vars(args).items() if k not in ("quiet", "compile", "cuda_graph")})
     print(f"wrote {args.out}")
 

@@ -125,7 +125,7 @@ class TextEncoders(torch.nn.Module):
         for ids, encoder in zip(tokens, self.encoders):
             out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])  # penultimate layer, before the final LayerNorm
-        return torch.cat(hidden, dim=-1), out.text_embeds
+        return torch.cat(hidden, dim=-1), out.text_embeds  # pooled: the last encoder's (bigG's) projection
 
     # --- textual inversion: a new token with its own embedding row in both encoders ---
 
@@ -190,7 +190,7 @@ class TrainableRow(torch.nn.Module):
     def __init__(self, table, index, row):
         super().__init__()
         self.table, self.index, self.row = table, index, row
-        self.weight = table.weight
+        self.weight = table.weight  # get_input_embeddings().weight still reads the table, as transformers does
 
     def forward(self, input_ids):
         out = self.table(input_ids)

@@ -238,7 +238,7 @@ def pretrain(out, seed=0, budget=FULL):
     SDXL's, it is a generic image codec, and what is held out is held out of the UNet and text encoders); then the
     UNet, with the text encoders trained jointly when TRAIN_TEXT_ENCODERS."""
     record, run = os.path.join(out, "toy_pretraining.json"), [seed, vars(budget)]
-    done = read_json(record) if os.path.exists(record) else run  # written first, so a resumed run has it too
+    done = read_json(record, list) if os.path.exists(record) else run  # written first, so a resumed run has it too
     if done != run:  # say, the --quick model where the full one is asked for
         sys.exit(f"error: {out} holds a toy model pretrained otherwise (seed {done[0]}, {done[1]['unet_steps']} "
                  f"UNet steps, not {budget.unet_steps}); delete it to pretrain it again, or use another folder")
@@ -500,7 +500,7 @@ def main(args):
         record = os.path.join(model, "toy_pretraining.json")
         if not os.path.exists(os.path.join(model, "model_index.json")):
             pretrain(model, 0, QUICK if args.quick else FULL)
-        elif not args.quick and os.path.exists(record) and read_json(record)[1] == vars(QUICK):
+        elif not args.quick and os.path.exists(record) and read_json(record, list)[1] == vars(QUICK):
             sys.exit(f"error: {model} holds the --quick toy model, which is too rough for these results; pretrain the "
                      "full one (python toy.py --out DIR, then --model DIR), or give compare --quick")
         start = time.time()

@@ -1,7 +1,8 @@
 """The SDXL autoencoder (AutoencoderKL): images in [-1, 1] <-> 4-channel latents, 8x smaller per side.
 
 Module names follow the official checkpoint (encoder.down.N.block.M, mid.attn_1, decoder.up.N.upsample), so the
-single file loads after stripping "first_stage_model."; checkpoint.py maps the diffusers layout onto them.
+single file loads after stripping "first_stage_model." (and flattening its attention's 1x1 convolutions into the
+linear layers they are, as diffusers has them); checkpoint.py maps the diffusers layout onto them.
 Latents the UNet sees are the encoder's mean (or a sample) times scaling_factor (0.13025 for SDXL).
 The SDXL VAE overflows in fp16, so the scripts keep it in fp32 whatever their --dtype.
 """

@@ -511,7 +511,10 @@ def test_impossible_sampling_settings_are_refused_before_anything_loads(capsys):
     required = ["--model", "m", "--lora", "x", "--ref-images", "r", "--prompts", "p", "--dino", "d"]
     for bad, needle in [(["--cfg", "nan"], "expected a number"), (["--steps", "0"], "positive whole number"),
                         (["--steps", "1001"], "--steps can be at most 1000"), (["--width", "-64"], "positive whole"),
-                        (["--seeds", "0"], "positive whole number")]:
+                        (["--seeds", "0"], "positive whole number"),
+                        (["--lora", "out/y:x"], "expected PATH[:SCALE], the scale a number, got 'out/y:x'"),
+                        (["--subject-lora", "out/s:inf"], "got 'out/s:inf'"),
+                        (["--style-lora", "out/s:1,5"], "got 'out/s:1,5'")]:
         with pytest.raises(SystemExit):
             evaluate.parse_args(required + bad)
         assert needle in capsys.readouterr().err

@@ -287,6 +287,8 @@ def test_each_learned_token_is_carried_once(tiny_sdxl, trained, tmp_path):
     folder = tiny_sdxl[0]
     merge_here(trained, trained, "--model", folder, "--out", tmp_path / "twice")  # the same run twice: its token once
     assert sorted(os.listdir(tmp_path / "twice")) == ["learned_embeds.safetensors", "pytorch_lora_weights.safetensors"]
+    assert json.loads(read_metadata(str(tmp_path / "twice" / "pytorch_lora_weights.safetensors"))["dco.weights"]) \
+        == [1.0, 1.0]  # the weights used, unset given as 1 each
     shutil.copytree(trained, tmp_path / "copy")  # and a copy of it elsewhere: the same bytes, so one token too
     merge_here(trained, tmp_path / "copy", "--model", folder, "--out", tmp_path / "copied")
     assert sorted(os.listdir(tmp_path / "copied")) == ["learned_embeds.safetensors", "pytorch_lora_weights.safetensors"]
@@ -377,6 +379,11 @@ def test_merge_refuses_to_fuse_into_a_folder_or_read_a_missing_input(tmp_path, c
     with pytest.raises(SystemExit):
         merge.parse_args(["a.safetensors", "b.safetensors", "--weights", "1", "nan", "--out", "m.safetensors"])
     assert "expected a number, got 'nan'" in capsys.readouterr().err
+    for bad, needle in ((["--rank", "0"], "expected a positive whole number"),  # refused before any file is read
+                        (["--embeds", "e.safetensors"], "--embeds needs a folder as --out")):
+        with pytest.raises(SystemExit):
+            merge.parse_args(["a.safetensors", *bad, "--out", "m.safetensors"])
+        assert needle in capsys.readouterr().err
     with pytest.raises(ModelError, match="nowhere.safetensors: no such LoRA file or folder$"):
         merge.main(merge.parse_args([str(tmp_path / "nowhere.safetensors"), "--out", str(tmp_path / "m.safetensors")]))
     # A file that cannot be written is a one-line error too: here a file stands where --out's folder would be.

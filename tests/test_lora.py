@@ -223,8 +223,9 @@ def test_alpha_in_a_diffusers_file_header_or_a_peft_config_is_applied(tiny_sdxl,
         with torch.no_grad():
             torch.testing.assert_close(unet(*inputs()), want, rtol=1e-4, atol=1e-4)
     # A config that cannot be read, or whose alphas are not numbers, is an error that names the file
-    for text, message in (("{bad", "adapter_config.json: Expecting property name"),
-                          ('{"lora_alpha": null}', "adapter_config.json: its LoRA config is not an object")):
+    for text, message in (("{bad", "adapter_config.json: not a JSON file"),
+                          ("[1]", "adapter_config.json: not a JSON object"),
+                          ('{"lora_alpha": null}', "adapter_config.json: its LoRA config has no numeric lora_alpha")):
         (peft / "adapter_config.json").write_text(text)
         with pytest.raises(ModelError, match=message):
             lora_lib.read_lora(str(peft), unet.cfg)

@@ -347,6 +347,19 @@ def test_models_that_do_not_fit_together_are_refused_before_loading(tiny_sdxl, t
         with pytest.raises(ModelError, match=error):
             load_sdxl(str(folder), torch.device("cpu"), torch.float32)
         config.write_text(good)
+    # A config that is not a JSON object, or not UTF-8 (Windows PowerShell's > writes UTF-16), is named in one line.
+    config = folder / "unet" / "config.json"
+    good = config.read_text()
+    for data, error in ((b"[1]", "not a JSON object"), (good.encode("utf-16"), "not a JSON file")):
+        config.write_bytes(data)
+        with pytest.raises(ModelError, match=f"unet.config.json: {error}"):
+            load_sdxl(str(folder), torch.device("cpu"), torch.float32)
+    config.write_text(good)
+    shutil.rmtree(folder / "text_encoder")
+    with pytest.raises(ModelError, match=r"text_encoder.config.json: No such file or directory$"):
+        load_sdxl(str(folder), torch.device("cpu"), torch.float32)
+    shutil.copytree(os.path.join(tiny_sdxl[0], "text_encoder"), folder / "text_encoder",
+                    ignore=shutil.ignore_patterns("*.safetensors"))
     config = folder / "tokenizer" / "tokenizer_config.json"
     good = config.read_text()
     config.unlink()  # then transformers would take any length at all
@@ -364,6 +377,10 @@ def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
     os.rename(bad / "vae" / "diffusion_pytorch_model.safetensors", bad / "vae" / "diffusion_pytorch_model.bin")
     with pytest.raises(ModelError, match="only .safetensors"):
         load_vae(str(bad))
+    os.rename(bad / "text_encoder" / "model.safetensors", bad / "text_encoder" / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="pytorch_model.bin is there, but only .safetensors"):
+        TextEncoders(str(bad))
+    os.rename(bad / "text_encoder" / "pytorch_model.bin", bad / "text_encoder" / "model.safetensors")
     with pytest.raises(ModelError, match="only .safetensors"):
         checkpoint.read_safetensors(str(tmp_path / "model.ckpt"))
     shutil.rmtree(bad / "text_encoder_2")
@@ -400,6 +417,7 @@ def test_impossible_sampling_settings_are_refused(tmp_path, capsys, monkeypatch)
                         (["--seed", str(2 ** 64)], "expected a whole number from 0 to 2^64 - 1"),
                         (["--seed", str(2 ** 64 - 1), "--n", "2"], "--seed must be a whole number from 0 to 2^64 - n"),
                         (["--out", "a.jpg"], "the image is a PNG"),  # it used to write PNG bytes into a.jpg
+                        (["--lora", "out/dog:x"], "expected PATH[:SCALE], the scale a number, got 'out/dog:x'"),
                         (["--w-con", "2"], "--w-con needs what was fine-tuned")]:  # without, it changes nothing
         with pytest.raises(SystemExit):
             sample.parse_args(["--model", "m", "--prompt", "p", *bad])

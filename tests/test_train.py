@@ -265,8 +265,10 @@ def test_image_sizes_are_checked_from_the_configs_before_the_weights_load(tiny_s
     import sample
     configs = tmp_path / "configs"  # the tiny model's VAE halves the sides once, its UNet twice: multiples of 8
     shutil.copytree(tiny_sdxl[0], configs, ignore=shutil.ignore_patterns("*.safetensors"))
-    with pytest.raises(ModelError, match="--width 60 and --height 64 must be multiples of 8 for this model"):
+    with pytest.raises(ModelError, match="^--width 60 must be a multiple of 8 for this model"):  # the side at fault
         sample.main(sample.parse_args(["--model", str(configs), "--prompt", "p", "--width", "60", "--height", "64"]))
+    with pytest.raises(ModelError, match="^--width 60 and --height 4 must be multiples of 8 for this model"):
+        sample.main(sample.parse_args(["--model", str(configs), "--prompt", "p", "--width", "60", "--height", "4"]))
     data = write_images(str(tmp_path / "d"), ["a photo"])
     expect_error(("--model", configs, "--data", data, "--resolution", 36), "--resolution 36 must be a multiple of 8",
                  str(tmp_path / "out"))
@@ -684,6 +686,13 @@ def test_captions_come_from_caption_then_metadata_then_txt(tmp_path):
     (tmp_path / "d" / "metadata.jsonl").write_text(  # with a byte-order mark, as Windows tools write it
         "\ufeff" + json.dumps({"file_name": "00.png", "text": "bom"}) + "\n", encoding="utf-8")
     assert [c for _, c in read_captions(data, None)][0] == "bom"
+    (tmp_path / "d" / "metadata.jsonl").write_text(json.dumps({"file_name": "./00.png", "text": " dot \n"}) + "\n")
+    assert [c for _, c in read_captions(data, None)] == ["dot", "from txt too", "a tiff"]  # 00.png once, stripped
+    (tmp_path / "d" / "metadata.jsonl").write_text(json.dumps({"file_name": "00.png", "text": " "}) + "\n")
+    os.remove(tmp_path / "d" / "00.txt")
+    with pytest.raises(ModelError, match="00.png: no caption .its text in metadata.jsonl is blank"):
+        read_captions(data, None)
+    (tmp_path / "d" / "00.txt").write_text("from txt")
     (tmp_path / "d" / "01.TXT").write_text("  from txt, padded \n")  # a caption file's spaces and newline are not text
     assert [c for _, c in read_captions(data, None)][1] == "from txt, padded"
     (tmp_path / "d" / "01.TXT").write_text(" \n")
