@@ -2,7 +2,7 @@
 
     python bench.py                        # full SDXL UNet, random weights, 1024x1024, bf16 (on a GPU)
     python bench.py --reference            # also diffusers + peft (the official stack), same weights, same run
-    python bench.py --compile              # also both UNets with their transformer blocks torch.compile'd
+    python bench.py --compile              # also the UNets (ours; the reference's with --reference) compiled by block
     python bench.py --cuda-graph           # also our steps replayed from CUDA graphs (and compiled, with --compile)
     python bench.py --profile              # also where each step's time goes: host, GPU, waits (torch.profiler)
     python bench.py --tiny                 # a CPU smoke test on the tiny config
@@ -48,14 +48,15 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=positive_int, default=10, help="timed calls of each step (the median is printed)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls of each step first")
     p.add_argument("--reference", action="store_true", help="also time diffusers + peft")
-    p.add_argument("--compile", action="store_true", help="also time our UNet with its blocks compiled")
+    p.add_argument("--compile", action="store_true",
+                   help="also time both UNets (the reference with --reference), their transformer blocks compiled")
     p.add_argument("--cuda-graph", action="store_true", help="also time our steps replayed from CUDA graphs (GPU)")
     p.add_argument("--profile", action="store_true", help="also profile one call of each step (see profile_call)")
     args = p.parse_args(argv)
     if args.size is not None and args.size % 32:  # the latents (size / 8) go through SDXL's two downsamplings
         p.error("--size must be a multiple of 32")
-    if args.warmup < 0:
-        p.error("--warmup must be 0 or more")
+    if args.warmup < (1 if args.cuda_graph else 0):  # a graph is recorded at its step's first call, untimed
+        p.error("--warmup must be 0 or more (1 or more with --cuda-graph)")
     return args
 
 
@@ -393,6 +394,9 @@ def main(args):
             steps = fn = None
     except KeyboardInterrupt:  # e.g. timeout -s INT: the targets below still count what was measured
         print("interrupted")
+    except Exception as e:  # readying a stack (building the reference, compiling) failed: the stacks after it are lost
+        failed = True
+        print(f"failed: {type(e).__name__}: {str(e)[:500]}")
     for (stack, what), (sec, _) in rows.items():
         theirs = stack.replace("ours", "reference").replace(", CUDA graph", "")  # the reference as officially run
         if stack.startswith("ours") and (theirs, what) in rows:

@@ -82,8 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results", help="folder for the tables, plots and cached images")
     p.add_argument("--cfg", type=cli.number, default=5.0, help="classifier-free guidance scale w_txt")
     p.add_argument("--steps", type=cli.positive_int, default=50, help="Euler steps")
-    p.add_argument("--width", type=cli.positive_int, default=1024, help="a multiple of 32")
-    p.add_argument("--height", type=cli.positive_int, default=1024, help="a multiple of 32")
+    p.add_argument("--width", type=cli.positive_int, default=1024, help="a multiple of 32 for SDXL")
+    p.add_argument("--height", type=cli.positive_int, default=1024, help="a multiple of 32 for SDXL")
     p.add_argument("--negative-prompt", default="", help="empty: SDXL's zero unconditional embedding")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -107,6 +107,9 @@ def read_prompts(path, subject, suffix):
         raise ModelError(f"{path}: no prompts (one a line; lines starting with # are comments)")
     if subject is None and any("{}" in line for line in lines):
         raise ModelError(f"{path}: the prompts have a {{}} placeholder; give the subject phrase with --subject")
+    repeated = next((line for i, line in enumerate(lines) if line in lines[:i]), None)
+    if repeated is not None:  # its images would count twice
+        raise ModelError(f"{path}: the prompt {repeated!r} is repeated")
     return [line.replace("{}", subject or "") + suffix for line in lines]
 
 
@@ -296,6 +299,7 @@ class ImageCache:
 
 def make_generator(args, loras):
     """Load SDXL with loras applied together -> (draw(prompt, seed, w_con) -> PIL image, base(prompt) -> str)."""
+    sample.check_sides(args.model, args.config, width=args.width, height=args.height)  # from the configs, first
     pipe = sample.load_pipeline(args.model, loras=loras, embeds=args.embeds, device=args.device, dtype=args.dtype,
                                 config=args.config)
     if args.compile:

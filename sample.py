@@ -45,8 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=seed_int, default=0, help="of the first image's initial noise")
     p.add_argument("--n", type=positive_int, default=1,
                    help="images with seeds seed, seed+1, ... (a row each in a grid)")
-    p.add_argument("--width", type=positive_int, default=1024, help="a multiple of 32")
-    p.add_argument("--height", type=positive_int, default=1024, help="a multiple of 32")
+    p.add_argument("--width", type=positive_int, default=1024, help="a multiple of 32 for SDXL")
+    p.add_argument("--height", type=positive_int, default=1024, help="a multiple of 32 for SDXL")
     p.add_argument("--out", default="out.png", help="a PNG, its settings in its text")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

@@ -1,9 +1,10 @@
 """The toy world: procedural 64x64 captioned images with exact ground truth, and metrics that read them back.
 
 An image holds one or two objects (shape, color, pattern, size, position) on a background, optionally in a
-whole-image style; its caption states every attribute. Held out of pretraining are a few personal subjects (a shape +
-color + pattern combination never shown) and styles (never shown at all); their captions name them with a learned
-token in place of the noun ("a big <sub0> at the left", "in <sty0>"), as the official data config does ("a <dog>").
+whole-image style; its caption states every attribute. Held out of pretraining are a few personal subjects (a shape
++ color + pattern combination never shown) and styles (never shown to the UNet or the text encoders); their captions
+name them with a learned token in place of the noun ("a big <sub0> at the left", "in <sty0>"), as the official data
+config does ("a <dog>").
 analyze() reads the same attributes back from any image, so subject, style and prompt fidelity have exact meaning.
 toy.py pretrains a tiny SDXL on this world and runs the paper's experiments in it.
 """

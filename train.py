@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--ti-lr", type=non_negative, default=5e-6, help="learning rate of the textual-inversion embeddings")
     p.add_argument("--batch-size", type=positive_int, default=1, help="images per step")
     p.add_argument("--resolution", type=positive_int, default=1024,
-                   help="side of the square training images (resized, then center-cropped), a multiple of 32")
+                   help="side of the square training images (resized, then center-cropped), a multiple of 32 for SDXL")
     p.add_argument("--caption", help="one caption for every image (instead of .txt files)")
     p.add_argument("--token", help='learned token, e.g. "<dog>"; every caption must contain it, as a word of its own')
     p.add_argument("--init-token", help="the word the token starts from, e.g. dog")
@@ -73,8 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=positive, default=1.0, help="clip the gradient to this norm")
     p.add_argument("--weight-decay", type=non_negative, default=1e-4, help="AdamW's, on the LoRA")
     p.add_argument("--seed", type=seed_int, default=0, help="of the LoRA's init and every random draw")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint + sample grid every N steps (0: never)")
-    p.add_argument("--sample-steps", type=positive_int, default=30, help="sampler steps for grids and class images")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint + sample image every N steps (0: never)")
+    p.add_argument("--sample-steps", type=positive_int, default=30,
+                   help="sampler steps for the sample images and class images")
     p.add_argument("--sample-prompt", help="the prompt of the sample drawn at every save (default: the first caption)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--grad-checkpointing", action="store_true",

@@ -403,6 +403,8 @@ def test_merge_mode_scores_subject_and_style(setup):
     (lambda t, a: setattr(a, "w_con", "1,nan"), "finite"),
     (lambda t, a: setattr(a, "lora", a.lora[:1] * 2), "given twice"),
     (lambda t, a: (t / "prompts.txt").write_bytes("a {} in the café".encode("latin-1")), "prompts.txt: not UTF-8"),
+    (lambda t, a: (t / "prompts.txt").write_text("a {} in the snow\na {} on a beach\na {} in the snow \n"),
+     "prompts.txt: the prompt 'a {} in the snow' is repeated"),  # its images would count twice
     (lambda t, a: (os.makedirs(t / "out" / "images"), (t / "out" / "images" / "index.json").write_text('{"a": ')),
      "index.json: not a readable image index"),
 ])
@@ -467,12 +469,14 @@ def test_make_generator_calls_the_sampling_api(monkeypatch):
     record("generate", torch.full((1, 3, 8, 8), 0.5))
     record("base_prompt", "a dog")
     record("warn_unloaded_tokens", None)
+    record("check_sides", None)
     argv = ["--model", "sdxl", "--lora", "x", "--ref-images", "r", "--prompts", "p", "--dino", "d", "--cfg", "7",
             "--steps", "12", "--width", "768", "--height", "512", "--dtype", "float16", "--config", "cfg",
             "--cuda-graph"]
     draw, base = evaluate.make_generator(evaluate.parse_args(argv), ["subject/", "style.safetensors:0.5"])
     assert calls["load_pipeline"] == (("sdxl",), dict(loras=["subject/", "style.safetensors:0.5"], embeds=[],
                                                       device="auto", dtype="float16", config="cfg"))
+    assert calls["check_sides"] == (("sdxl", "cfg"), dict(width=768, height=512))
     image = draw("a <dog>", 3, 2.0)
     assert calls["generate"] == ((pipe, "a <dog>", 3), dict(w_con=2.0, cfg=7.0, steps=12, width=768, height=512,
                                                             negative_prompt="", graph=True))
@@ -505,6 +509,11 @@ def test_cli_end_to_end_with_the_tiny_sdxl(tiny_sdxl, trained, metric_models, tm
     pixels = {w: np.asarray(Image.open(out / "images" / index[w]["file"])).astype(int) for w in (None, 0.0)}
     assert pixels[None].shape == (32, 32, 3)
     assert np.abs(pixels[None] - pixels[0.0]).max() > 0  # fine-tuned CFG differs from the base model's
+    # Sides the model cannot take are refused from its configs, before it loads (the tiny model's multiple is 8)
+    args = evaluate.parse_args(["--model", tiny_sdxl[0], "--lora", trained, "--ref-images", "r", "--prompts", "p",
+                                "--dino", "d", "--width", "60", "--height", "32"])
+    with pytest.raises(ModelError, match="^--width 60 must be a multiple of 8 for this model$"):
+        evaluate.make_generator(args, [trained])
 
 
 def test_impossible_sampling_settings_are_refused_before_anything_loads(capsys):

@@ -693,6 +693,17 @@ def test_bench_reports_rates_and_ratios_from_its_measurements(monkeypatch, capsy
     assert (("ours, compiled", "DCO train step"), 1, 0) in timed  # the first call, compile included
     assert "ours, compiled               DCO train step       first call 40.0 s" in out
 
+    def failing_plan(*a):  # a stack that cannot be readied (the reference's diffusers too old, say): what was measured
+        yield from list(plan(*a))[:1]  # before it still makes its lines, and the run ends in an error
+        raise RuntimeError("no compile_repeated_blocks")
+    monkeypatch.setattr(bench, "plan", failing_plan)
+    flops = iter([1e12, 3e12])
+    with pytest.raises(SystemExit, match="a stack failed"):
+        bench.main(bench.parse_args(["--tiny", "--iters", "3"]))
+    out = capsys.readouterr().out
+    assert "failed: RuntimeError: no compile_repeated_blocks" in out and "target " in out
+    assert re.search(r"^ours +CFG step \(batch 2\) +20.00 ms", out, re.M)
+
 
 def test_bench_times_the_median_after_warmup(monkeypatch):
     import bench
@@ -769,7 +780,7 @@ def test_bench_refuses_bad_settings_before_building_anything(tiny_sdxl, monkeypa
     import bench
     for bad, needle in [(["--iters", "0"], "positive whole number"), (["--rank", "0"], "positive whole number"),
                         (["--size", "60"], "multiple of 32"), (["--size", "48"], "multiple of 32"),
-                        (["--warmup", "-1"], "0 or more")]:
+                        (["--warmup", "-1"], "0 or more"), (["--warmup", "0", "--cuda-graph"], "1 or more with")]:
         with pytest.raises(SystemExit):
             bench.parse_args(["--tiny", *bad])
         assert needle in capsys.readouterr().err
