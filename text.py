@@ -155,7 +155,8 @@ class TextEncoders(torch.nn.Module):
         for tokenizer, encoder in zip(self.tokenizers, self.encoders):
             ids = tokenizer(word, add_special_tokens=False).input_ids
             if len(ids) != 1:
-                raise ModelError(f"the initializer word {word!r} must be a single token; it is {len(ids)}")
+                raise ModelError(f"the initializer word {word!r} must be one token of the model's vocabulary; it is "
+                                 f"{len(ids)} tokens (choose a common word)")
             rows.append(encoder.get_input_embeddings().weight[ids[0]].detach().clone())
         return rows
 

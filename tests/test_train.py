@@ -230,7 +230,8 @@ def test_bad_data_is_refused_in_one_line(tiny_sdxl, tmp_path):
     data = write_images(str(tmp_path / "d"), ["a photo of a <dog>"] * 2)
     out = str(tmp_path / "out")
     expect_error(("--data", data, "--token", "<cat>", "--init-token", "cat", *common), "00.png", out, cli=True)
-    expect_error(("--data", data, "--token", "<dog>", "--init-token", "big dog", *common), "single token", out)
+    expect_error(("--data", data, "--token", "<dog>", "--init-token", "big dog", *common),
+                 "must be one token of the model's vocabulary; it is 4 tokens", out)
     for typo in ("dog", "<do"):  # inside <dog>: it would train there, and the base captions would read <dog>
         expect_error(("--data", data, "--token", typo, "--init-token", "dog", *common), "inside the word '<dog>'", out)
     long = write_images(str(tmp_path / "long"), [" ".join(["word"] * 80) + " a <dog>"])  # CLIP reads 77 tokens
