@@ -119,7 +119,8 @@ def load_training_state(path, optimizer, generator):
 
 
 def component_files(folder, sub, weights=True):
-    """The config and weights of one component folder (unet/ or vae/): (config path, list of weight files)."""
+    """The config and weights of one component folder (unet/ or vae/): (config path, list of weight files); the
+    config alone (weights None) of any other (text_encoder/, ...)."""
     d = os.path.join(folder, sub)
     if not os.path.isdir(d):
         raise ModelError(f"{d}: missing (expected the SDXL folder layout: unet/, vae/, text_encoder/, ...)")
@@ -386,7 +387,7 @@ def check_parts_fit(folder):
     """Refuse a folder whose models do not fit together, from their configs, before any weights load: an
     inpainting UNet (9 input channels) or text encoders of other widths would otherwise fail inside a layer."""
     unet, vae = component_config(folder, "unet"), component_config(folder, "vae")
-    te, te2 = (read_json(os.path.join(folder, p, "config.json")) for p in ("text_encoder", "text_encoder_2"))
+    te, te2 = (read_json(component_files(folder, p, weights=False)[0]) for p in ("text_encoder", "text_encoder_2"))
     fits = {"the UNet's input channels and the VAE's latent channels": (unet.in_channels, vae.latent_channels),
             "the UNet's output channels and the VAE's latent channels": (unet.out_channels, vae.latent_channels),
             "the UNet's context width and the two text encoders' widths added":

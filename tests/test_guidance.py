@@ -51,8 +51,9 @@ def test_a_folded_lora_samples_as_one_apart_and_refuses_consistency_guidance(tin
     assert not lora_lib.lora_modules(folded.unet) and lora_lib.lora_modules(apart.unet)
     torch.testing.assert_close(generate(folded, PROMPT, [0], **KW), generate(apart, PROMPT, [0], **KW),
                                rtol=0, atol=1e-4)
-    with pytest.raises(ModelError, match="needs the LoRAs apart"):  # its base model is gone
-        generate(folded, PROMPT, [0], w_con=2.0, **KW)
+    for w in (2.0, 0.0):  # w_con 0 too: the base model's CFG, which a folded UNet no longer has
+        with pytest.raises(ModelError, match="needs the LoRAs apart"):  # its base model is gone
+            generate(folded, PROMPT, [0], w_con=w, **KW)
 
 
 @torch.no_grad()
@@ -77,9 +78,25 @@ def test_a_token_without_its_initializer_word_refuses_consistency_guidance(tiny_
         warn_unused_tokens(pipe, PROMPT)  # and named in the prompt
     with pytest.warns(UserWarning, match=r"names none of the learned tokens loaded \(<dog>\)"):
         warn_unused_tokens(pipe, "a photo of a dog in the snow")
+    with warnings.catch_warnings():  # one token of two named is enough
+        warnings.simplefilter("error")
+        warn_unused_tokens(Pipeline(None, None, None, {"<dog>": "dog", "<cat>": "cat"}), PROMPT)
+    # FILE:TOKEN:WORD names the token even where the file names another: a rename
+    assert load_pipeline(tiny_sdxl[0], embeds=[os.path.join(trained, "learned_embeds.safetensors") + ":<pet>:animal"]
+                         ).tokens == {"<pet>": "animal"}
+    other = str(tmp_path / "other_embeds.safetensors")  # another file that learned <dog>: which to keep is the user's
+    save_file({k: v + 1 for k, v in load_file(emb).items()}, other)
+    with pytest.raises(ModelError, match="the token '<dog>' is already loaded"):
+        load_pipeline(tiny_sdxl[0], embeds=[emb + ":<dog>:dog", other + ":<dog>:dog"])
     for scale in ("x", "nan"):
         with pytest.raises(ModelError, match=f"the scale '{scale}' is not a number"):
             load_pipeline(tiny_sdxl[0], loras=[lora + ":" + scale])
+    # The folder's token file named by --embeds under another spelling of its path is that file, loaded once; a
+    # backup beside it is not a token file.
+    (tmp_path / "learned_embeds.safetensors.bak").write_bytes(b"an old copy")
+    spelled = os.path.join(str(tmp_path), ".", "learned_embeds.safetensors")
+    pipe = load_pipeline(tiny_sdxl[0], loras=[str(tmp_path)], embeds=[spelled + ":<dog>:dog"])
+    assert pipe.tokens == {"<dog>": "dog"}
 
 
 @torch.no_grad()
@@ -144,6 +161,7 @@ def test_w_con_sweep_makes_a_labelled_grid(tiny_sdxl, trained, tmp_path):
     assert im.size == (3 * 32, 2 * 32 + 14)
     settings = json.loads(im.info["parameters"])  # what made the image, as given
     assert (settings["lora"], settings["prompt"], settings["w_con"], settings["n"]) == ([trained], PROMPT, [0, 2, 4], 2)
+    assert not {"quiet", "compile", "cuda_graph"} & settings.keys()  # how it ran, not what it made
     # The columns in --w-con's order, a row per seed: column 0 is w_con 0, the base model's image for seed 0 and 1
     pipe = load_pipeline(tiny_sdxl[0], loras=[trained])
     for col, w in enumerate((0.0, 2.0, 4.0)):
@@ -269,6 +287,11 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path, 
     with pytest.raises(ModelError, match="holds lora_kohya.safetensors, which no merge wrote"):
         merge_here(trained, "--model", folder, "--out", mine)
     assert sorted(os.listdir(mine)) == ["lora_kohya.safetensors", "notes.txt"]
+    os.remove(mine / "lora_kohya.safetensors")  # a learned token of the user's own, with no LoRA beside it
+    shutil.copy(os.path.join(trained, "learned_embeds.safetensors"), mine)
+    with pytest.raises(ModelError, match="holds learned_embeds.safetensors, which no merge wrote"):
+        merge_here(trained, "--model", folder, "--out", mine)
+    assert sorted(os.listdir(mine)) == ["learned_embeds.safetensors", "notes.txt"]
     with pytest.raises(ModelError, match="holds a training run"):
         merge_here(cat, "--model", folder, "--out", os.path.join(trained, "pytorch_lora_weights.safetensors"))
     # A merge that fails to write its LoRA (a full disk, say) leaves the earlier merge in --out as it was.
@@ -380,10 +403,14 @@ def test_merge_refuses_to_fuse_into_a_folder_or_read_a_missing_input(tmp_path, c
         merge.parse_args(["a.safetensors", "b.safetensors", "--weights", "1", "nan", "--out", "m.safetensors"])
     assert "expected a number, got 'nan'" in capsys.readouterr().err
     for bad, needle in ((["--rank", "0"], "expected a positive whole number"),  # refused before any file is read
-                        (["--embeds", "e.safetensors"], "--embeds needs a folder as --out")):
+                        (["--embeds", "e.safetensors"], "--embeds needs a folder as --out"),
+                        (["b.safetensors", "--weights", "1"], "--weights needs one number per LoRA (2)"),
+                        (["--fuse"], "--fuse needs --model")):
         with pytest.raises(SystemExit):
             merge.parse_args(["a.safetensors", *bad, "--out", "m.safetensors"])
         assert needle in capsys.readouterr().err
+    assert merge.parse_args(["a.safetensors", "--fuse", "--model", "m", "--embeds", "e.safetensors", "--out",
+                             "f.safetensors"]).fuse  # the tokens are named on the side, as --fuse's files have none
     with pytest.raises(ModelError, match="nowhere.safetensors: no such LoRA file or folder$"):
         merge.main(merge.parse_args([str(tmp_path / "nowhere.safetensors"), "--out", str(tmp_path / "m.safetensors")]))
     # A file that cannot be written is a one-line error too: here a file stands where --out's folder would be.

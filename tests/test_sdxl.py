@@ -184,7 +184,7 @@ def test_long_prompt_warns(tiny_sdxl):
         text.encode(["dog " * 100])
 
 
-@pytest.mark.parametrize("steps", [30, 7, 1])
+@pytest.mark.parametrize("steps", [30, 7, 1, 1000])  # 1000: the first timestep, 1000, is past the table
 def test_euler_schedule_matches_reference(tiny_sdxl, steps):
     sched = tiny_sdxl[1].scheduler
     sched.set_timesteps(steps)
@@ -356,7 +356,7 @@ def test_models_that_do_not_fit_together_are_refused_before_loading(tiny_sdxl, t
             load_sdxl(str(folder), torch.device("cpu"), torch.float32)
     config.write_text(good)
     shutil.rmtree(folder / "text_encoder")
-    with pytest.raises(ModelError, match=r"text_encoder.config.json: No such file or directory$"):
+    with pytest.raises(ModelError, match=r"text_encoder: missing \(expected the SDXL folder layout"):
         load_sdxl(str(folder), torch.device("cpu"), torch.float32)
     shutil.copytree(os.path.join(tiny_sdxl[0], "text_encoder"), folder / "text_encoder",
                     ignore=shutil.ignore_patterns("*.safetensors"))
@@ -402,6 +402,10 @@ def test_pickles_and_missing_parts_are_refused(tiny_sdxl, tmp_path):
     with pytest.warns(UserWarning, match="asks for {'timestep_spacing': 'trailing'}; this sampler is SDXL base's"), \
             pytest.raises(ModelError):  # warned before this broken copy of the model fails to load
         load_pipeline(str(bad))
+    sched.write_text(json.dumps(good))  # SDXL base's own settings: no warning
+    with warnings.catch_warnings(), pytest.raises(ModelError, match="text_encoder_2: missing .expected the SDXL"):
+        warnings.simplefilter("error")
+        load_pipeline(str(bad))
     # The command line says it in one line, without a stack trace.
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", str(tmp_path / "nowhere"),
                         "--prompt", "x"], capture_output=True, text=True)
@@ -422,6 +426,8 @@ def test_impossible_sampling_settings_are_refused(tmp_path, capsys, monkeypatch)
         with pytest.raises(SystemExit):
             sample.parse_args(["--model", "m", "--prompt", "p", *bad])
         assert needle in capsys.readouterr().err
+    args = sample.parse_args(["--model", "m", "--prompt", "p", "--out", "A.PNG", "--seed", str(2 ** 64 - 1)])
+    assert (args.out, args.seed, args.n) == ("A.PNG", 2 ** 64 - 1, 1)  # the largest seed, for one image
     with pytest.raises(ModelError, match="--cuda-graph needs a CUDA GPU"):  # before any model is read
         sample.main(sample.parse_args(["--model", "m", "--prompt", "p", "--device", "cpu", "--cuda-graph"]))
     with pytest.raises(ModelError, match="--device gpu: not a device name"):

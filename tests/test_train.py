@@ -292,6 +292,9 @@ def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, 
     assert read_config("dataset/dog/config.json:derived") == read_config("dataset/dog/config.json:full_ti")
     (tmp_path / "dataset" / "rel.json").write_text(json.dumps({"x": {"images": ["dog/00.png"], "prompts": ["a"]}}))
     assert read_config("dataset/rel.json")[0] == [("dataset/dog/00.png", "a")]  # or from the config's folder
+    os.makedirs(tmp_path / "dog")  # where both hold the path, the current directory's image, as officially
+    shutil.copy(tmp_path / "dataset" / "dog" / "01.png", tmp_path / "dog" / "00.png")
+    assert read_config("dataset/rel.json")[0] == [("dog/00.png", "a")]
     monkeypatch.chdir(config.parent)  # elsewhere, the images are found next to the config
     assert read_config("config.json:dreambooth")[0] == [(f"{i:02d}.png", "a photo of sks dog") for i in range(2)]
     (tmp_path / "list.json").write_text(json.dumps([full]))
@@ -303,7 +306,9 @@ def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, 
     for name, key in (("a", "images"), ("b", "prompts"), ("c", "inserting_tokens")):
         with pytest.raises(ModelError, match=f"{key} must be a list of strings"):
             read_config(f"{tmp_path / 'types.json'}:{name}")
+    config.write_text(json.dumps({**configs, "empty_word": {**full, "initializer_tokens": [""]}}))
     for name, needle in [("", "NAME one of: dreambooth, full_ti"), (":two", "learns one token"),
+                         (":empty_word", "learns one token from an initializer word"),  # a random start, officially
                          (":base", "base_prompts must be the prompts with <dog> replaced by dog"),
                          (":missing", "image x/05.png not found")]:
         with pytest.raises(ModelError, match=re.escape(needle)):
@@ -687,7 +692,7 @@ def test_captions_come_from_caption_then_metadata_then_txt(tmp_path):
     (tmp_path / "d" / "metadata.jsonl").write_text(  # with a byte-order mark, as Windows tools write it
         "\ufeff" + json.dumps({"file_name": "00.png", "text": "bom"}) + "\n", encoding="utf-8")
     assert [c for _, c in read_captions(data, None)][0] == "bom"
-    (tmp_path / "d" / "metadata.jsonl").write_text(json.dumps({"file_name": "./00.png", "text": " dot \n"}) + "\n")
+    (tmp_path / "d" / "metadata.jsonl").write_text(json.dumps({"file_name": "./00.png", "text": " dot \n"}) + "\n \t\n")
     assert [c for _, c in read_captions(data, None)] == ["dot", "from txt too", "a tiff"]  # 00.png once, stripped
     (tmp_path / "d" / "metadata.jsonl").write_text(json.dumps({"file_name": "00.png", "text": " "}) + "\n")
     os.remove(tmp_path / "d" / "00.txt")
@@ -718,6 +723,16 @@ def test_every_image_mode_becomes_upright_rgb(tmp_path):
         im.save(tmp_path / name)
         out = np.asarray(load_rgb(str(tmp_path / name)))
         assert out.shape == (40, 60, 3) and out[:10, :10].min() > 200 and out[20:, 20:].max() < 60, name
+    # 16-bit and 32-bit grayscale keep their scale: 65535 is 255, so 32768 is 127 and 63000 is 245
+    for mode, value, want in (("I;16", 32768, 127), ("I", 63000, 245)):
+        Image.fromarray(np.full((4, 4), value, np.uint16 if mode == "I;16" else np.int32)).save(tmp_path / "g.tif")
+        assert Image.open(tmp_path / "g.tif").mode == mode
+        assert (np.asarray(load_rgb(str(tmp_path / "g.tif"))) == want).all(), mode
+    keyed = np.zeros((4, 4, 3), np.uint8)  # an RGB PNG whose black is its transparent color
+    keyed[2:, 2:] = (0, 0, 255)
+    Image.fromarray(keyed).save(tmp_path / "keyed.png", transparency=(0, 0, 0))
+    out = np.asarray(load_rgb(str(tmp_path / "keyed.png")))
+    assert (out[:2, :2] == 255).all() and out[3, 3].tolist() == [0, 0, 255]
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
     img.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "rot.jpg", exif=exif)
@@ -747,12 +762,15 @@ def test_resize_and_crop_round_as_torchvision(tmp_path):
     # the offset rounds half to even (27 - 16 = 11 -> 5.5 -> 6; 25 - 16 = 9 -> 4.5 -> 4), and the resampling is PIL's
     # bilinear.
     rng = np.random.default_rng(0)
-    for (w, h), size, box in [((31, 20), (24, 16), (4, 0, 20, 16)), ((16, 27), (16, 27), (0, 6, 16, 22)),
-                              ((16, 25), (16, 25), (0, 4, 16, 20))]:
+    for (w, h), size, box in [((31, 20), (24, 16), (4, 0, 20, 16)), ((20, 31), (16, 24), (0, 4, 16, 20)),
+                              ((16, 27), (16, 27), (0, 6, 16, 22)), ((16, 25), (16, 25), (0, 4, 16, 20))]:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         img.save(tmp_path / "x.png")
         want = np.asarray(img.resize(size, Image.BILINEAR).crop(box), dtype=np.float32) / 127.5 - 1
-        np.testing.assert_array_equal(prepare_image(str(tmp_path / "x.png"), 16).permute(1, 2, 0).numpy(), want)
+        with warnings.catch_warnings():  # a short side of exactly the resolution is not upscaled
+            warnings.simplefilter("error")
+            got = prepare_image(str(tmp_path / "x.png"), 16)
+        np.testing.assert_array_equal(got.permute(1, 2, 0).numpy(), want)
 
 
 def test_textual_inversion_trains_only_the_new_rows(tiny_sdxl):
