@@ -1,6 +1,7 @@
 """LoRA math, file formats, and interchange with diffusers/peft."""
 
 import copy
+import json
 import re
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import lora as lora_lib
-from checkpoint import ModelError, load_unet
+from checkpoint import ModelError, load_unet, save_safetensors
 from unet_sdxl import UNet, UNetConfig
 
 from conftest import ROOT  # noqa: F401  (conftest puts the project on sys.path)
@@ -364,3 +365,58 @@ def test_compiled_blocks_equal_eager():
     assert not torch.allclose(eager_outs[0], eager_outs[1])
     for a, b in zip(outs + grads, eager_outs + eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def header_lora(tmp_path, rank=4):
+    """A random tiny-model LoRA, and a function that writes it as a diffusers file with a peft config in its header
+    (as save_lora_weights does) and returns the path."""
+    torch.manual_seed(1)
+    cfg = UNetConfig.tiny()
+    unet = UNet(cfg)
+    lora_lib.inject(unet, rank)
+    for m in lora_lib.lora_modules(unet).values():
+        torch.nn.init.normal_(m.lora_B)
+    lora = lora_lib.get_lora(unet)
+
+    def write(config, name="h.safetensors"):
+        path = str(tmp_path / name)
+        save_safetensors(lora_lib.to_diffusers(lora, cfg), path,
+                         {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in config.items()})})
+        return path
+    return cfg, lora, write
+
+
+def assert_same_lora(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_lora_configs_are_read_as_peft_reads_them(tmp_path):
+    cfg, lora, write = header_lora(tmp_path)
+    # a float alpha counts (alpha 2 at rank 4: half strength)
+    assert_same_lora(lora_lib.read_lora(write({"r": 4, "lora_alpha": 2.0}), cfg),
+                     {k: (d, u * 0.5) for k, (d, u) in lora.items()})
+    # an alpha_pattern key matches whole name parts: "ks.0.attn1.to_q" is no module's ending
+    assert_same_lora(lora_lib.read_lora(write({"r": 4, "lora_alpha": 4, "alpha_pattern": {"ks.0.attn1.to_q": 16}}),
+                                        cfg), lora)
+    with pytest.raises(ModelError, match="rank-stabilized"):  # alpha / sqrt(rank): another strength
+        lora_lib.read_lora(write({"r": 4, "lora_alpha": 8, "use_rslora": True}), cfg)
+    # a peft config beside a diffusers file is not that file's: its alpha is not applied
+    plain = str(tmp_path / lora_lib.DIFFUSERS_FILE)
+    save_safetensors(lora_lib.to_diffusers(lora, cfg), plain)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 32}))
+    assert_same_lora(lora_lib.read_lora(plain, cfg), lora)
+    name, (down, _) = next(iter(lora.items()))  # half a module is one clear error
+    with pytest.raises(ModelError, match="lacks its up matrix"):
+        lora_lib.parse_lora({f"unet.{lora_lib.module_names(cfg)[name]}.lora.down.weight": down}, cfg, "x")
+
+
+def test_training_alpha_scales_the_lora():
+    base = torch.nn.Linear(3, 5)
+    m = lora_lib.LoRALinear(base, rank=4, alpha=2.0)
+    torch.nn.init.normal_(m.lora_B)
+    with torch.no_grad():
+        torch.testing.assert_close(m.delta(), m.lora_B @ m.lora_A * 0.5)
+        x = torch.randn(2, 3)
+        torch.testing.assert_close(m(x), base(x) + x @ (m.lora_B @ m.lora_A * 0.5).T)

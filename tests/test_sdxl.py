@@ -898,6 +898,8 @@ def test_sample_py_reads_the_single_file_and_refuses_a_bad_one(tiny_sdxl, tmp_pa
     del tensors["model.diffusion_model.extra.weight"]
     tensors["model_ema.decay"], tensors["model_ema.diffusion_modelout2weight"] = torch.zeros(1), torch.zeros(1)  # EMA
     save_file(tensors, path)
+    tensors["denoiser.sigmas"] = torch.linspace(0.03, 14.6, 1000)  # some files carry the sampler's table: unused
+    save_file(tensors, path)
     with pytest.warns(UserWarning, match="EMA weights"):
         unet = load_sdxl(path, torch.device("cpu"), torch.float32, config=folder)[0]
     want = load_unet(folder).state_dict()
@@ -913,3 +915,29 @@ def test_sample_py_reads_the_single_file_and_refuses_a_bad_one(tiny_sdxl, tmp_pa
     save_file(tensors, path)
     with pytest.raises(ModelError, match=re.escape(f"attn_1.q.weight has shape ({channels}, {channels}, 3, 3)")):
         load_sdxl(path, torch.device("cpu"), torch.float32, config=folder)
+
+
+def test_learned_embeddings_go_each_to_its_encoder_and_bad_files_are_named(tiny_sdxl, tmp_path):
+    text = TextEncoders(tiny_sdxl[0])
+    dims = [e.get_input_embeddings().weight.shape[1] for e in text.encoders]
+    path = str(tmp_path / "e.safetensors")
+    save_file({"clip_l": torch.full((1, dims[0]), 0.25), "clip_g": torch.full((1, dims[1]), 0.75)}, path)
+    text.load_embeds(path, "<dog>")
+    for tokenizer, encoder, value in zip(text.tokenizers, text.encoders, (0.25, 0.75)):
+        assert (encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<dog>")] == value).all()
+    for tensors, error in (({"clip_l": torch.zeros(1, dims[0] + 1), "clip_g": torch.zeros(1, dims[1])},
+                            "clip_l has shape"),
+                           ({"clip_l": torch.zeros(1, dims[0]), "clip_g": torch.zeros(1, dims[1]),
+                             "extra": torch.zeros(1)}, "expected keys clip_l and clip_g")):
+        save_file(tensors, path)
+        with pytest.raises(ModelError, match=error):
+            text.load_embeds(path, "<cat>")
+
+
+def test_a_prompt_one_token_too_long_is_said_to_be_cut(tiny_sdxl):
+    text = TextEncoders(tiny_sdxl[0])
+    tokenizer = text.tokenizers[0]
+    prompt = " ".join(["dog"] * (tokenizer.model_max_length - 1))  # with its start and end tokens: one too many
+    assert len(tokenizer(prompt).input_ids) == tokenizer.model_max_length + 1
+    with pytest.warns(UserWarning, match="CLIP reads only the first"):
+        text.tokens([prompt])

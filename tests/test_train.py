@@ -820,3 +820,29 @@ def test_a_new_token_gets_its_row_at_each_tokenizers_own_id(tiny_sdxl):
 def test_a_token_that_is_already_a_word_is_warned_about(tiny_sdxl):
     with pytest.warns(UserWarning, match="already a word of CLIP's vocabulary"):
         TokenEmbeddings(TextEncoders(tiny_sdxl[0]), "dog", "dog")
+
+
+def test_training_state_round_trips_and_refuses_other_files(tmp_path):
+    from checkpoint import load_training_state, save_training_state
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(4))]
+    opt = torch.optim.AdamW(params, lr=0.1)
+    for _ in range(2):  # AdamW's moments and step count, made by two steps
+        sum(p.pow(2).sum() for p in params).backward()
+        opt.step()
+        opt.zero_grad()
+    rng = torch.Generator().manual_seed(7)
+    torch.rand(3, generator=rng)
+    path = str(tmp_path / "state.safetensors")
+    save_training_state(path, {"param.0": params[0]}, opt, rng, {"step": "2"})
+    fresh, rng2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4))]), \
+        torch.Generator()
+    tensors, meta = load_training_state(path, fresh, rng2)
+    assert set(tensors) == {"param.0"} and torch.equal(tensors["param.0"], params[0].detach()) and meta["step"] == "2"
+    want, got = opt.state_dict()["state"], fresh.state_dict()["state"]
+    assert want.keys() == got.keys() and all(torch.equal(torch.as_tensor(want[i][k]), torch.as_tensor(got[i][k]))
+                                             for i in want for k in want[i])
+    assert torch.equal(torch.rand(5, generator=rng2), torch.rand(5, generator=rng))  # the draws go on as they would
+    save_file({"param.0": torch.zeros(1)}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(ModelError, match="not a training state"):
+        load_training_state(str(tmp_path / "lora.safetensors"), fresh, torch.Generator())
