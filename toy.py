@@ -473,7 +473,10 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in ("pretrain", "data", "compare", "-h", "--help"):
         argv = ["pretrain", *argv]
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.command == "pretrain" and args.seed >= 2 ** 63:  # its phases seed torch with seed + 1, seed + 2, ...
+        p.error("--seed must be below 2^63 for pretraining")
+    return args
 
 
 def main(args):

@@ -210,10 +210,13 @@ def test_data_command_writes_a_training_folder(tmp_path):
 
 def test_bad_numbers_are_refused_before_any_work(capsys):
     for argv, needle in [(["compare", "--beta", "-5"], "expected a number >= 0"),  # not after the DreamBooth runs
-                         (["data", "--subject", "0", "--n", "0", "--out", "x"], "expected a positive whole number")]:
+                         (["data", "--subject", "0", "--n", "0", "--out", "x"], "expected a positive whole number"),
+                         (["--seed", str(2 ** 64 - 1)], "--seed must be below 2^63 for pretraining")]:
         with pytest.raises(SystemExit):
             toy.parse_args(argv)
         assert needle in capsys.readouterr().err
+    assert toy.parse_args(["--seed", str(2 ** 63 - 1)]).seed == 2 ** 63 - 1  # its phases' seeds still fit
+    assert toy.parse_args(["data", "--subject", "0", "--seed", str(2 ** 64 - 1), "--out", "x"]).seed == 2 ** 64 - 1
 
 
 @pytest.fixture(scope="module")
