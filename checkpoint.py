@@ -152,7 +152,11 @@ def read_weights(paths):
     """The tensors of a component's weight files (one, or its shards) as one state dict."""
     tensors = {}
     for path in paths:
-        tensors.update(read_safetensors(path))
+        shard = read_safetensors(path)
+        twice = sorted(shard.keys() & tensors.keys())
+        if twice:  # one would silently replace the other
+            raise ModelError(f"{path}: {twice[0]!r} is in another shard too")
+        tensors.update(shard)
     return tensors
 
 
@@ -186,7 +190,7 @@ def check_keys(expected, tensors, source):
 # ---------------------------------------------------------------------------------------------- UNet
 
 # The UNet config's fields that change what it computes, beyond its weights' shapes, at SDXL's values. A field a config
-# leaves out takes diffusers' default, which is SDXL's value for all but addition_embed_type (SD 1.x / 2.x have none).
+# leaves out takes diffusers' default, which is SDXL's value for all but the two in DIFFUSERS_DEFAULT.
 SDXL_UNET = {"addition_embed_type": "text_time", "use_linear_projection": True, "flip_sin_to_cos": True,
              "freq_shift": 0, "act_fn": "silu", "mid_block_type": "UNetMidBlock2DCrossAttn",
              "center_input_sample": False, "norm_eps": 1e-5, "downsample_padding": 1, "mid_block_scale_factor": 1,
@@ -195,12 +199,13 @@ SDXL_UNET = {"addition_embed_type": "text_time", "use_linear_projection": True, 
              "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
              "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
              "class_embed_type": None, "class_embeddings_concat": False, "encoder_hid_dim_type": None}
+DIFFUSERS_DEFAULT = {"addition_embed_type": None, "use_linear_projection": False}  # SD 1.x configs lack both
 
 
 def unet_config_from_diffusers(c, source="unet/config.json"):
     """diffusers UNet2DConditionModel config -> UNetConfig; refuses anything that is not SDXL-shaped."""
     for k, v in SDXL_UNET.items():
-        given = c.get(k, None if k == "addition_embed_type" else v)
+        given = c.get(k, DIFFUSERS_DEFAULT.get(k, v))
         if (given or None) != (v or None):  # null and false alike, as diffusers reads them
             raise ModelError(f"{source}: {k}={given!r} is not an SDXL UNet (expected {v!r})")
     chs = c["block_out_channels"]
@@ -299,6 +304,8 @@ def vae_config_from_diffusers(c, source="vae/config.json"):
             raise ModelError(f"{source}: {k}={c[k]} is not an SDXL autoencoder")
     if c.get("latents_mean") or c.get("shift_factor"):
         raise ModelError(f"{source}: latents_mean/shift_factor are not SDXL's autoencoder")
+    if c.get("act_fn", "silu") != "silu":  # the same weights would load and compute something else
+        raise ModelError(f"{source}: act_fn={c['act_fn']!r} is not SDXL's autoencoder (silu)")
     return VAEConfig(in_channels=c["in_channels"], latent_channels=c["latent_channels"],
                      block_out_channels=tuple(c["block_out_channels"]), layers_per_block=c["layers_per_block"],
                      norm_groups=c["norm_num_groups"], scaling_factor=c["scaling_factor"])
@@ -430,7 +437,7 @@ def load_vae(folder, dtype=torch.float32, device="cpu", tensors=None):
 SINGLE_FILE = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
                "text_encoder": "conditioner.embedders.0.transformer.",
                "text_encoder_2": "conditioner.embedders.1.model."}
-UNUSED = {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids",  # a buffer transformers rebuilds
+UNUSED = {"conditioner.embedders.1.model.transformer.text_model.embeddings.position_ids",  # ComfyUI's saver, 2023
           "conditioner.embedders.1.model.logit_scale",  # CLIP's image-text temperature
           "denoiser.sigmas"}  # a noise schedule, which some tools save; the sampler computes its own
 EMA = "model_ema."  # a training run's exponential moving average of the UNet, which some fine-tunes keep

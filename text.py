@@ -46,11 +46,13 @@ def encoder_from_tensors(cls, config_dir, tensors, source):
         model = cls(CLIPTextConfig.from_pretrained(config_dir, local_files_only=True))
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tensors = for_this_transformers(tensors, expected)
+    # transformers before 4.31 saved the token positions (a buffer, 0..76) in every file; it ignores them on load now
+    tensors = {k: v for k, v in tensors.items() if k in expected or not k.endswith("embeddings.position_ids")}
     check_keys(expected, tensors, source)
     # assign: the tensors become the weights, in the memory layout they come in (the single file's projection is a
     # transposed view), and a layout changes a matmul's rounding
     model.load_state_dict({k: v.contiguous() for k, v in tensors.items()}, strict=True, assign=True)
-    # The token positions 0..76 are a buffer that files do not hold: made here, as the model's own init makes it.
+    # The token positions, a buffer not read from files: made here, as the model's own init makes it.
     for name, buffer in list(model.named_buffers()):
         if name.endswith("embeddings.position_ids"):
             model.get_submodule(name.rpartition(".")[0]).position_ids = torch.arange(buffer.shape[-1]).expand(1, -1)

@@ -330,6 +330,20 @@ def test_other_unet_configs_are_refused():
             checkpoint.unet_config_from_diffusers(dict(sdxl, **{key: value}))
     assert checkpoint.unet_config_from_diffusers(dict(sdxl, cross_attention_norm=False, timestep_post_act=None,
                                                       mid_block_only_cross_attention=False)) == UNetConfig()
+    # A field left out is diffusers' default: SD 1.x's convolution projections, not SDXL's linear ones.
+    with pytest.raises(ModelError, match="use_linear_projection=False is not an SDXL UNet"):
+        checkpoint.unet_config_from_diffusers({k: v for k, v in sdxl.items() if k != "use_linear_projection"})
+
+
+def test_other_vae_configs_are_refused():
+    sdxl = checkpoint.vae_config_to_diffusers(VAEConfig())
+    assert checkpoint.vae_config_from_diffusers(dict(sdxl, act_fn="silu")) == VAEConfig()
+    for change, error in (({"act_fn": "gelu"}, "act_fn='gelu' is not SDXL's"),  # same weights, other numbers
+                          ({"latents_mean": [0.1] * 4}, "latents_mean/shift_factor"),
+                          ({"shift_factor": 0.06}, "latents_mean/shift_factor"),
+                          ({"up_block_types": ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"] * 2}, "up_block_types")):
+        with pytest.raises(ModelError, match=re.escape(error)):
+            checkpoint.vae_config_from_diffusers(dict(sdxl, **change))
 
 
 def test_models_that_do_not_fit_together_are_refused_before_loading(tiny_sdxl, tmp_path):
@@ -548,6 +562,11 @@ def test_a_sharded_unet_loads_as_one_file(tiny_sdxl, tmp_path):
         assert len(checkpoint.weights_files(str(tmp_path / str(variant) / "unet"), "diffusion_pytorch_model")) > 10
         got, want = load_unet(str(tmp_path / str(variant))).state_dict(), load_unet(tiny_sdxl[0]).state_dict()
         assert all(torch.equal(v, want[k].half().float() if variant else want[k]) for k, v in got.items())
+    shards = checkpoint.weights_files(str(tmp_path / "fp16" / "unet"), "diffusion_pytorch_model")
+    first = load_file(shards[0])
+    save_file({**load_file(shards[1]), next(iter(first)): next(iter(first.values()))}, shards[1])
+    with pytest.raises(ModelError, match=f"{re.escape(repr(next(iter(first))))} is in another shard too"):
+        load_unet(str(tmp_path / "fp16"))
 
 
 def test_text_encoders_load_strictly_from_the_official_files(tiny_sdxl, tmp_path):
@@ -563,6 +582,14 @@ def test_text_encoders_load_strictly_from_the_official_files(tiny_sdxl, tmp_path
         loaded = checkpoint.with_text_model_prefix(encoder.state_dict())
         assert loaded.keys() == files[p].keys()
         assert all(torch.equal(v, files[p][k].half().float()) for k, v in loaded.items()), p
+    # transformers before 4.31 also saved the token positions, which transformers skips on load, as we do
+    path = folder / "text_encoder" / "model.fp16.safetensors"
+    save_file({**load_file(path), "text_model.embeddings.position_ids": torch.arange(77)[None] + 1}, path)
+    encoder = TextEncoders(str(folder)).encoders[0]
+    (positions,) = [b for name, b in encoder.named_buffers() if name.endswith("position_ids")]
+    assert torch.equal(positions, torch.arange(77)[None])
+    assert all(torch.equal(v, files["text_encoder"][k].half().float())
+               for k, v in checkpoint.with_text_model_prefix(encoder.state_dict()).items())
     path = folder / "text_encoder_2" / "model.fp16.safetensors"
     tensors = load_file(path)
     for change, error in ((lambda t: t.pop("text_projection.weight"), "missing key 'text_projection.weight'"),
@@ -899,6 +926,8 @@ def test_sample_py_reads_the_single_file_and_refuses_a_bad_one(tiny_sdxl, tmp_pa
     tensors["model_ema.decay"], tensors["model_ema.diffusion_modelout2weight"] = torch.zeros(1), torch.zeros(1)  # EMA
     save_file(tensors, path)
     tensors["denoiser.sigmas"] = torch.linspace(0.03, 14.6, 1000)  # some files carry the sampler's table: unused
+    # ComfyUI's saver (2023) left a buffer of transformers' in the OpenCLIP tower; diffusers skips it
+    tensors["conditioner.embedders.1.model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     save_file(tensors, path)
     with pytest.warns(UserWarning, match="EMA weights"):
         unet = load_sdxl(path, torch.device("cpu"), torch.float32, config=folder)[0]
