@@ -252,7 +252,10 @@ def parse_lora(tensors, unet_cfg, source):
         name = kohya_to_ours.get(stem) or diffusers_to_ours.get(stem)
         if name is None:
             raise ModelError(f"{source}: {key!r} matches no module of this UNet")
-        parts.setdefault(name, {})[SUFFIXES[suffix]] = value.float()
+        part = parts.setdefault(name, {})
+        if SUFFIXES[suffix] in part:  # one module under two names (kohya's from both naming schemes, say)
+            raise ModelError(f"{source}: {key!r} gives module {name!r} its {SUFFIXES[suffix]} a second time")
+        part[SUFFIXES[suffix]] = value.float()
     if text_encoder_key:
         raise ModelError(f"{source}: {text_encoder_key!r} is a text-encoder LoRA, which is not supported")
     if not parts:
@@ -275,6 +278,7 @@ def parse_lora(tensors, unet_cfg, source):
 
 
 PEFT_FILE, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # what peft's save_pretrained writes
+PEFT_ALPHA = 8  # LoraConfig's lora_alpha where a config leaves it out
 
 
 def lora_path(path):
@@ -311,7 +315,7 @@ def lora_config(path):
     if not config and beside:
         config = read_json(beside)
     patterns = config.get("alpha_pattern") or {}
-    alphas = [config.get("lora_alpha", 1), *(patterns.values() if isinstance(patterns, dict) else [None])]
+    alphas = [config.get("lora_alpha", PEFT_ALPHA), *(patterns.values() if isinstance(patterns, dict) else [None])]
     if not all(type(a) in (int, float) for a in alphas):  # as peft reads them: numbers, and {module pattern: number}
         raise ModelError(f"{beside or path}: its LoRA config has no numeric lora_alpha and alpha_pattern")
     return config
@@ -323,7 +327,7 @@ def read_lora(path, unet_cfg):
     path = lora_path(path)
     lora = parse_lora(read_safetensors(path), unet_cfg, path)
     config = lora_config(path)
-    if "lora_alpha" not in config:
+    if not config:
         return lora
     if config.get("use_rslora"):
         raise ModelError(f"{path}: rank-stabilized LoRA (alpha / sqrt(rank)) is not supported")
@@ -331,6 +335,6 @@ def read_lora(path, unet_cfg):
     patterns = config.get("alpha_pattern") or {}
     for name, (down, up) in lora.items():  # peft's alpha_pattern keys match the end of a module name
         alpha = next((a for p, a in patterns.items() if re.match(rf"(.*\.)?({p})$", diffusers_name[name])),
-                     config["lora_alpha"])
+                     config.get("lora_alpha", PEFT_ALPHA))
         lora[name] = (down, up * (alpha / down.shape[0]))
     return lora

@@ -402,6 +402,12 @@ def test_lora_configs_are_read_as_peft_reads_them(tmp_path):
                                         cfg), lora)
     with pytest.raises(ModelError, match="rank-stabilized"):  # alpha / sqrt(rank): another strength
         lora_lib.read_lora(write({"r": 4, "lora_alpha": 8, "use_rslora": True}), cfg)
+    # a config without lora_alpha has peft's default, in its alpha_pattern's other modules too
+    from peft import LoraConfig
+    default = LoraConfig(r=4).lora_alpha / 4
+    assert_same_lora(lora_lib.read_lora(write({"r": 4}), cfg), {k: (d, u * default) for k, (d, u) in lora.items()})
+    assert_same_lora(lora_lib.read_lora(write({"r": 4, "alpha_pattern": {"to_q": 16}}), cfg),
+                     {k: (d, u * (4 if k.endswith("to_q") else default)) for k, (d, u) in lora.items()})
     # a peft config beside a diffusers file is not that file's: its alpha is not applied
     plain = str(tmp_path / lora_lib.DIFFUSERS_FILE)
     save_safetensors(lora_lib.to_diffusers(lora, cfg), plain)
@@ -410,6 +416,14 @@ def test_lora_configs_are_read_as_peft_reads_them(tmp_path):
     name, (down, _) = next(iter(lora.items()))  # half a module is one clear error
     with pytest.raises(ModelError, match="lacks its up matrix"):
         lora_lib.parse_lora({f"unet.{lora_lib.module_names(cfg)[name]}.lora.down.weight": down}, cfg, "x")
+    # so is a module under two names (a kohya file's official and diffusers-derived names): which would count?
+    kohya = lora_lib.to_kohya(lora)
+    twice = {k.replace("lora_unet_" + name.replace(".", "_"),
+                       "lora_unet_" + lora_lib.module_names(cfg)[name].replace(".", "_")): v
+             for k, v in kohya.items() if k.startswith("lora_unet_" + name.replace(".", "_") + ".")}
+    assert twice.keys().isdisjoint(kohya)
+    with pytest.raises(ModelError, match=f"module {re.escape(repr(name))} its (down|up|alpha) a second time"):
+        lora_lib.parse_lora({**kohya, **twice}, cfg, "x")
 
 
 def test_training_alpha_scales_the_lora():
