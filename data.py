@@ -16,7 +16,7 @@ from tqdm import tqdm
 from checkpoint import ModelError
 from cli import split_spec
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif")
 Image.MAX_IMAGE_PIXELS = None  # a user's own 200-megapixel photo is not a decompression bomb
 
 
@@ -26,9 +26,11 @@ def image_files(folder):
 
 
 def read_text(path):
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark, as Windows tools write, is not text
-            return f.read()
+    """UTF-8 text, or UTF-16 where a byte-order mark says so (Windows PowerShell 5's `>` writes it)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:  # utf-8-sig: a UTF-8 byte-order mark, as Windows tools write, is not text
+        return raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
     except UnicodeDecodeError:
         raise ModelError(f"{path}: not UTF-8 text") from None
 
@@ -74,6 +76,12 @@ def read_captions(folder, caption):
     if unused:  # an image of another type (.heic, say), or one that was deleted
         warnings.warn(f"{folder}: captions without an image of a type read here ({', '.join(IMAGE_SUFFIXES)}): "
                       f"{', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}; they are not trained on")
+    below = sorted(os.path.join(d, f) for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))
+                   and not d.startswith(".") for f in image_files(os.path.join(folder, d)))
+    below = [f for f in below if f not in captions]
+    if below:
+        warnings.warn(f"{folder}: images in subfolders are not read unless metadata.jsonl names them: "
+                      f"{', '.join(below[:3])}{', ...' if len(below) > 3 else ''}")
     return items
 
 
@@ -81,15 +89,14 @@ def is_config(data):
     return split_spec(data, 1)[0].endswith(".json")
 
 
-def read_config(spec):
+def read_config(spec, init_word=None):
     """The official code's data config, 'config.json[:NAME]' (NAME may be left out if it holds one): [(image path,
-    prompt)] and its learned token and initializer word (None, None without one). An image path is read as the
-    official code reads it, from the current directory, or else from the config's folder (with or without its
-    folders: a config copied next to its images)."""
+    prompt)] and its learned token and initializer word (None, None without one; init_word, --init-token, replaces
+    the config's). An image path is read as the official code reads it, from the current directory, or else from the
+    config's folder (with or without its folders: a config copied next to its images)."""
     path, name = split_spec(spec, 2)
     try:
-        with open(path) as f:
-            configs = json.load(f)
+        configs = json.loads(read_text(path))
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: not a readable data config ({e})") from None
     if not isinstance(configs, dict) or not all(isinstance(c, dict) for c in configs.values()):
@@ -112,11 +119,12 @@ def read_config(spec):
     if len(tokens) > 1 or len(words) != len(tokens) or "" in words:
         raise ModelError(f"{where}: train.py learns one token from an initializer word; the config has "
                          f"inserting_tokens {tokens} and initializer_tokens {words}")
-    token, word = (tokens[0], words[0]) if tokens else (None, None)
+    token, word = (tokens[0], init_word or words[0]) if tokens else (None, None)
     # base_prompts (what the frozen model sees; the official code needs them with a token and DCO) are derived so.
     if token and "base_prompts" in cfg and cfg["base_prompts"] != [p.replace(token, word) for p in prompts]:
-        raise ModelError(f"{where}: base_prompts must be the prompts with {token} replaced by {word}, as train.py "
-                         "makes them")
+        given = " (--init-token)" if init_word and init_word != words[0] else ""
+        raise ModelError(f"{where}: base_prompts must be the prompts with {token} replaced by {word}{given}, as "
+                         "train.py makes them")
     items = []
     for image, prompt in zip(images, prompts):
         found = [p for p in (image, os.path.join(here, image), os.path.join(here, os.path.basename(image)))
@@ -139,7 +147,10 @@ def load_rgb(path):
     if im.mode == "F":  # no one scale fits: [0, 1] and [0, 255] both occur
         raise ModelError(f"{path}: a floating-point image; save it with 8 or 16 bits per channel")
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: scale to 8 bits, keep the contrast
-        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+        values, key = np.asarray(im, dtype=np.float64), im.info.get("transparency")
+        im = Image.fromarray((values / 257).clip(0, 255).astype(np.uint8))
+        if key is not None:  # the transparent gray, matched at 16 bits (several may round to its 8-bit value)
+            im.putalpha(Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8)))
     if im.mode in ("P", "LA", "PA") or "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode == "RGBA":  # composite on white, not black, where the image is transparent

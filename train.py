@@ -330,8 +330,8 @@ def main(args):
     device, dtype = resolve_device(args.device, args.dtype)
     args.cuda_graph = cuda_graph_on(args.cuda_graph, device)
     if is_config(args.data):
-        items, token, word = read_config(args.data)
-        args.token, args.init_token = args.token or token, args.init_token or word  # settings.json records them
+        items, token, word = read_config(args.data, args.init_token)
+        args.token, args.init_token = args.token or token, word or args.init_token  # settings.json records them
         if bool(args.token) != bool(args.init_token):
             raise ModelError(f"{args.data} names no learned token: --token and --init-token go together")
     else:

@@ -290,6 +290,10 @@ def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert read_config("dataset/dog/config.json:full_ti") == (list(zip(images, prompts)), "<dog>", "dog")
     assert read_config("dataset/dog/config.json:derived") == read_config("dataset/dog/config.json:full_ti")
+    # --init-token replaces the config's word, which its base_prompts (the frozen model's captions) must then use
+    assert read_config("dataset/dog/config.json:derived", "cat") == (list(zip(images, prompts)), "<dog>", "cat")
+    with pytest.raises(ModelError, match=re.escape("replaced by cat (--init-token)")):
+        read_config("dataset/dog/config.json:full_ti", "cat")
     (tmp_path / "dataset" / "rel.json").write_text(json.dumps({"x": {"images": ["dog/00.png"], "prompts": ["a"]}}))
     assert read_config("dataset/rel.json")[0] == [("dataset/dog/00.png", "a")]  # or from the config's folder
     os.makedirs(tmp_path / "dog")  # where both hold the path, the current directory's image, as officially
@@ -331,7 +335,10 @@ def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, 
     with pytest.raises(ModelError, match="names no learned token: --token and --init-token go together"):
         run("config.json:dreambooth", "--init-token", "dog")
     with pytest.raises(ModelError, match="does not contain the token '<cat>'"):  # the user's token, not the config's
-        run("config.json:full_ti", "--token", "<cat>", "--init-token", "cat")
+        run("config.json:derived", "--token", "<cat>", "--init-token", "cat")
+    before = read_config("config.json:full_ti")
+    config.write_text(json.dumps(configs), encoding="utf-8-sig")  # a byte-order mark, as Windows editors write
+    assert read_config("config.json:full_ti") == before
     with pytest.warns(UserWarning, match="the captions hold <dog>, which is not a learned token here"):
         train.main(train.parse_args([str(a) for a in ("--model", tiny_sdxl[0], "--data", ".", "--steps", 1,
                                                       *TRAIN_ARGS, "--out", tmp_path / "plain")]))
@@ -704,6 +711,15 @@ def test_captions_come_from_caption_then_metadata_then_txt(tmp_path):
     (tmp_path / "d" / "01.TXT").write_text(" \n")
     with pytest.raises(ModelError, match="01.PNG: no caption .* missing or empty"):
         read_captions(data, None)
+    (tmp_path / "d" / "01.TXT").write_text("from utf-16", encoding="utf-16")  # with its byte-order mark, as Windows
+    assert [c for _, c in read_captions(data, None)][1] == "from utf-16"  # PowerShell 5 writes captions with `>`
+    shutil.copy(tmp_path / "d" / "00.png", tmp_path / "d" / "04.jfif")  # a JPEG as Windows browsers name it
+    (tmp_path / "d" / "04.txt").write_text("jfif")
+    os.makedirs(tmp_path / "d" / "more")
+    shutil.copy(tmp_path / "d" / "00.png", tmp_path / "d" / "more" / "05.png")
+    with pytest.warns(UserWarning, match=re.escape(f"not read unless metadata.jsonl names them: "
+                                                   f"{os.path.join('more', '05.png')}")):
+        assert [c for _, c in read_captions(data, None)] == ["from txt", "from utf-16", "a tiff", "jfif"]
     imagefolder = tmp_path / "hf"  # Hugging Face's imagefolder layout: the images in a subfolder
     os.makedirs(imagefolder / "images")
     shutil.copy(tmp_path / "d" / "00.png", imagefolder / "images" / "00.png")
@@ -733,6 +749,11 @@ def test_every_image_mode_becomes_upright_rgb(tmp_path):
     Image.fromarray(keyed).save(tmp_path / "keyed.png", transparency=(0, 0, 0))
     out = np.asarray(load_rgb(str(tmp_path / "keyed.png")))
     assert (out[:2, :2] == 255).all() and out[3, 3].tolist() == [0, 0, 255]
+    keyed16 = np.full((4, 4), 32768, np.uint16)  # 16-bit gray whose 1000 is transparent (and 1100 rounds alike)
+    keyed16[:2, :2], keyed16[3, 3] = 1000, 1100
+    Image.fromarray(keyed16).save(tmp_path / "keyed16.png", transparency=1000)
+    out = np.asarray(load_rgb(str(tmp_path / "keyed16.png")))
+    assert (out[:2, :2] == 255).all() and out[3, 3].tolist() == [4] * 3 and out[2, 2].tolist() == [127] * 3
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
     img.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "rot.jpg", exif=exif)
