@@ -58,9 +58,11 @@ def parse_args(argv=None):
 
 def check_replaceable(folder):
     """A merge into a folder replaces its LoRA and token files (and removes those it does not write again): only
-    if they are an earlier merge's, as its LoRA file's metadata says."""
+    if they are an earlier merge's, as its LoRA file's metadata says. Nor does it go beside a peft adapter, which
+    `--lora folder` would then no longer read."""
     lora_files = [f for f in (lora_lib.DIFFUSERS_FILE, lora_lib.KOHYA_FILE) if os.path.isfile(os.path.join(folder, f))]
     others = [f for f in lora_files if "dco.merged_from" not in read_metadata(os.path.join(folder, f))]
+    others += [f for f in (lora_lib.PEFT_FILE,) if os.path.isfile(os.path.join(folder, f))]
     tokens = [f for f in os.listdir(folder) if f.startswith("learned_embeds")]
     if others or (tokens and not lora_files):
         raise ModelError(f"--out {folder}: it holds {(others + tokens)[0]}, which no merge wrote; merge into another "
@@ -74,6 +76,10 @@ def main(args):
             raise ModelError(f"{path}: no such LoRA file or folder")
     if os.path.isdir(args.out) and any(os.path.isdir(p) and os.path.samefile(p, args.out) for p in args.loras):
         raise ModelError(f"--out {args.out} is one of the inputs; merge into another folder")
+    # An input file replaced by the merge is gone, and the same command run again would add the LoRA twice.
+    inputs = [lora_lib.lora_path(p) for p in args.loras] + ([args.model] if args.fuse else [])
+    if os.path.isfile(args.out) and any(os.path.isfile(p) and os.path.samefile(p, args.out) for p in inputs):
+        raise ModelError(f"--out {args.out} is one of the inputs; write the merge to another file")
     out_dir = (os.path.dirname(args.out) or ".") if args.to_file else args.out
     if os.path.isfile(os.path.join(out_dir, "settings.json")):  # train.py's: its files must stay the run's
         raise ModelError(f"--out {args.out}: {out_dir} holds a training run; merge into another folder")

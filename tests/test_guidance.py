@@ -255,6 +255,16 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path, 
                for k in load_file(str(tmp_path / "kohya" / lora_lib.KOHYA_FILE)))
     with pytest.raises(ModelError, match="is one of the inputs"):
         merge_here(trained, "--model", folder, "--out", trained)
+    kohya_file = str(tmp_path / "kohya" / lora_lib.KOHYA_FILE)  # an input file as --out: it would be gone
+    base_file = str(tmp_path / "sd_xl_tiny.safetensors")
+    write_single_file(folder, base_file)
+    before = {f: load_file(f) for f in (kohya_file, base_file)}
+    with pytest.raises(ModelError, match="is one of the inputs; write the merge to another file"):
+        merge_here(kohya_file, trained, "--model", folder, "--out", kohya_file)
+    with pytest.raises(ModelError, match="is one of the inputs; write the merge to another file"):  # the base model
+        merge_here(trained, "--fuse", "--model", base_file, "--config", folder, "--out", base_file)
+    for f, tensors in before.items():
+        assert all(torch.equal(v, tensors[k]) for k, v in load_file(f).items())
     with torch.no_grad():
         kohya = load_pipeline(folder, loras=[str(tmp_path / "kohya")]).unet(x, t, ctx, pooled, ids)
     torch.testing.assert_close(kohya, want, rtol=1e-4, atol=1e-4)
@@ -292,6 +302,12 @@ def test_merge_equals_both_loras_applied_together(tiny_sdxl, trained, tmp_path, 
     with pytest.raises(ModelError, match="holds learned_embeds.safetensors, which no merge wrote"):
         merge_here(trained, "--model", folder, "--out", mine)
     assert sorted(os.listdir(mine)) == ["learned_embeds.safetensors", "notes.txt"]
+    adapter = tmp_path / "adapter"  # beside a peft adapter, the merge would be what `--lora adapter` reads
+    adapter.mkdir()
+    shutil.copy(cat / "pytorch_lora_weights.safetensors", adapter / lora_lib.PEFT_FILE)
+    with pytest.raises(ModelError, match="holds adapter_model.safetensors, which no merge wrote"):
+        merge_here(trained, "--model", folder, "--out", adapter)
+    assert os.listdir(adapter) == [lora_lib.PEFT_FILE]
     with pytest.raises(ModelError, match="holds a training run"):
         merge_here(cat, "--model", folder, "--out", os.path.join(trained, "pytorch_lora_weights.safetensors"))
     # A merge that fails to write its LoRA (a full disk, say) leaves the earlier merge in --out as it was.
