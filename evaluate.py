@@ -8,8 +8,10 @@ scores it with two kinds of similarity:
 
     image similarity  mean over the reference images of cos(DINOv2(generated), DINOv2(reference)), where the DINOv2
                       embedding is the CLS token of the last layer, after the final LayerNorm
-    text similarity   cos(SigLIP image embedding, SigLIP text embedding of the base prompt), the base prompt being the
-                      prompt with learned tokens replaced by their initializer words; the same with CLIP if --clip
+    text similarity   cos(SigLIP image embedding, SigLIP text embedding of the prompt with --class-subject, e.g. "dog",
+                      for the subject); without it, of each method's base prompt, its learned tokens replaced by their
+                      initializer words (methods that learned other tokens, or none, are then scored against other
+                      texts, which is warned about); the same with CLIP if --clip
 
 Each (method, w_con) gets the mean and standard error (sample std / sqrt(n), n = prompts x seeds) of each score in
 results.csv and results.md, per-image scores in scores.csv, and pareto.png (image vs text similarity, one curve per
@@ -38,6 +40,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -73,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--ref-images", required=True, help="folder of subject (or style) reference images")
     p.add_argument("--prompts", required=True, help="text file, one prompt a line; {} is replaced by --subject")
     p.add_argument("--subject", help="phrase that fills {} in the prompts, e.g. '<dog>' or 'sks dog'")
+    p.add_argument("--class-subject", help="phrase that fills {} in the text scored for prompt fidelity, e.g. 'dog' "
+                   "(default: each method's base prompt)")
     p.add_argument("--suffix", default="", help="appended to every prompt, e.g. ' in watercolor painting style'")
     p.add_argument("--w-con", default="0,1,2,3,4,5", help="consistency-guidance scales; 'cfg': plain CFG")
     p.add_argument("--seeds", type=cli.positive_int, default=4, help="seeds 0..N-1 for every prompt")
@@ -236,13 +241,29 @@ def score(entries, metrics, refs):
     dino = metrics["dino"].images(paths)
     for name, ref_paths in refs.items():
         scores[name] = (dino @ metrics["dino"].images(ref_paths).T).mean(dim=1)  # mean over reference images
-    texts = sorted({e["base_prompt"] for e in entries})
+    texts = sorted({e["scored_text"] for e in entries})
     for kind in ("siglip", "clip"):
         if kind in metrics:
             text_emb = dict(zip(texts, metrics[kind].texts(texts)))
             img = metrics[kind].images(paths)
-            scores[f"text_{kind}"] = (img * torch.stack([text_emb[e["base_prompt"]] for e in entries])).sum(dim=1)
+            scores[f"text_{kind}"] = (img * torch.stack([text_emb[e["scored_text"]] for e in entries])).sum(dim=1)
     return {name: s.numpy().astype(np.float64) for name, s in scores.items()}
+
+
+def with_scored_texts(entries, class_texts):
+    """Each entry with the text its prompt fidelity is scored against: class_texts[prompt] ({prompt: the prompt with
+    --class-subject}) where given, else its method's base prompt."""
+    if class_texts:
+        return [dict(e, scored_text=class_texts[e["prompt"]]) for e in entries]
+    per_prompt = defaultdict(set)
+    for e in entries:
+        per_prompt[e["prompt"]].add(e["base_prompt"])
+    differ = next((sorted(t) for t in per_prompt.values() if len(t) > 1), None)
+    if differ:
+        warnings.warn(f"the methods' prompt fidelity is scored against different texts ({differ[0]!r}, {differ[1]!r}: "
+                      "each method's learned tokens replaced by their initializer words), so it does not compare "
+                      "between them; give --class-subject (e.g. 'dog') to score every method against one text")
+    return [dict(e, scored_text=e["base_prompt"]) for e in entries]
 
 
 def summarize(entries, scores):
@@ -436,11 +457,14 @@ def main(args, make_generator=make_generator):
 
     cache = ImageCache(os.path.join(args.out, "images"))
     entries = sweep(args, methods, prompts, list(range(args.seeds)), w_cons, cache, make_generator)
+    class_texts = args.class_subject and dict(zip(prompts, read_prompts(args.prompts, args.class_subject, args.suffix)))
+    entries = with_scored_texts(entries, class_texts)
     scores = score(entries, {k: m.to(device) for k, m in metrics.items()}, refs)
     rows = summarize(entries, scores)
 
     per_image = [{"method": e["method"], "w_con": w_label(e["w_con"]), "seed": e["seed"], "prompt": e["prompt"],
-                  "file": e["file"], **{n: float(s[i]) for n, s in scores.items()}} for i, e in enumerate(entries)]
+                  "scored_text": e["scored_text"], "file": e["file"], **{n: float(s[i]) for n, s in scores.items()}}
+                 for i, e in enumerate(entries)]
     write_text(os.path.join(args.out, "scores.csv"), to_csv(per_image))
     write_text(os.path.join(args.out, "results.csv"), to_csv(rows))
     write_text(os.path.join(args.out, "results.md"), to_markdown(rows, list(scores)))

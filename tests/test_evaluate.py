@@ -4,6 +4,7 @@ import csv
 import inspect
 import json
 import os
+import warnings
 import zlib
 from types import SimpleNamespace
 
@@ -187,6 +188,26 @@ def test_numbers_equal_a_direct_computation(setup, metric_models):
             v = v[6 * i:6 * (i + 1)]
             assert abs(r[f"{name}_mean"] - v.mean()) < 1e-5, name
             assert abs(r[f"{name}_se"] - v.std(ddof=1) / np.sqrt(len(v))) < 1e-5, name
+
+
+def test_class_subject_scores_every_method_against_one_text(setup):
+    tmp, argv = setup
+
+    class NoToken(FakeGenerator):  # "db" learned no token: its base prompt keeps <dog>, as a rare identifier
+        def __call__(self, args, loras):
+            draw, base = super().__call__(args, loras)
+            return draw, (lambda prompt: prompt) if "db" in loras[0] else base
+    want = evaluate.main(argv("--out", str(tmp / "a")), make_generator=FakeGenerator())  # both: "a dog in the snow"
+    with pytest.warns(UserWarning, match="scored against different texts .'a <dog> in the snow', 'a dog in the snow'"):
+        mixed = evaluate.main(argv("--out", str(tmp / "b")), make_generator=NoToken())
+    assert mixed[:3] == want[:3]  # DCO's rows; DreamBooth's text scores are of other texts
+    assert all(a["text_clip_mean"] != b["text_clip_mean"] for a, b in zip(mixed[3:], want[3:]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert evaluate.main(argv("--out", str(tmp / "c"), "--class-subject", "dog"), make_generator=NoToken()) == want
+    with open(tmp / "c" / "scores.csv") as f:
+        assert {row["scored_text"] for row in csv.DictReader(f)} == {"a dog in the snow", "a dog on the beach, at noon",
+                                                                     "a red dog"}
 
 
 def test_csv_table_and_plot_are_written(setup, monkeypatch):
