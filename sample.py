@@ -10,6 +10,7 @@ so the same settings give the same image as StableDiffusionXLPipeline.
 import argparse
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -147,15 +148,24 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", confi
     return pipe
 
 
+def token_pattern(tokens):
+    """The learned tokens as CLIP's tokenizer finds them in a prompt: in any case (it lowercases the prompt), also
+    inside a word, and the longest where two overlap."""
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)), re.IGNORECASE)
+
+
 def base_prompt(pipe, prompt):
     """c_base: the prompt with every learned token replaced by its initializer word."""
-    for token, word in pipe.tokens.items():
-        if token not in prompt:
-            continue
-        if word is None:  # the base model must not see the learned embedding
+    if not pipe.tokens:
+        return prompt
+    named = {token.lower(): token for token in pipe.tokens}
+
+    def word(match):
+        token = named[match.group(0).lower()]
+        if pipe.tokens[token] is None:  # the base model must not see the learned embedding
             raise ModelError(f"{token!r} has no initializer word for the base prompt; load it as FILE:{token}:WORD")
-        prompt = prompt.replace(token, word)
-    return prompt
+        return pipe.tokens[token]
+    return token_pattern(pipe.tokens).sub(word, prompt)
 
 
 def warn_unloaded_tokens(pipe, prompt):
@@ -169,7 +179,7 @@ def warn_unloaded_tokens(pipe, prompt):
 def warn_unused_tokens(pipe, prompt):
     """Learned tokens loaded and none of them in the prompt: the LoRA still applies, but with textual inversion the
     subject it learned answers to its token."""
-    if pipe.tokens and not any(token in prompt for token in pipe.tokens):
+    if pipe.tokens and not token_pattern(pipe.tokens).search(prompt):
         warnings.warn(f"the prompt names none of the learned tokens loaded ({', '.join(pipe.tokens)}); the LoRA still "
                       "applies, but the subject it learned answers to its token")
 

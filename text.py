@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import (ModelError, check_keys, for_this_transformers, read_safetensors, read_weights, weights_files,
-                        with_text_model_prefix)
+from checkpoint import (ModelError, check_keys, for_this_transformers, read_json, read_safetensors, read_weights,
+                        weights_files, with_text_model_prefix)
 
 
 @dataclass
@@ -94,6 +94,8 @@ class TextEncoders(torch.nn.Module):
             encoders.append(encoder_from_tensors(cls, os.path.join(folder, p), weights, source).to(dtype))
         self.encoders = torch.nn.ModuleList(encoders).to(device)
         self.requires_grad_(False)
+        index = os.path.join(folder, "model_index.json")  # the pipeline's: how it encodes an empty negative prompt
+        self.zeros_for_empty = not os.path.isfile(index) or read_json(index).get("force_zeros_for_empty_prompt", True)
 
     @property
     def device(self):
@@ -114,9 +116,10 @@ class TextEncoders(torch.nn.Module):
 
     def encode(self, prompts, zero_empty=False):
         """prompts: list of str -> context (B, 77, 2048), pooled (B, 1280).
-        With zero_empty, an empty prompt gives zeros (SDXL's unconditional input for an empty negative prompt)."""
+        With zero_empty (negative prompts), an empty prompt gives zeros, SDXL's unconditional input, unless the model's
+        model_index.json says force_zeros_for_empty_prompt false (then "" is encoded, as diffusers' pipeline does)."""
         context, pooled = self.encode_tokens(self.tokens(prompts))
-        if zero_empty:
+        if zero_empty and self.zeros_for_empty:
             keep = torch.tensor([p != "" for p in prompts], device=context.device)
             context, pooled = context * keep[:, None, None], pooled * keep[:, None]
         return context, pooled

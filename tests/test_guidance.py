@@ -1,4 +1,5 @@
 """Consistency guidance, several LoRAs at once, and merge.py."""
+import copy
 import json
 import os
 import re
@@ -78,6 +79,20 @@ def test_a_token_without_its_initializer_word_refuses_consistency_guidance(tiny_
         warn_unused_tokens(pipe, PROMPT)  # and named in the prompt
     with pytest.warns(UserWarning, match=r"names none of the learned tokens loaded \(<dog>\)"):
         warn_unused_tokens(pipe, "a photo of a dog in the snow")
+    # CLIP's tokenizer reads a learned token in any case: so must c_base, which the base model must see without it
+    upper = PROMPT.replace("<dog>", "<DOG>")
+    learned = pipe.text.tokenizers[0].convert_tokens_to_ids("<dog>")
+    assert learned in pipe.text.tokens([upper])[0] and learned not in pipe.text.tokens([base_prompt(pipe, upper)])[0]
+    assert base_prompt(pipe, upper) == "a photo of a dog in the snow"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_unused_tokens(pipe, upper)
+    # and where two learned tokens overlap, the longer one
+    tokenizer = copy.deepcopy(pipe.text.tokenizers[0])
+    tokenizer.add_tokens(["<sub>", "<sub>x"])
+    assert tokenizer.convert_tokens_to_ids("<sub>x") in tokenizer("a <sub>x").input_ids
+    assert base_prompt(Pipeline(None, None, None, {"<sub>": "cat", "<sub>x": "dog"}), "a <sub>x by a <SUB>") == \
+        "a dog by a cat"
     with warnings.catch_warnings():  # one token of two named is enough
         warnings.simplefilter("error")
         warn_unused_tokens(Pipeline(None, None, None, {"<dog>": "dog", "<cat>": "cat"}), PROMPT)

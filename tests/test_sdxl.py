@@ -217,6 +217,25 @@ def test_sample_cli_matches_pipeline(tiny_sdxl, tmp_path):
     assert '"seed": 7' in ours.info["parameters"]
 
 
+def test_an_empty_negative_prompt_is_encoded_where_the_model_says_so(tiny_sdxl, tmp_path):
+    """model_index.json's force_zeros_for_empty_prompt: SDXL's true gives zeros for an empty negative prompt; false
+    encodes "", as diffusers' pipeline does."""
+    import shutil
+    from diffusers import StableDiffusionXLPipeline
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_sdxl[0], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(dict(index, force_zeros_for_empty_prompt=False)))
+    prompt, seed = "a photo of a dog in the snow", 3
+    ref = StableDiffusionXLPipeline.from_pretrained(str(folder))(
+        prompt, num_inference_steps=6, width=64, height=48, guidance_scale=5.0, output_type="np",
+        generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    ours, zeros = (generate(load_pipeline(str(f)), prompt, [seed], steps=6, width=64, height=48, cfg=5.0)[0]
+                   .permute(1, 2, 0).numpy() for f in (folder, tiny_sdxl[0]))
+    assert np.abs(ours - ref).max() <= 2 / 255
+    assert np.abs(zeros - ref).max() > 20 / 255  # the flag matters for this model
+
+
 def test_full_size_keys_and_shapes_match_reference():
     """The full SDXL configs, built on the meta device: our key map covers diffusers' state dict exactly, and each norm
     layer has its diffusers counterpart's eps and groups."""
