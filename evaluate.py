@@ -332,7 +332,7 @@ def make_generator(args, loras):
                                  height=args.height, negative_prompt=args.negative_prompt, graph=args.cuda_graph)
         return sample.to_pil(images)
 
-    return draw, lambda prompt: sample.base_prompt(pipe, prompt)
+    return draw, lambda prompt: sample.base_prompt(pipe.tokens, prompt)
 
 
 def base_model_id(args):

@@ -154,18 +154,18 @@ def token_pattern(tokens):
     return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)), re.IGNORECASE)
 
 
-def base_prompt(pipe, prompt):
-    """c_base: the prompt with every learned token replaced by its initializer word."""
-    if not pipe.tokens:
+def base_prompt(tokens, prompt):
+    """c_base: the prompt with every learned token replaced by its initializer word (tokens: {token: word or None})."""
+    if not tokens:
         return prompt
-    named = {token.lower(): token for token in pipe.tokens}
+    named = {token.lower(): token for token in tokens}
 
     def word(match):
         token = named[match.group(0).lower()]
-        if pipe.tokens[token] is None:  # the base model must not see the learned embedding
+        if tokens[token] is None:  # the base model must not see the learned embedding
             raise ModelError(f"{token!r} has no initializer word for the base prompt; load it as FILE:{token}:WORD")
-        return pipe.tokens[token]
-    return token_pattern(pipe.tokens).sub(word, prompt)
+        return tokens[token]
+    return token_pattern(tokens).sub(word, prompt)
 
 
 def warn_unloaded_tokens(pipe, prompt):
@@ -227,7 +227,7 @@ def generate(pipe, prompt, seeds, w_con=None, cfg=5.0, steps=50, width=1024, hei
         raise ModelError("consistency guidance needs the LoRAs apart from the base weights: load them without fold")
     n, device = len(seeds), next(pipe.unet.parameters()).device
     cond = conditioning(pipe.text, [prompt] * n, height, width)
-    base = None if w_con is None else conditioning(pipe.text, [base_prompt(pipe, prompt)] * n, height, width)
+    base = None if w_con is None else conditioning(pipe.text, [base_prompt(pipe.tokens, prompt)] * n, height, width)
     uncond = conditioning(pipe.text, [negative_prompt] * n, height, width, zero_empty=True)
     noise = torch.cat([initial_noise(1, pipe.vae, height, width, s) for s in seeds]).to(device)
     latents = sample(pipe.unet, noise, cond, uncond, steps=steps, w_txt=cfg, w_con=w_con, base=base,

@@ -32,7 +32,7 @@ from cli import (Help, add_compile, add_cuda_graph, check_steps, cuda_graph_on, 
 from data import encode_images, image_files, is_config, load_rgb, read_captions, read_config
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from graph import cuda_graph
-from sample import Pipeline, check_sides, generate, load_sdxl, save_png, to_pil, warn_unloaded_tokens
+from sample import Pipeline, base_prompt, check_sides, generate, load_sdxl, save_png, to_pil, warn_unloaded_tokens
 from text import Cond, time_ids
 
 PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict(rank=64, steps=1000, offset_noise=0.1)}
@@ -318,10 +318,11 @@ def check_token(path, caption, token):
     it is most likely a typo: with --token sub0 (initializer word star) for captions that say <sub0>, the token would
     train there all the same, and the base caption that the frozen model sees (DCO's reference, consistency
     guidance) would read <star>."""
-    if token not in caption:
+    if token.lower() not in caption.lower():  # in any case, as CLIP's tokenizer finds it (sample.token_pattern)
         raise ModelError(f"{path}: caption {caption!r} does not contain the token {token!r}")
+    alone = re.compile(r"[\"'(\[]*" + re.escape(token) + r"(?:'s)?[\"')\],.;:!?]*", re.IGNORECASE)
     for word in caption.split():
-        if token in word and not re.fullmatch(r"[\"'(\[]*" + re.escape(token) + r"(?:'s)?[\"')\],.;:!?]*", word):
+        if token.lower() in word.lower() and not alone.fullmatch(word):
             raise ModelError(f"{path}: caption {caption!r} has the token {token!r} inside the word {word!r}; a "
                              "learned token is a word of its own (the whole of <dog>, with its brackets)")
 
@@ -384,7 +385,7 @@ def main(args):
     ids = time_ids((res, res), (0, 0), (res, res)).expand(len(mean), -1).to(device)
     vae.cpu()  # needed again only to decode sample grids
     captions = [c for _, c in items + prior]
-    base_captions = [c.replace(args.token, args.init_token) if args.token else c for c in captions]
+    base_captions = [base_prompt({args.token: args.init_token} if args.token else {}, c) for c in captions]
     with torch.no_grad():
         base = Cond(*text.encode(base_captions), ids)  # c_base: what the frozen reference model is given
     if ti is None:

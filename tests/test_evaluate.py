@@ -485,7 +485,7 @@ def test_make_generator_calls_the_sampling_api(monkeypatch):
         monkeypatch.setattr(sample, name, fake)
 
     compiled = []
-    pipe = SimpleNamespace(unet=SimpleNamespace(compile_blocks=lambda: compiled.append(True)))
+    pipe = SimpleNamespace(unet=SimpleNamespace(compile_blocks=lambda: compiled.append(True)), tokens={"<dog>": "dog"})
     record("load_pipeline", pipe)
     record("generate", torch.full((1, 3, 8, 8), 0.5))
     record("base_prompt", "a dog")
@@ -503,7 +503,7 @@ def test_make_generator_calls_the_sampling_api(monkeypatch):
                                                             negative_prompt="", graph=True))
     assert image.size == (8, 8) and image.getpixel((0, 0)) == (128, 128, 128)
     assert calls["warn_unloaded_tokens"] == ((pipe, "a <dog>"), {})
-    assert base("a <dog>") == "a dog" and calls["base_prompt"] == ((pipe, "a <dog>"), {})
+    assert base("a <dog>") == "a dog" and calls["base_prompt"] == ((pipe.tokens, "a <dog>"), {})
     assert not compiled
     # --compile: the UNet's transformer blocks, once for each pipeline loaded
     evaluate.make_generator(evaluate.parse_args([*argv, "--compile"]), ["subject/"])

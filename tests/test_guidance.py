@@ -36,7 +36,7 @@ def test_guidance_formula():
 def test_w_con_zero_is_the_base_model(tiny_sdxl, trained):
     tuned = load_pipeline(tiny_sdxl[0], loras=[trained])
     plain = load_pipeline(tiny_sdxl[0])
-    assert base_prompt(tuned, PROMPT) == "a photo of a dog in the snow"
+    assert base_prompt(tuned.tokens, PROMPT) == "a photo of a dog in the snow"
     cg0 = generate(tuned, PROMPT, [0, 1], w_con=0.0, **KW)
     base = generate(plain, "a photo of a dog in the snow", [0, 1], **KW)
     torch.testing.assert_close(cg0, base, rtol=0, atol=1e-4)
@@ -70,7 +70,7 @@ def test_a_token_without_its_initializer_word_refuses_consistency_guidance(tiny_
     with pytest.raises(ModelError, match="initializer word"):  # but with only FILE:TOKEN, c_base is unknown
         generate(pipe, PROMPT, [0], w_con=2.0, steps=2, width=64, height=64)
     pipe = load_pipeline(tiny_sdxl[0], loras=[lora], embeds=[emb + ":<dog>:dog"])
-    assert base_prompt(pipe, PROMPT) == "a photo of a dog in the snow"
+    assert base_prompt(pipe.tokens, PROMPT) == "a photo of a dog in the snow"
     with pytest.warns(UserWarning, match="<dog> is not a learned token of this model"):  # the LoRA file alone
         warn_unloaded_tokens(load_pipeline(tiny_sdxl[0], loras=[lora]), PROMPT)
     with warnings.catch_warnings():
@@ -82,8 +82,8 @@ def test_a_token_without_its_initializer_word_refuses_consistency_guidance(tiny_
     # CLIP's tokenizer reads a learned token in any case: so must c_base, which the base model must see without it
     upper = PROMPT.replace("<dog>", "<DOG>")
     learned = pipe.text.tokenizers[0].convert_tokens_to_ids("<dog>")
-    assert learned in pipe.text.tokens([upper])[0] and learned not in pipe.text.tokens([base_prompt(pipe, upper)])[0]
-    assert base_prompt(pipe, upper) == "a photo of a dog in the snow"
+    assert learned in pipe.text.tokens([upper])[0]
+    assert base_prompt(pipe.tokens, upper) == "a photo of a dog in the snow"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_unused_tokens(pipe, upper)
@@ -91,8 +91,7 @@ def test_a_token_without_its_initializer_word_refuses_consistency_guidance(tiny_
     tokenizer = copy.deepcopy(pipe.text.tokenizers[0])
     tokenizer.add_tokens(["<sub>", "<sub>x"])
     assert tokenizer.convert_tokens_to_ids("<sub>x") in tokenizer("a <sub>x").input_ids
-    assert base_prompt(Pipeline(None, None, None, {"<sub>": "cat", "<sub>x": "dog"}), "a <sub>x by a <SUB>") == \
-        "a dog by a cat"
+    assert base_prompt({"<sub>": "cat", "<sub>x": "dog"}, "a <sub>x by a <SUB>") == "a dog by a cat"
     with warnings.catch_warnings():  # one token of two named is enough
         warnings.simplefilter("error")
         warn_unused_tokens(Pipeline(None, None, None, {"<dog>": "dog", "<cat>": "cat"}), PROMPT)
@@ -206,10 +205,10 @@ def test_specs_split_at_colons_but_not_a_drive_letter():
 
 
 def test_base_prompt_replaces_only_the_tokens_it_uses():
-    pipe = Pipeline(None, None, None, tokens={"<dog>": "dog", "<cat>": None})
-    assert base_prompt(pipe, "a <dog> and a <dog>") == "a dog and a dog"  # <cat> has no word, but is not used
+    tokens = {"<dog>": "dog", "<cat>": None}
+    assert base_prompt(tokens, "a <dog> and a <dog>") == "a dog and a dog"  # <cat> has no word, but is not used
     with pytest.raises(ModelError, match="'<cat>' has no initializer word"):
-        base_prompt(pipe, "a <cat>")
+        base_prompt(tokens, "a <Cat>")
 
 
 def random_lora_file(folder, path, seed, targets=("to_q", "to_v"), rank=2):

@@ -633,8 +633,10 @@ def test_an_infinite_loss_under_a_finite_gradient_stops_before_any_save(tiny_sdx
 
 
 def test_a_token_stands_as_a_word_of_each_caption():
-    for caption in ("a <dog>'s toy", "(<dog>) in the snow", "\"<dog>\", at noon"):
+    for caption in ("a <dog>'s toy", "(<dog>) in the snow", "\"<dog>\", at noon", "a <DOG>"):  # any case, as CLIP reads
         train.check_token("00.txt", caption, "<dog>")
+    with pytest.raises(ModelError, match="inside the word 'a<DOG>'"):
+        train.check_token("00.txt", "a<DOG> in the snow", "<dog>")
     with pytest.raises(ModelError, match="00.txt: caption 'a photo of a dog' does not contain the token '<dog>'"):
         train.check_token("00.txt", "a photo of a dog", "<dog>")
 
