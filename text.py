@@ -144,6 +144,11 @@ class TextEncoders(torch.nn.Module):
 
     def add_token(self, token, vectors):
         """Add token to both tokenizers with the given embedding rows (one per encoder); returns the new ids."""
+        for tokenizer in self.tokenizers:  # a special token is split out first: the rest would not be the token
+            inside = [s for s in tokenizer.all_special_tokens if s in token]
+            if inside:  # "!", say: the second tokenizer's padding
+                raise ModelError(f"the token {token!r} holds {inside[0]!r}, a special token of CLIP's tokenizer, "
+                                 "which reads it apart; choose another")
         ids = []
         for tokenizer, encoder, vec in zip(self.tokenizers, self.encoders, vectors):
             if tokenizer.add_tokens([token]) != 1:

@@ -178,12 +178,21 @@ class TokenEmbeddings:
         return {"clip_l": self.rows[0][None].detach().cpu(), "clip_g": self.rows[1][None].detach().cpu()}
 
 
+def logged_step(line):
+    """The step of a log.jsonl line; None for a line cut short by a crash (no newline) or not a step's record."""
+    try:
+        step = json.loads(line).get("step") if line.endswith("\n") else None
+    except (ValueError, AttributeError):
+        return None
+    return step if type(step) is int else None
+
+
 def open_log(path, start):
     """OUT/log.jsonl, opened to add a line per step; a resumed run keeps the lines of the steps before `start`."""
     kept = []
     if start and os.path.exists(path):
-        with open(path) as f:  # a line cut short by a crash ends without a newline: dropped
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] < start]
+        with open(path) as f:
+            kept = [line for line in f if logged_step(line) is not None and logged_step(line) < start]
     write_text(path, "".join(kept))
     return open(path, "a")
 
@@ -233,9 +242,13 @@ def saved_run(out):
     first save was cut short before that, the checkpoint's copy. None where OUT holds no run of this script."""
     path, ckpt = os.path.join(out, "settings.json"), os.path.join(out, CHECKPOINT)
     if os.path.isfile(path):
-        return read_json(path)
+        settings = read_json(path)
+        if not (type(settings.get("step")) is int and {"model", "data", "beta"} <= settings.keys()):
+            raise ModelError(f"{path}: not the settings of a run of train.py; train into another --out")
+        return settings
     meta = read_metadata(ckpt) if os.path.isfile(ckpt) else {}
-    return {**json.loads(meta["dco.settings"]), "step": int(meta["step"])} if "dco.settings" in meta else None
+    return ({**json.loads(meta["dco.settings"]), "step": int(meta["step"]), "cwd": meta.get("dco.cwd")}
+            if "dco.settings" in meta else None)
 
 
 def check_resume(args, items):
@@ -250,11 +263,16 @@ def check_resume(args, items):
                 "dtype": resolve_device(args.device, settings.get("dtype"))[1],
                 "snr_gamma": settings.get("snr_gamma") or None}  # 0 is off, as unset is
 
+    def then_path(k, old):  # a path as seen from where the run started (older runs did not say: from here)
+        return os.path.join(before.get("cwd") or ".", old) if k in PATHS and old else old
+
     def same(k, old, new):
-        return old == new or (k in PATHS and None not in (old, new) and os.path.realpath(old) == os.path.realpath(new))
+        if k in PATHS and None not in (old, new):
+            return os.path.realpath(then_path(k, old)) == os.path.realpath(new)
+        return old == new
     now, then = effective(vars(args)), effective(before)
     # Compared as given too: an alpha left unset stays unset when --rank changes (only --rank is reported then).
-    changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {v}" for k, v in vars(args).items()
+    changed = [f"--{k.replace('_', '-')} {then_path(k, before.get(k))} -> {v}" for k, v in vars(args).items()
                if k not in RESUMABLE and not same(k, then.get(k), now[k]) and not same(k, before.get(k), v)]
     if changed:
         raise ModelError(f"{args.out} was trained with other settings ({'; '.join(changed)}); "
@@ -286,7 +304,9 @@ def save_outputs(args, unet, ti, step):
     if ti is not None:
         save_safetensors(ti.learned(), os.path.join(args.out, "learned_embeds.safetensors"),
                          {"token": ti.token, "init_token": ti.init_word})
-    write_text(os.path.join(args.out, "settings.json"), json.dumps({**vars(args), "step": step}, indent=2))
+    # cwd: where the run's relative paths start from, for --resume from another folder
+    write_text(os.path.join(args.out, "settings.json"),
+               json.dumps({**vars(args), "step": step, "cwd": os.getcwd()}, indent=2))
 
 
 @torch.no_grad()
@@ -327,6 +347,12 @@ def check_token(path, caption, token):
                              "learned token is a word of its own (the whole of <dog>, with its brackets)")
 
 
+def plain_tags(items, token):
+    """The <word>s of the captions that are not the learned token (in any case, as CLIP's tokenizer reads it)."""
+    return sorted({t for _, cap in items for t in re.findall(r"<[^<>\s]+>", cap)
+                   if not token or t.lower() != token.lower()})
+
+
 def main(args):
     device, dtype = resolve_device(args.device, args.dtype)
     args.cuda_graph = cuda_graph_on(args.cuda_graph, device)
@@ -337,7 +363,7 @@ def main(args):
             raise ModelError(f"{args.data} names no learned token: --token and --init-token go together")
     else:
         items = read_captions(args.data, args.caption)
-    tagged = sorted({t for _, cap in items for t in re.findall(r"<[^<>\s]+>", cap)} - {args.token})
+    tagged = plain_tags(items, args.token)
     if tagged:  # the official dog set's captions, say, trained without --token
         warnings.warn(f"the captions hold {', '.join(tagged)}, which is not a learned token here (--token): it "
                       "trains as plain text, letter by letter")
@@ -445,7 +471,7 @@ def main(args):
         dco_step = graph_step(dco_step, trained, optimizer, B * (2 if prior else 1), mean.shape[1:], device)
 
     def save(step):
-        meta = {"step": str(step), **run_metadata(args, step)}  # the run, should settings.json never come
+        meta = {"step": str(step), "dco.cwd": os.getcwd(), **run_metadata(args, step)}  # should settings.json not come
         save_training_state(ckpt, {f"param.{i}": p for i, p in enumerate(trained)}, optimizer, rng, meta)
         save_outputs(args, unet, ti, step)
 

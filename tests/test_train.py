@@ -101,6 +101,7 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     run_script("train.py", *common, "--steps", 3, "--out", tmp_path / "r")
     with open(tmp_path / "r" / "log.jsonl", "a") as f:  # a step logged after the last save, and one cut short by
         f.write(json.dumps({"step": 3, "loss": 9.0, "err_theta": 9.0, "err_phi": 9.0}) + "\n")  # the crash
+        f.write('\n{}\n[1]\n{"step": "2"}\n')  # and lines that are no step's record: dropped, not a traceback
         f.write('{"step": 4, "loss": 0.6')
     run_script("train.py", *common, "--steps", 8, "--out", tmp_path / "r", "--resume")
     for f in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
@@ -147,6 +148,13 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     prior = ["--prior-dir", str(tmp_path / "class"), "--prior-prompt", "a dog"]
     settings_path.write_text(json.dumps({**json.loads(settings), "prior_dir": prior[1] + "/", "prior_prompt": "a dog"}))
     train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume", *prior]), items)  # spelled otherwise
+    # A relative path is read from where the run started (settings.json's cwd), wherever the run resumes from
+    rel = os.path.relpath(data, tmp_path)
+    settings_path.write_text(json.dumps({**json.loads(settings), "data": rel, "cwd": str(tmp_path)}))
+    train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume"]), items)
+    settings_path.write_text(json.dumps({**json.loads(settings), "data": rel, "cwd": str(tmp_path / "r")}))
+    with pytest.raises(ModelError, match=re.escape(f"--data {os.path.join(tmp_path / 'r', rel)} -> ")):
+        train.check_resume(train.parse_args([*spelled, "--steps", "8", "--resume"]), items)
     settings_path.write_text(settings)
     with pytest.raises(ModelError, match="at step 8, past --steps 7"):  # one step short is short
         train.check_resume(train.parse_args([*spelled, "--steps", "7", "--resume"]), items)
@@ -178,6 +186,9 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     os.remove(other / "pytorch_lora_weights.safetensors")
     save_file({"w": torch.zeros(1)}, str(other / "checkpoint.safetensors"))  # another program's checkpoint
     with pytest.raises(ModelError, match="holds checkpoint.safetensors but no settings.json"):
+        train.main(train.parse_args([*spelled[:-1], str(other), "--steps", "1"]))
+    (other / "settings.json").write_text('{"theme": "dark"}')  # another program's settings
+    with pytest.raises(ModelError, match="settings.json: not the settings of a run of train.py"):
         train.main(train.parse_args([*spelled[:-1], str(other), "--steps", "1"]))
 
 
@@ -234,6 +245,9 @@ def test_bad_data_is_refused_in_one_line(tiny_sdxl, tmp_path):
                  "must be one token of the model's vocabulary; it is 4 tokens", out)
     for typo in ("dog", "<do"):  # inside <dog>: it would train there, and the base captions would read <dog>
         expect_error(("--data", data, "--token", typo, "--init-token", "dog", *common), "inside the word '<dog>'", out)
+    bang = write_images(str(tmp_path / "bang"), ["a photo of a <dog!>"])  # "!" pads the second tokenizer
+    expect_error(("--data", bang, "--token", "<dog!>", "--init-token", "dog", *common), "holds '!', a special token",
+                 out)
     long = write_images(str(tmp_path / "long"), [" ".join(["word"] * 80) + " a <dog>"])  # CLIP reads 77 tokens
     expect_error(("--data", long, "--token", "<dog>", "--init-token", "dog", *common), "first 77 tokens", out)
     open(os.path.join(long, "00.txt"), "w").close()
@@ -637,6 +651,9 @@ def test_a_token_stands_as_a_word_of_each_caption():
         train.check_token("00.txt", caption, "<dog>")
     with pytest.raises(ModelError, match="inside the word 'a<DOG>'"):
         train.check_token("00.txt", "a<DOG> in the snow", "<dog>")
+    # <word>s warned about as plain text: any but the token, in any case
+    assert train.plain_tags([("00.png", "a <DOG> and a <cat>"), ("01.png", "a <dog>")], "<dog>") == ["<cat>"]
+    assert train.plain_tags([("00.png", "a <dog>")], None) == ["<dog>"]
     with pytest.raises(ModelError, match="00.txt: caption 'a photo of a dog' does not contain the token '<dog>'"):
         train.check_token("00.txt", "a photo of a dog", "<dog>")
 
