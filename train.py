@@ -192,7 +192,7 @@ def open_log(path, start):
     kept = []
     if start and os.path.exists(path):
         with open(path) as f:
-            kept = [line for line in f if logged_step(line) is not None and logged_step(line) < start]
+            kept = [line for line in f if (step := logged_step(line)) is not None and step < start]
     write_text(path, "".join(kept))
     return open(path, "a")
 
@@ -411,7 +411,8 @@ def main(args):
     ids = time_ids((res, res), (0, 0), (res, res)).expand(len(mean), -1).to(device)
     vae.cpu()  # needed again only to decode sample grids
     captions = [c for _, c in items + prior]
-    base_captions = [base_prompt({args.token: args.init_token} if args.token else {}, c) for c in captions]
+    learned = {args.token: args.init_token} if args.token else {}
+    base_captions = [base_prompt(learned, c) for c in captions]
     with torch.no_grad():
         base = Cond(*text.encode(base_captions), ids)  # c_base: what the frozen reference model is given
     if ti is None:
