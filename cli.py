@@ -67,8 +67,10 @@ def seed_int(s):
 
 
 def split_spec(spec, n):
-    """'path:a:b' -> [path, a, b] padded with None; a colon in a Windows drive letter stays in the path."""
-    head, sep, tail = spec.partition(":") if len(spec) > 2 and spec[1] == ":" else ("", "", spec)
+    """'path:a:b' -> [path, a, b] padded with None (the parts past n left out); the colon of a Windows drive (C:\\ or
+    C:/) stays in the path."""
+    drive = len(spec) > 2 and spec[0].isalpha() and spec[1] == ":" and spec[2] in "/\\"
+    head, sep, tail = spec.partition(":") if drive else ("", "", spec)
     parts = tail.split(":")
     parts[0] = head + sep + parts[0]
     return (parts + [None] * n)[:n]
@@ -76,9 +78,17 @@ def split_spec(spec, n):
 
 def lora_spec(s):
     """'PATH[:SCALE]' as given, its scale (if any) a finite number: a typo is refused before a model loads."""
-    scale = split_spec(s, 2)[1]
-    if scale and finite(scale) is None:
+    _, scale, more = split_spec(s, 3)
+    if more is not None or scale == "" or (scale and finite(scale) is None):
         raise argparse.ArgumentTypeError(f"expected PATH[:SCALE], the scale a number, got {s!r}")
+    return s
+
+
+def embeds_spec(s):
+    """'FILE[:TOKEN[:INITWORD]]' as given, with no part empty and none more."""
+    _, token, word, more = split_spec(s, 4)
+    if more is not None or "" in (token, word):
+        raise argparse.ArgumentTypeError(f"expected FILE[:TOKEN[:INITWORD]], got {s!r}")
     return s
 
 

@@ -65,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--config", help="with a single-file --model: a folder with the SDXL configs and tokenizers")
     p.add_argument("--lora", type=cli.lora_spec, action="append", default=[],
                    help="PATH[:SCALE], a file or a training output folder; repeat for one curve per LoRA")
-    p.add_argument("--embeds", action="append", default=[], metavar="FILE[:TOKEN[:INITWORD]]",
+    p.add_argument("--embeds", type=cli.embeds_spec, action="append", default=[],
+                   metavar="FILE[:TOKEN[:INITWORD]]",
                    help="learned_embeds files loaded with every LoRA, as sample.py takes them; TOKEN/INITWORD are "
                         "needed only if the file does not name them (the official code's)")
     p.add_argument("--subject-lora", type=cli.lora_spec, action="append", default=[],

@@ -35,7 +35,7 @@ class LoRALinear(nn.Linear):
         # On the meta device: no weight of its own is made; the base layer's weight and bias are shared, not copied.
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias
-        self.rank, self.alpha, self.scale = rank, float(alpha or rank), 1.0
+        self.rank, self.alpha, self.scale = rank, float(rank if alpha is None else alpha), 1.0
         dev = base.weight.device
         # peft's "gaussian" init: A ~ N(0, 1/rank^2), B = 0. The update B A starts at zero (the layer is the base
         # layer), and B gets a gradient through the random A at once; with A = 0 too, neither would ever move. A is
@@ -52,13 +52,15 @@ class LoRALinear(nn.Linear):
         # A per-sample scale multiplies the narrow h, in its dtype (in bf16, exact for consistency guidance's 0s and
         # 1s); a float scale goes into addmm_'s alpha, exactly.
         if torch.is_tensor(self.scale):
+            if self.scale.shape != x.shape[:1]:  # broadcast, a scale for another batch would pass unnoticed
+                raise ValueError(f"per-sample LoRA scales of shape {tuple(self.scale.shape)} for a batch of {len(x)}")
             h = h * self.scale.to(h.dtype).view(-1, *[1] * (x.ndim - 1))  # (B,) -> (B, 1, ..., 1)
         else:
             factor *= self.scale
         y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)  # (N, out), N = all leading dims
         # y += factor * h B^T, accumulated by the matmul into the base output: no elementwise pass over (N, out).
         # In place is safe: the base linear does not keep its output for the backward pass.
-        y.addmm_(h.reshape(-1, self.rank), self.lora_B.to(x.dtype).t(), alpha=factor)
+        y.addmm_(h.reshape(-1, self.rank), self.lora_B.to(y.dtype).t(), alpha=factor)  # y's: autocast's, if on
         return y.view(*x.shape[:-1], self.out_features)
 
     def delta(self):
@@ -86,9 +88,12 @@ def inject(model, rank, alpha=None, targets=TARGETS):
     names = targets_in(model, targets)
     if not names:
         raise ValueError(f"no nn.Linear module matches the LoRA targets {targets}")
+    params = []
     for name in names:
-        replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
-    return [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
+        m = LoRALinear(model.get_submodule(name), rank, alpha)
+        replace(model, name, m)
+        params += [m.lora_A, m.lora_B]
+    return params
 
 
 def remove(model, fuse=False):
@@ -120,13 +125,13 @@ def lora_scale(model, scale):
 
 def get_lora(model):
     """The model's LoRA as {module: (down (r, in), up (out, r))}, alpha/rank folded into up, fp32."""
-    return {name: (m.lora_A.detach().float(), m.lora_B.detach().float() * (m.alpha / m.rank))
+    return {name: (m.lora_A.detach().float().clone(), m.lora_B.detach().float() * (m.alpha / m.rank))
             for name, m in lora_modules(model).items()}
 
 
 def check_pair(name, down, up, shape):
     """Refuse a (down, up) pair that is not a low-rank (out, in) = shape matrix, the shape of the layer it adapts."""
-    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0] or not down.shape[0]:
         raise ModelError(f"LoRA module {name!r}: up {tuple(up.shape)} and down {tuple(down.shape)} do not "
                          "make a linear low-rank pair")
     if (up.shape[0], down.shape[1]) != tuple(shape):
@@ -139,11 +144,12 @@ def apply_lora(model, lora, dtype=torch.float32, fold=False):
     gives the activations' dtype: the product is computed in it anyway, and then no cast runs on every call). With fold,
     it goes into the weights instead, W + up @ down summed in fp32 and rounded once to W's dtype."""
     modules = dict(model.named_modules())
-    for name, (down, up) in lora.items():
-        base = modules.get(name)
-        if type(base) is not nn.Linear:
+    for name, (down, up) in lora.items():  # all checked before any layer changes
+        if type(modules.get(name)) is not nn.Linear:
             raise ModelError(f"LoRA module {name!r} matches no (unadapted) linear layer of this model")
-        check_pair(name, down, up, base.weight.shape)
+        check_pair(name, down, up, modules[name].weight.shape)
+    for name, (down, up) in lora.items():
+        base = modules[name]
         dev, rank = base.weight.device, down.shape[0]
         held = torch.float32 if fold else dtype
         m = LoRALinear(base, rank, alpha=rank, down=nn.Parameter(down.to(dev, held), requires_grad=False),
@@ -162,7 +168,7 @@ def merge(loras, weights):
     up @ down = sum_i w_i up_i @ down_i per module."""
     out = {}
     for name in dict.fromkeys(n for lora in loras for n in lora):
-        parts = [(lora[name], w) for lora, w in zip(loras, weights) if name in lora]
+        parts = [(lora[name], w) for lora, w in zip(loras, weights, strict=True) if name in lora]
         out[name] = (torch.cat([d for (d, _), _ in parts]), torch.cat([w * u for (_, u), w in parts], dim=1))
     return out
 

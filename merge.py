@@ -21,7 +21,7 @@ from safetensors.torch import save
 import lora as lora_lib
 from checkpoint import (ModelError, atomic, check_file, component_config, model_folder, read_metadata, read_safetensors,
                         save_safetensors, save_single_file)
-from cli import Help, number, positive_int, run, split_spec
+from cli import Help, embeds_spec, number, positive_int, run, split_spec
 from sample import load_sdxl, with_folder_embeds
 from unet_sdxl import UNetConfig
 
@@ -34,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=positive_int,
                    help="compress the sum to this rank by SVD (prints the error it introduces)")
     p.add_argument("--kohya", action="store_true", help="write the kohya format (ComfyUI, AUTOMATIC1111)")
-    p.add_argument("--embeds", action="append", default=[], metavar="FILE[:TOKEN[:INITWORD]]",
+    p.add_argument("--embeds", type=embeds_spec, action="append", default=[],
+                   metavar="FILE[:TOKEN[:INITWORD]]",
                    help="learned_embeds files to carry along; TOKEN/INITWORD name them where the file does not")
     p.add_argument("--model", help="the SDXL folder or single file (needed for --fuse; else only its UNet config "
                                    "is read)")

@@ -22,8 +22,8 @@ from PIL.PngImagePlugin import PngInfo
 import lora as lora_lib
 from checkpoint import (ModelError, atomic, check_file, check_parts_fit, check_schedule, component_config, load_unet,
                         load_vae, model_folder, read_metadata, read_single_file)
-from cli import (Help, add_compile, add_cuda_graph, check_steps, cuda_graph_on, finite, float_list, lora_spec,
-                 number, positive_int, resolve_device, run, seed_int, split_spec)
+from cli import (Help, add_compile, add_cuda_graph, check_steps, cuda_graph_on, embeds_spec, finite, float_list,
+                 lora_spec, number, positive_int, resolve_device, run, seed_int, split_spec)
 from sampler import EULER, sample
 from text import Cond, TextEncoders, time_ids
 from vae import decode_latents
@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA file or a train.py output folder (its learned tokens load too, unless --embeds "
                         "names them); repeatable")
-    p.add_argument("--embeds", action="append", default=[], metavar="FILE[:TOKEN[:INITWORD]]",
+    p.add_argument("--embeds", type=embeds_spec, action="append", default=[],
+                   metavar="FILE[:TOKEN[:INITWORD]]",
                    help="learned_embeds.safetensors; TOKEN/INITWORD are needed only if the file does not name them")
     p.add_argument("--w-con", type=float_list, help="consistency guidance scale; a comma list makes a grid")
     p.add_argument("--steps", type=positive_int, default=50, help="Euler steps")

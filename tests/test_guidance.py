@@ -1,4 +1,5 @@
 """Consistency guidance, several LoRAs at once, and merge.py."""
+import argparse
 import copy
 import json
 import os
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import lora as lora_lib
 from checkpoint import ModelError, load_unet, read_metadata
 from conftest import ROOT, run_script, write_single_file
+import cli
 from cli import split_spec
 from sample import Pipeline, base_prompt, generate, grid, load_pipeline, warn_unloaded_tokens, warn_unused_tokens
 from sampler import guidance
@@ -202,6 +204,15 @@ def test_specs_split_at_colons_but_not_a_drive_letter():
     assert split_spec("out/dog:0.8", 2) == ["out/dog", "0.8"]
     assert split_spec(r"C:\loras\dog.safetensors:0.8", 2) == [r"C:\loras\dog.safetensors", "0.8"]
     assert split_spec("C:/e.safetensors:<dog>:dog", 3) == ["C:/e.safetensors", "<dog>", "dog"]
+    assert split_spec("a:0.5", 2) == ["a", "0.5"]  # a one-letter folder, not a drive
+    assert cli.lora_spec("C:/d.safetensors:0.5") == "C:/d.safetensors:0.5"
+    for typo in ("out/dog::0.5", "out/dog:0.5:0.7", "out/dog:", "out/dog:x"):  # a scale that would be dropped
+        with pytest.raises(argparse.ArgumentTypeError, match="expected PATH.:SCALE."):
+            cli.lora_spec(typo)
+    assert cli.embeds_spec("e.safetensors:<dog>:dog") == "e.safetensors:<dog>:dog"
+    for typo in ("e.safetensors:<dog>:dog:x", "e.safetensors::dog", "e.safetensors:<dog>:"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected FILE"):
+            cli.embeds_spec(typo)
 
 
 def test_base_prompt_replaces_only_the_tokens_it_uses():

@@ -63,6 +63,9 @@ def test_per_sample_scales_equal_separate_calls():
         with lora_lib.lora_scale(unet, s):
             single = unet(*(v[i:i + 1] for v in x))
         torch.testing.assert_close(batched[i:i + 1], single, rtol=1e-5, atol=1e-5)
+    for wrong in (torch.tensor([1.0]), torch.tensor(1.0), torch.ones(3, 1)):  # would broadcast over the batch of 3
+        with lora_lib.lora_scale(unet, wrong), pytest.raises(ValueError, match="per-sample LoRA scales of shape"):
+            unet(*x)
 
 
 @torch.no_grad()
@@ -434,3 +437,31 @@ def test_training_alpha_scales_the_lora():
         torch.testing.assert_close(m.delta(), m.lora_B @ m.lora_A * 0.5)
         x = torch.randn(2, 3)
         torch.testing.assert_close(m(x), base(x) + x @ (m.lora_B @ m.lora_A * 0.5).T)
+        assert lora_lib.LoRALinear(base, rank=4, alpha=0.0).alpha == 0.0  # alpha 0 is no LoRA, not alpha = rank
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # a training loop of one's own under autocast
+            y = m(x)
+        torch.testing.assert_close(y.float(), m(x), rtol=2e-2, atol=2e-2)
+
+
+def test_lora_helpers_keep_their_state_apart():
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.tiny())
+    first = lora_lib.inject(unet, rank=2, targets=("to_q",))
+    second = lora_lib.inject(unet, rank=2, targets=("to_k",))  # only the new layers' parameters
+    assert len(first) == len(second) and not {id(p) for p in first} & {id(p) for p in second}
+    snapshot = lora_lib.get_lora(unet)
+    with torch.no_grad():
+        for p in first:
+            p.add_(1.0)  # training goes on after a save
+    name = next(n for n in snapshot if n.endswith("to_q"))
+    assert not torch.equal(snapshot[name][0], lora_lib.get_lora(unet)[name][0])
+    with pytest.raises(ValueError):  # one weight for two LoRAs: the second would be dropped
+        lora_lib.merge([snapshot, snapshot], [1.0])
+    plain = UNet(UNetConfig.tiny())
+    good = {n: pair for n, pair in snapshot.items() if n.endswith("to_q")}
+    bad = {**good, name.replace("to_q", "to_k"): (torch.zeros(0, 16), torch.zeros(16, 0))}  # rank 0
+    with pytest.raises(ModelError, match="do not make a linear low-rank pair"):
+        lora_lib.apply_lora(plain, bad)
+    assert not lora_lib.lora_modules(plain)  # nothing applied: a good LoRA then applies
+    lora_lib.apply_lora(plain, good)
+    assert len(lora_lib.lora_modules(plain)) == len(good)
