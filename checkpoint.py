@@ -77,7 +77,7 @@ def atomic(path):
 
 
 def write_text(path, text):
-    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:  # as every reader here reads it
         f.write(text)
 
 
@@ -112,7 +112,9 @@ def load_training_state(path, optimizer, generator):
     state = {}
     for k in [k for k in tensors if k.startswith("opt.")]:
         _, i, key = k.split(".", 2)  # opt.<parameter index>.<name>
-        state.setdefault(int(i), {})[key] = tensors.pop(k)
+        # a copy: the file's memory map would stay open under AdamW's state, and a later save could not replace the
+        # file where that is refused (Windows)
+        state.setdefault(int(i), {})[key] = tensors.pop(k).clone()
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     generator.set_state(tensors.pop("generator"))
     return tensors, meta
@@ -411,6 +413,14 @@ def check_parts_fit(folder):
             raise ModelError(f"{path}: {'missing' if length is None else f'model_max_length {length}'}; the text "
                              f"encoder reads prompts of {positions} tokens (SDXL's tokenizer_config.json says "
                              "model_max_length 77)")
+
+
+def save_text_encoder(encoder, folder):
+    """A transformers text encoder as its save_pretrained lays it out, written atomically: a save cut short leaves no
+    half file for a resumed run to stop at."""
+    encoder.config.architectures = [type(encoder).__name__]
+    write_text(os.path.join(folder, "config.json"), encoder.config.to_json_string())
+    save_safetensors(encoder.state_dict(), os.path.join(folder, "model.safetensors"))
 
 
 def save_component(model, folder, sub):

@@ -27,7 +27,7 @@ import evaluate
 import toyworld as world
 import train
 from checkpoint import (SCHEDULE, ModelError, load_training_state, load_vae, read_json, read_metadata, save_component,
-                        save_training_state, write_text)
+                        save_text_encoder, save_training_state, write_text)
 from cli import Help, non_negative, positive_int, run, seed_int
 from data import read_captions
 from dco import NUM_TRAIN_TIMESTEPS, alphas_cumprod, eps_mse, min_snr_weight, q_sample
@@ -257,7 +257,7 @@ def pretrain(out, seed=0, budget=FULL):
         for sub, cls, cfg in zip(("text_encoder", "text_encoder_2"), (CLIPTextModel, CLIPTextModelWithProjection),
                                  text_encoder_configs(tokenizer)):
             torch.manual_seed(seed + len(sub))
-            cls(cfg).save_pretrained(os.path.join(out, sub))
+            save_text_encoder(cls(cfg), os.path.join(out, sub))
     images, captions = render_dataset(budget.images, seed)
 
     if not os.path.exists(os.path.join(out, "vae", "config.json")):
@@ -288,7 +288,7 @@ def pretrain(out, seed=0, budget=FULL):
                 budget.unet_steps, LR["unet"], state_path, seed + 3, json.dumps(run))
     save_component(unet, out, "unet")
     for sub, encoder in zip(("text_encoder", "text_encoder_2"), text.encoders):
-        encoder.save_pretrained(os.path.join(out, sub))
+        save_text_encoder(encoder, os.path.join(out, sub))
     write_text(os.path.join(out, "scheduler", "scheduler_config.json"), json.dumps(SCHEDULER, indent=2))
     write_text(os.path.join(out, "model_index.json"), json.dumps(MODEL_INDEX, indent=2))
     os.remove(state_path)

@@ -557,6 +557,12 @@ def test_saved_files_are_readable_by_others_and_their_folder_is_made(tmp_path):
     finally:
         checkpoint.save_file = save_file_before
     assert torch.equal(load_file(path)["a"], torch.zeros(1)) and os.listdir(tmp_path / "new") == ["x.safetensors"]
+    # Text is written as UTF-8, as every reader here reads it, whatever the locale (a results table's ±, say)
+    text = str(tmp_path / "t.md")
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    subprocess.run([sys.executable, "-c", f"import checkpoint; checkpoint.write_text({text!r}, {'0.5 ± 0.1 狗'!a})"],
+                   cwd=ROOT, env=env, check=True)  # !a: the code itself in ASCII, as that locale reads arguments
+    assert open(text, "rb").read() == "0.5 ± 0.1 狗".encode()
 
 
 def test_the_full_precision_file_is_preferred_to_the_fp16_variant(tiny_sdxl, tmp_path):

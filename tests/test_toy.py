@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import toy
 import toyworld
+import checkpoint
 from checkpoint import load_unet, load_vae
 from text import TextEncoders
 
@@ -323,6 +324,21 @@ def test_pretraining_is_deterministic_and_resumes_exactly(tmp_path, monkeypatch)
     toy.pretrain(str(tmp_path / "d"), seed=1, budget=TINY)
     other = weights(str(tmp_path / "d"))
     assert not torch.equal(first["unet/conv_in.weight"], other["unet/conv_in.weight"])
+    # A disk full while the trained text encoders are written: the rerun finishes the same model
+    e, real_save = str(tmp_path / "e"), checkpoint.save_safetensors
+
+    def full_disk(tensors, path, metadata=None):
+        trained = os.path.isdir(os.path.join(e, "unet"))  # the UNet is written just before the text encoders
+        if trained and path.endswith(os.path.join("text_encoder_2", "model.safetensors")):
+            raise OSError(28, "No space left on device")
+        return real_save(tensors, path, metadata)
+    monkeypatch.setattr(checkpoint, "save_safetensors", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        toy.pretrain(e, seed=0, budget=TINY)
+    monkeypatch.setattr(checkpoint, "save_safetensors", real_save)
+    toy.pretrain(e, seed=0, budget=TINY)
+    finished = weights(e)
+    assert all(torch.equal(first[k], finished[k]) for k in first)
 
 
 def test_compare_quick_runs_the_experiments_end_to_end(quick_model, tmp_path):
