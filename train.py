@@ -32,7 +32,8 @@ from cli import (Help, add_compile, add_cuda_graph, check_steps, cuda_graph_on, 
 from data import encode_images, image_files, is_config, load_rgb, read_captions, read_config
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from graph import cuda_graph
-from sample import Pipeline, base_prompt, check_sides, generate, load_sdxl, save_png, to_pil, warn_unloaded_tokens
+from sample import (Pipeline, base_prompt, check_sides, generate, load_sdxl, save_png, to_pil, token_pattern,
+                    warn_unloaded_tokens)
 from text import Cond, time_ids
 
 PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict(rank=64, steps=1000, offset_noise=0.1)}
@@ -338,11 +339,12 @@ def check_token(path, caption, token):
     it is most likely a typo: with --token sub0 (initializer word star) for captions that say <sub0>, the token would
     train there all the same, and the base caption that the frozen model sees (DCO's reference, consistency
     guidance) would read <star>."""
-    if token.lower() not in caption.lower():  # in any case, as CLIP's tokenizer finds it (sample.token_pattern)
+    found = token_pattern([token])  # in any case, as CLIP's tokenizer finds it
+    if not found.search(caption):
         raise ModelError(f"{path}: caption {caption!r} does not contain the token {token!r}")
     alone = re.compile(r"[\"'(\[]*" + re.escape(token) + r"(?:'s)?[\"')\],.;:!?]*", re.IGNORECASE)
     for word in caption.split():
-        if token.lower() in word.lower() and not alone.fullmatch(word):
+        if found.search(word) and not alone.fullmatch(word):
             raise ModelError(f"{path}: caption {caption!r} has the token {token!r} inside the word {word!r}; a "
                              "learned token is a word of its own (the whole of <dog>, with its brackets)")
 
