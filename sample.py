@@ -5,7 +5,8 @@
     python sample.py --model DIR --lora out/dog:1.0 --lora out/style:1.0 --prompt "a <dog> in flat cartoon style"
 
 Seeds match diffusers: image i starts from torch.randn(..., generator=torch.Generator("cpu").manual_seed(seed + i)),
-so the same settings give the same image as StableDiffusionXLPipeline.
+so the same settings give the same images as StableDiffusionXLPipeline given one generator per image,
+generator=[torch.Generator().manual_seed(seed + i) for i in range(n)].
 """
 import argparse
 import json
@@ -116,16 +117,22 @@ def with_folder_embeds(embeds, paths):
     return [*embeds, *(f for f in found if os.path.realpath(f) not in given)]
 
 
-def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", config=None, fold=False):
-    """The base model plus LoRAs ('PATH[:SCALE]', summed exactly) and learned tokens ('FILE[:TOKEN[:INIT]]'). With
-    fold, the LoRAs are folded into the weights (see lora.apply_lora): plain CFG runs them at scale 1 throughout, and
-    each layer is then one matmul again (consistency guidance needs them apart)."""
-    device, dtype = resolve_device(device, dtype)
+def check_scheduler(model, config=None):
+    """Refuse a training schedule other than SDXL's (checkpoint.check_schedule), and warn of sampling settings other
+    than this sampler's."""
     scheduler = check_schedule(model_folder(model, config)[0])
     other = {k: scheduler[k] for k, v in EULER.items() if k in scheduler and scheduler[k] != v}
     if other:  # a fine-tune shipped with, say, DPM++ or Karras sigmas: diffusers' pipeline would sample with those
         warnings.warn(f"the model's scheduler config asks for {other}; this sampler is SDXL base's Euler ({EULER}), "
                       "so its images differ from those of diffusers' pipeline with that scheduler")
+
+
+def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", config=None, fold=False):
+    """The base model plus LoRAs ('PATH[:SCALE]', summed exactly) and learned tokens ('FILE[:TOKEN[:INIT]]'). With
+    fold, the LoRAs are folded into the weights (see lora.apply_lora): plain CFG runs them at scale 1 throughout, and
+    each layer is then one matmul again (consistency guidance needs them apart)."""
+    device, dtype = resolve_device(device, dtype)
+    check_scheduler(model, config)
     pipe = Pipeline(*load_sdxl(model, device, dtype, config))
     files, weights = [], []
     for spec in loras:

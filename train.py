@@ -25,17 +25,18 @@ import torch
 from tqdm import tqdm
 
 import lora as lora_lib
-from checkpoint import (ModelError, check_schedule, load_training_state, model_folder, read_json, read_metadata,
-                        save_safetensors, save_training_state, write_text)
+from checkpoint import (ModelError, load_training_state, read_json, read_metadata, save_safetensors,
+                        save_training_state, write_text)
 from cli import (Help, add_compile, add_cuda_graph, check_steps, cuda_graph_on, non_negative, positive, positive_int,
                  resolve_device, run, seed_int)
 from data import encode_images, image_files, is_config, load_rgb, read_captions, read_config
 from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_noise, q_sample
 from graph import cuda_graph
-from sample import (Pipeline, base_prompt, check_sides, generate, load_sdxl, save_png, to_pil, token_pattern,
-                    warn_unloaded_tokens)
+from sample import (Pipeline, base_prompt, check_scheduler, check_sides, generate, load_sdxl, save_png, to_pil,
+                    token_pattern, warn_unloaded_tokens)
 from text import Cond, time_ids
 
+CLASS_SEED = 10_000  # class image i's seed is CLASS_SEED + i, whatever --seed: one --prior-dir serves every run
 PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict(rank=64, steps=1000, offset_noise=0.1)}
 
 
@@ -72,9 +73,12 @@ def parse_args(argv=None):
     p.add_argument("--snr-gamma", type=non_negative,
                    help="min-SNR-gamma loss weighting (0 or unset: off, as officially)")
     p.add_argument("--max-grad-norm", type=positive, default=1.0, help="clip the gradient to this norm")
-    p.add_argument("--weight-decay", type=non_negative, default=1e-4, help="AdamW's, on the LoRA")
-    p.add_argument("--seed", type=seed_int, default=0, help="of the LoRA's init and every random draw")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint + sample image every N steps (0: never)")
+    p.add_argument("--weight-decay", type=non_negative, default=1e-4,
+                   help="AdamW's, on the LoRA and the token rows alike (as officially)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="of the LoRA's init, the training draws and the sample images (not the class images')")
+    p.add_argument("--save-every", type=int, default=500,
+                   help="checkpoint + sample image every N steps (0: the final checkpoint only, no images)")
     p.add_argument("--sample-steps", type=positive_int, default=30,
                    help="sampler steps for the sample images and class images")
     p.add_argument("--sample-prompt", help="the prompt of the sample drawn at every save (default: the first caption)")
@@ -120,10 +124,10 @@ def make_class_images(args, unet, vae, text):
     have = image_files(args.prior_dir)
     pipe = Pipeline(unet, vae, text)
     for i in tqdm(range(len(have), args.num_prior), desc="class images"):
-        image = generate(pipe, args.prior_prompt, 10_000 + i, steps=args.sample_steps,
+        image = generate(pipe, args.prior_prompt, CLASS_SEED + i, steps=args.sample_steps,
                          width=args.resolution, height=args.resolution)
         save_png(to_pil(image), os.path.join(args.prior_dir, f"class-{i:05d}.png"),
-                 {"prompt": args.prior_prompt, "seed": 10_000 + i})
+                 {"prompt": args.prior_prompt, "seed": CLASS_SEED + i})
     return class_items(args)
 
 
@@ -388,7 +392,7 @@ def main(args):
         if found:  # files of another program's run (the official code's, say), which the first save would replace
             raise ModelError(f"{args.out} holds {found[0]} but no settings.json, so it is not a run of this script; "
                              "train into another --out")
-    check_schedule(model_folder(args.model, args.config)[0])
+    check_scheduler(args.model, args.config)  # its sample and class images are drawn with sample.py's sampler
     check_sides(args.model, args.config, resolution=args.resolution)
     torch.manual_seed(args.seed)  # for the LoRA's initialization (lora.inject, below)
     unet, vae, text = load_sdxl(args.model, device, dtype, args.config)

@@ -289,6 +289,19 @@ def test_image_sizes_are_checked_from_the_configs_before_the_weights_load(tiny_s
                  str(tmp_path / "out"))
 
 
+def test_a_scheduler_asking_for_other_sampling_settings_is_warned_about(tiny_sdxl, tmp_path):
+    """train.py draws its sample and class images with sample.py's Euler, whatever the model's scheduler asks."""
+    configs = tmp_path / "configs"
+    shutil.copytree(tiny_sdxl[0], configs, ignore=shutil.ignore_patterns("*.safetensors"))
+    sched = configs / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "use_karras_sigmas": True}))
+    data = write_images(str(tmp_path / "d"), ["a photo"])
+    args = train.parse_args([str(a) for a in ("--model", configs, "--data", data, "--out", tmp_path / "o", *TRAIN_ARGS)])
+    with pytest.warns(UserWarning, match="asks for {'use_karras_sigmas': True}; this sampler is SDXL base's"), \
+            pytest.raises(ModelError, match="unet"):  # warned before the weights (absent here) are read
+        train.main(args)
+
+
 def test_an_official_data_config_trains_as_the_same_folder(tiny_sdxl, tmp_path, monkeypatch):
     prompts = ["a photo of a <dog> in the snow", "a red <dog> on the beach"]
     write_images(str(tmp_path / "dataset" / "dog"), prompts)
