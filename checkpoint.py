@@ -16,6 +16,8 @@ import contextlib
 import json
 import os
 import warnings
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -356,17 +358,23 @@ def vae_key_map(cfg):
 
 # ---------------------------------------------------------------------------------------------- load / save
 
-COMPONENTS = {  # folder -> (model class, config from diffusers, config to diffusers, key map)
-    "unet": (UNet, unet_config_from_diffusers, unet_config_to_diffusers, unet_key_map),
-    "vae": (AutoencoderKL, vae_config_from_diffusers, vae_config_to_diffusers, vae_key_map),
-}
+class Component(NamedTuple):
+    """What loading and saving one model folder takes: its class, its config's two conversions and its key map."""
+    cls: type
+    config_from_diffusers: Callable
+    config_to_diffusers: Callable
+    key_map: Callable
+
+
+COMPONENTS = {"unet": Component(UNet, unet_config_from_diffusers, unet_config_to_diffusers, unet_key_map),
+              "vae": Component(AutoencoderKL, vae_config_from_diffusers, vae_config_to_diffusers, vae_key_map)}
 
 
 def component_config(folder, sub):
     """The UNetConfig or VAEConfig of folder/sub/config.json."""
     config_path, _ = component_files(folder, sub, weights=False)
     try:
-        return COMPONENTS[sub][1](read_json(config_path), config_path)
+        return COMPONENTS[sub].config_from_diffusers(read_json(config_path), config_path)
     except (KeyError, TypeError, ZeroDivisionError) as e:
         raise ModelError(f"{config_path}: not a valid {sub} config ({e!r})") from None
 
@@ -374,14 +382,14 @@ def component_config(folder, sub):
 def load_component(folder, sub, dtype=torch.float32, device="cpu", tensors=None):
     """Build unet/ or vae/ from its config.json and load its weights strictly: the folder's safetensors (diffusers
     names), or `tensors` under our (official) names, as read from the single-file checkpoint."""
-    cls, _, _, key_map = COMPONENTS[sub]
+    component = COMPONENTS[sub]
     cfg = component_config(folder, sub)
     _, weights = component_files(folder, sub, weights=tensors is None)
     with torch.device("meta"):
-        model = cls(cfg)
+        model = component.cls(cfg)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     if tensors is None:
-        mapping = key_map(cfg)  # ours -> diffusers
+        mapping = component.key_map(cfg)  # ours -> diffusers
         theirs = read_weights(weights)
         source = weights[0] if len(weights) == 1 else f"{os.path.dirname(weights[0])} (its {len(weights)} shards)"
         check_keys({mapping[k]: shape for k, shape in shapes.items()}, theirs, source)
@@ -425,13 +433,13 @@ def save_text_encoder(encoder, folder):
 
 def save_component(model, folder, sub):
     """Write a UNet or VAE in the diffusers folder layout, as the official download has it."""
-    _, _, to_diffusers, key_map = COMPONENTS[sub]
+    component = COMPONENTS[sub]
     d = os.path.join(folder, sub)
     os.makedirs(d, exist_ok=True)
-    mapping = key_map(model.cfg)
+    mapping = component.key_map(model.cfg)
     save_safetensors({mapping[k]: v for k, v in model.state_dict().items()},
                      os.path.join(d, "diffusion_pytorch_model.safetensors"))
-    write_text(os.path.join(d, "config.json"), json.dumps(to_diffusers(model.cfg), indent=2))
+    write_text(os.path.join(d, "config.json"), json.dumps(component.config_to_diffusers(model.cfg), indent=2))
 
 
 def load_unet(folder, dtype=torch.float32, device="cpu", tensors=None):

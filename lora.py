@@ -96,10 +96,10 @@ def inject(model, rank, alpha=None, targets=TARGETS):
     return params
 
 
-def remove(model, fuse=False):
-    """Unwrap every LoRALinear back to an nn.Linear; with fuse, W <- W + scale * delta first, summed in fp32."""
+def remove(model, fold=False):
+    """Unwrap every LoRALinear back to an nn.Linear; with fold, W <- W + scale * delta first, summed in fp32."""
     for name, m in lora_modules(model).items():
-        if fuse:  # in place: new weights would leave the old ones' memory as holes between the layers that stay
+        if fold:  # in place: new weights would leave the old ones' memory as holes between the layers that stay
             with torch.no_grad():
                 m.weight.copy_(m.weight.float() + float(m.scale) * m.delta())
         base = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
@@ -160,7 +160,7 @@ def apply_lora(model, lora, dtype=torch.float32, fold=False):
         warnings.warn(f"the LoRA adapts {len(lora)} layers; {untouched} attention projections of the model are "
                       "left as they are")
     if fold:
-        remove(model, fuse=True)
+        remove(model, fold=True)
 
 
 def merge(loras, weights):
@@ -219,10 +219,15 @@ def to_diffusers(lora, unet_cfg):
     return out
 
 
+def kohya_name(module):
+    """kohya's name for a UNet module: output_blocks.0.1 -> lora_unet_output_blocks_0_1."""
+    return "lora_unet_" + module.replace(".", "_")
+
+
 def to_kohya(lora):
     out = {}
     for name, (down, up) in at_one_rank(lora).items():
-        key = "lora_unet_" + name.replace(".", "_")
+        key = kohya_name(name)
         out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = down, up
         out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: the scale is already in up
     return out
@@ -237,8 +242,7 @@ def parse_lora(tensors, unet_cfg, source):
     """Read a diffusers / official DCO / peft / kohya LoRA file into {official module: (down, up)}."""
     diffusers_to_ours = {v: k for k, v in module_names(unet_cfg).items()}
     # kohya names come from the official module names (sd-scripts, ours) or from diffusers' (its kohya converter)
-    kohya_to_ours = {"lora_unet_" + name.replace(".", "_"): k for k, v in module_names(unet_cfg).items()
-                     for name in (k, v)}
+    kohya_to_ours = {kohya_name(name): k for k, v in module_names(unet_cfg).items() for name in (k, v)}
     parts, text_encoder_key = {}, None
     for key, value in tensors.items():
         # diffusers 0.19-0.20 (the first SDXL DreamBooth-LoRA scripts) named them after attention processors

@@ -70,6 +70,29 @@ def check_replaceable(folder):
                          "folder")
 
 
+def carried_tokens(embeds):
+    """{token: (file, its bytes)} of the learned-token specs (FILE[:TOKEN[:INITWORD]]) a merged folder carries, each
+    token once; read now, as they may be files of an earlier merge in --out."""
+    tokens = {}
+    for spec in embeds:
+        e, named, init = split_spec(spec, 3)
+        check_file(e)
+        with open(e, "rb") as f:
+            data = f.read()
+        header = read_metadata(e)
+        if named:  # FILE:TOKEN[:INITWORD], as sample.py takes it: the copy names its token, so sample.py finds it
+            header = {**header, "token": named, **({"init_token": init} if init else {})}
+            data = save(read_safetensors(e), header)
+        token = header.get("token") or os.path.realpath(e)  # the official code's files name none
+        if token in tokens and tokens[token][1] != data:  # the same bytes (a run given twice) are carried once
+            raise ModelError(f"{tokens[token][0]} and {e} both learned {token!r}, as other vectors, and a folder "
+                             "carries one: leave one out of --embeds, or give one run's LoRA file "
+                             "(DIR/pytorch_lora_weights.safetensors) rather than its folder, so that its tokens "
+                             "stay behind")
+        tokens.setdefault(token, (e, data))
+    return tokens
+
+
 def main(args):
     cfg = component_config(model_folder(args.model, args.config)[0], "unet") if args.model else UNetConfig()
     for path in args.loras:
@@ -100,8 +123,7 @@ def main(args):
     if args.fuse:
         dtype = getattr(torch, args.dtype)
         unet, vae, text = load_sdxl(args.model, torch.device("cpu"), dtype, args.config)
-        lora_lib.apply_lora(unet, merged)
-        lora_lib.remove(unet, fuse=True)  # W + delta, added in float32
+        lora_lib.apply_lora(unet, merged, fold=True)  # W + up @ down, summed in float32
         save_single_file(args.out, unet, vae, text, dtype, {"dco.merged_from": json.dumps(args.loras)})
         print(f"wrote {args.out} (SDXL with the LoRA fused in, single-file layout, {args.dtype})")
         if with_folder_embeds(args.embeds, args.loras):
@@ -117,24 +139,7 @@ def main(args):
             warnings.warn("the inputs' learned tokens are not in the file: merge into a folder to carry them along, or "
                           "give them to sample.py with --embeds FILE")
     else:
-        embeds = with_folder_embeds(args.embeds, args.loras)
-        tokens = {}  # token -> (file, its bytes), read now: they may be files of an earlier merge in --out
-        for spec in embeds:
-            e, named, init = split_spec(spec, 3)
-            check_file(e)
-            with open(e, "rb") as f:
-                data = f.read()
-            header = read_metadata(e)
-            if named:  # FILE:TOKEN[:INITWORD], as sample.py takes it: the copy names its token, so sample.py finds it
-                header = {**header, "token": named, **({"init_token": init} if init else {})}
-                data = save(read_safetensors(e), header)
-            token = header.get("token") or os.path.realpath(e)  # the official code's files name none
-            if token in tokens and tokens[token][1] != data:  # the same bytes (a run given twice) are carried once
-                raise ModelError(f"{tokens[token][0]} and {e} both learned {token!r}, as other vectors, and a folder "
-                                 "carries one: leave one out of --embeds, or give one run's LoRA file "
-                                 "(DIR/pytorch_lora_weights.safetensors) rather than its folder, so that its tokens "
-                                 "stay behind")
-            tokens.setdefault(token, (e, data))
+        tokens = carried_tokens(with_folder_embeds(args.embeds, args.loras))
         # The LoRA first: until it is written, an earlier merge in --out stays whole.
         name, other = ((lora_lib.KOHYA_FILE, lora_lib.DIFFUSERS_FILE) if args.kohya
                        else (lora_lib.DIFFUSERS_FILE, lora_lib.KOHYA_FILE))

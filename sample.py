@@ -90,9 +90,8 @@ class Pipeline:
     folded: bool = False  # LoRAs folded into the weights: the base model is gone (no consistency guidance)
 
 
-def load_embeds(pipe, spec):
-    path, token, init = split_spec(spec, 3)
-    check_file(path)
+def load_embeds(pipe, path, token=None, init=None):
+    """Add a learned token from its file; token and init (its initializer word) default to the file's metadata."""
     meta = read_metadata(path)
     token, init = token or meta.get("token"), init or meta.get("init_token")
     if not token:  # the official code's files name no token
@@ -152,7 +151,7 @@ def load_pipeline(model, loras=(), embeds=(), device="auto", dtype="auto", confi
             key = (f.read(), *names)
         if key not in loaded:  # the same file given twice (a run and a merge that carries its token, say): once
             loaded.add(key)
-            load_embeds(pipe, spec)
+            load_embeds(pipe, path, *names)
     return pipe
 
 

@@ -74,19 +74,20 @@ def sample(unet, noise, cond: Cond, uncond: Cond, steps=30, w_txt=5.0, w_con=Non
     timesteps, sigmas = euler_schedule(steps)
     x = noise.float() * (sigmas.max() ** 2 + 1) ** 0.5
     if w_con is None:
-        conds, scales = [uncond, cond], contextlib.nullcontext()
+        conds, lora_setting = [uncond, cond], contextlib.nullcontext()
     else:
         conds = [uncond, base, cond]
         # The batch is [uncond | base | cond], B each: Cond.cat, x.repeat and these scales (repeat_interleave) share
         # that layout, and chunk() below splits it back.
-        scales = lora_scale(unet, torch.tensor([0.0, 0.0, 1.0], device=x.device, dtype=dtype).repeat_interleave(B))
+        scales = torch.tensor([0.0, 0.0, 1.0], device=x.device, dtype=dtype).repeat_interleave(B)
+        lora_setting = lora_scale(unet, scales)
     batch = Cond.cat(conds).to(device=x.device, dtype=dtype)
 
     def denoise(x_in, t):
         return unet(x_in, t, batch.context, batch.pooled, batch.time_ids)
 
-    with scales:
-        if graph:  # recorded inside `scales`: the graph replays the call with these LoRA scales
+    with lora_setting:
+        if graph:  # recorded inside `lora_setting`: the graph replays the call with these LoRA scales
             denoise = cuda_graph(denoise, noise.repeat(len(conds), 1, 1, 1).to(dtype), timesteps[0].to(x.device))
         for i in tqdm(range(steps), desc="sampling", disable=not progress):
             x_in = scale_input(x, sigmas[i]).repeat(len(conds), 1, 1, 1).to(dtype)

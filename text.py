@@ -19,6 +19,8 @@ import torch
 from checkpoint import (ModelError, check_keys, for_this_transformers, read_json, read_safetensors, read_weights,
                         weights_files, with_text_model_prefix)
 
+TAG = re.compile(r"<[^<>\s]+>")  # a <word>, as learned tokens are written
+
 
 @dataclass
 class Cond:
@@ -140,7 +142,7 @@ class TextEncoders(torch.nn.Module):
 
     def unknown_tokens(self, prompt):
         """The <word>s of a prompt that are not one token of the vocabulary: learned tokens never loaded."""
-        return [w for w in re.findall(r"<[^<>\s]+>", prompt) if not self.is_token(w)]
+        return [w for w in TAG.findall(prompt) if not self.is_token(w)]
 
     def add_token(self, token, vectors):
         """Add token to both tokenizers with the given embedding rows (one per encoder); returns the new ids."""

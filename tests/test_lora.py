@@ -303,7 +303,7 @@ def test_fuse_equals_base_plus_lora():
     storage = {name: m.weight.data_ptr() for name, m in lora_lib.lora_modules(unet).items()}
     with torch.no_grad():
         want = unet(*x)
-        lora_lib.remove(unet, fuse=True)
+        lora_lib.remove(unet, fold=True)
         assert not lora_lib.lora_modules(unet)
         torch.testing.assert_close(unet(*x), want, rtol=1e-5, atol=1e-5)
     # in place, in the weights' own memory: new tensors would leave the old ones' as holes between the layers
