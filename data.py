@@ -35,22 +35,28 @@ def read_text(path):
         raise ModelError(f"{path}: not UTF-8 text") from None
 
 
+def read_metadata_jsonl(path):
+    """{file_name: text} of a Hugging Face imagefolder's metadata.jsonl, one JSON object per line."""
+    captions = {}
+    for i, line in enumerate(read_text(path).split("\n")):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row["file_name"], str) or not isinstance(row["text"], str):
+                raise TypeError
+            captions[os.path.normpath(row["file_name"])] = row["text"].strip()  # ./00.jpg is 00.jpg
+        except (ValueError, KeyError, TypeError):  # not JSON, or not an object with both keys as strings
+            raise ModelError(f"{path}: line {i + 1} needs file_name and text") from None
+    return captions
+
+
 def read_captions(folder, caption):
     """[(image path, caption)] from same-name .txt files, metadata.jsonl, or one caption for all."""
     if not os.path.isdir(folder):
         raise ModelError(f"{folder}: no such data folder")
-    meta, captions = os.path.join(folder, "metadata.jsonl"), {}
-    if os.path.isfile(meta):
-        for i, line in enumerate(read_text(meta).split("\n")):  # not splitlines: JSON strings may hold U+2028
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row["file_name"], str) or not isinstance(row["text"], str):
-                    raise TypeError
-                captions[os.path.normpath(row["file_name"])] = row["text"].strip()  # ./00.jpg is 00.jpg
-            except (ValueError, KeyError, TypeError):  # not JSON, or not an object with both keys as strings
-                raise ModelError(f"{meta}: line {i + 1} needs file_name and text") from None
+    meta = os.path.join(folder, "metadata.jsonl")
+    captions = read_metadata_jsonl(meta) if os.path.isfile(meta) else {}
     # metadata.jsonl may name images in subfolders (file_name "images/00.jpg"), as Hugging Face's imagefolder does
     in_subfolders = [f for f in captions if os.path.dirname(f) and f.lower().endswith(IMAGE_SUFFIXES)
                      and os.path.isfile(os.path.join(folder, f))]

@@ -297,16 +297,16 @@ def pretrain(out, seed=0, budget=FULL):
 
 # ---------------------------------------------------------------------------------------------- base model report
 
-def sample_scenes(folder, scenes, seed=0, steps=30, cfg=5.0):
-    """Images the model in folder makes for world.caption(scene) of each scene: sample.py's sampler (at `steps` and
-    `cfg`), in one batch from one noise draw of `seed` (sample.py draws each image's noise from its own seed)."""
+def sample_scenes(folder, scenes, seed=0):
+    """Images the model in folder makes for world.caption(scene) of each scene: sample.py's sampler (30 steps, CFG
+    5), in one batch from one noise draw of `seed` (sample.py draws each image's noise from its own seed)."""
     unet, vae, text = load_sdxl(folder, torch.device("cpu"), torch.float32)
     prompts = [world.caption(s) for s in scenes]
     with torch.no_grad():
         cond = conditioning(text, prompts, world.SIZE, world.SIZE)
         uncond = conditioning(text, [""] * len(prompts), world.SIZE, world.SIZE, zero_empty=True)
         noise = initial_noise(len(prompts), vae, world.SIZE, world.SIZE, seed)
-        latents = sample(unet, noise, cond, uncond, steps=steps, w_txt=cfg)
+        latents = sample(unet, noise, cond, uncond, steps=30, w_txt=5.0)
         images = decode_latents(vae, latents)
     return [to_pil(image[None]) for image in images]
 

@@ -34,8 +34,10 @@ from dco import alphas_cumprod, diffusion_loss, eps_mse, min_snr_weight, offset_
 from graph import cuda_graph
 from sample import (Pipeline, base_prompt, check_scheduler, check_sides, generate, load_sdxl, save_png, to_pil,
                     token_pattern, warn_unloaded_tokens)
-from text import Cond, time_ids
+from text import TAG, Cond, time_ids
 
+CHECKPOINT = "checkpoint.safetensors"  # the LoRA, the learned rows, AdamW's state and the RNG, for --resume
+OUTPUTS = (CHECKPOINT, lora_lib.DIFFUSERS_FILE, lora_lib.KOHYA_FILE, "learned_embeds.safetensors")
 CLASS_SEED = 10_000  # class image i's seed is CLASS_SEED + i, whatever --seed: one --prior-dir serves every run
 PRESETS = {"subject": dict(rank=32, steps=2000, offset_noise=0.0), "style": dict(rank=64, steps=1000, offset_noise=0.1)}
 
@@ -113,6 +115,51 @@ def parse_args(argv=None):
         p.error("--save-every must be 0 (never) or a number of steps")
     check_steps(p, "--sample-steps", args.sample_steps)
     return args
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def check_token(path, caption, token):
+    """The learned token must stand as a word of every caption, punctuation around it allowed. Inside a longer word
+    it is most likely a typo: with --token sub0 (initializer word star) for captions that say <sub0>, the token would
+    train there all the same, and the base caption that the frozen model sees (DCO's reference, consistency
+    guidance) would read <star>."""
+    found = token_pattern([token])  # in any case, as CLIP's tokenizer finds it
+    if not found.search(caption):
+        raise ModelError(f"{path}: caption {caption!r} does not contain the token {token!r}")
+    alone = re.compile(r"[\"'(\[]*" + re.escape(token) + r"(?:'s)?[\"')\],.;:!?]*", re.IGNORECASE)
+    for word in caption.split():
+        if found.search(word) and not alone.fullmatch(word):
+            raise ModelError(f"{path}: caption {caption!r} has the token {token!r} inside the word {word!r}; a "
+                             "learned token is a word of its own (the whole of <dog>, with its brackets)")
+
+
+def plain_tags(items, token):
+    """The <word>s of the captions that are not the learned token (in any case, as CLIP's tokenizer reads it)."""
+    return sorted({t for _, cap in items for t in TAG.findall(cap)
+                   if not token or t.lower() != token.lower()})
+
+
+def read_items(args):
+    """[(image path, caption)] of --data, every image opened once and every caption checked, before anything is
+    written. An official data config also gives the token and its initializer word (into args, which settings.json
+    records) unless --token and --init-token do."""
+    if is_config(args.data):
+        items, token, word = read_config(args.data, args.init_token)
+        args.token, args.init_token = args.token or token, word or args.init_token
+        if bool(args.token) != bool(args.init_token):
+            raise ModelError(f"{args.data} names no learned token: --token and --init-token go together")
+    else:
+        items = read_captions(args.data, args.caption)
+    tagged = plain_tags(items, args.token)
+    if tagged:  # the official dog set's captions, say, trained without --token
+        warnings.warn(f"the captions hold {', '.join(tagged)}, which is not a learned token here (--token): it "
+                      "trains as plain text, letter by letter")
+    for path, cap in items:
+        if args.token:
+            check_token(path, cap, args.token)
+        load_rgb(path)  # fail on a bad image now, before anything is written
+    return items
 
 
 # ------------------------------------------------------------------------------------------------ class images
@@ -291,8 +338,25 @@ def check_resume(args, items):
     return before["step"]
 
 
-CHECKPOINT = "checkpoint.safetensors"
-OUTPUTS = (CHECKPOINT, lora_lib.DIFFUSERS_FILE, lora_lib.KOHYA_FILE, "learned_embeds.safetensors")
+def finished(args, items):
+    """Whether OUT already holds this run, finished; refuses an OUT that holds anything else but this run to
+    --resume. A run is never overwritten, and continued only with its own settings."""
+    ckpt = os.path.join(args.out, CHECKPOINT)
+    if args.resume or saved_run(args.out):
+        done = check_resume(args, items)
+        if not args.resume:
+            if done == args.steps and os.path.exists(os.path.join(args.out, "settings.json")):  # its last save whole
+                print(f"{args.out} already holds this run, finished at step {done}; nothing to do")
+                return True
+            raise ModelError(f"{args.out} holds this run at step {done}; continue it with --resume")
+        if not os.path.isfile(ckpt):
+            raise ModelError(f"{ckpt}: no checkpoint to resume from")
+    else:
+        found = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]
+        if found:  # files of another program's run (the official code's, say), which the first save would replace
+            raise ModelError(f"{args.out} holds {found[0]} but no settings.json, so it is not a run of this script; "
+                             "train into another --out")
+    return False
 
 
 def run_metadata(args, step):
@@ -338,60 +402,13 @@ def ctrl_c_deferred():
 
 # ------------------------------------------------------------------------------------------------ main
 
-def check_token(path, caption, token):
-    """The learned token must stand as a word of every caption, punctuation around it allowed. Inside a longer word
-    it is most likely a typo: with --token sub0 (initializer word star) for captions that say <sub0>, the token would
-    train there all the same, and the base caption that the frozen model sees (DCO's reference, consistency
-    guidance) would read <star>."""
-    found = token_pattern([token])  # in any case, as CLIP's tokenizer finds it
-    if not found.search(caption):
-        raise ModelError(f"{path}: caption {caption!r} does not contain the token {token!r}")
-    alone = re.compile(r"[\"'(\[]*" + re.escape(token) + r"(?:'s)?[\"')\],.;:!?]*", re.IGNORECASE)
-    for word in caption.split():
-        if found.search(word) and not alone.fullmatch(word):
-            raise ModelError(f"{path}: caption {caption!r} has the token {token!r} inside the word {word!r}; a "
-                             "learned token is a word of its own (the whole of <dog>, with its brackets)")
-
-
-def plain_tags(items, token):
-    """The <word>s of the captions that are not the learned token (in any case, as CLIP's tokenizer reads it)."""
-    return sorted({t for _, cap in items for t in re.findall(r"<[^<>\s]+>", cap)
-                   if not token or t.lower() != token.lower()})
-
-
 def main(args):
     device, dtype = resolve_device(args.device, args.dtype)
     args.cuda_graph = cuda_graph_on(args.cuda_graph, device)
-    if is_config(args.data):
-        items, token, word = read_config(args.data, args.init_token)
-        args.token, args.init_token = args.token or token, word or args.init_token  # settings.json records them
-        if bool(args.token) != bool(args.init_token):
-            raise ModelError(f"{args.data} names no learned token: --token and --init-token go together")
-    else:
-        items = read_captions(args.data, args.caption)
-    tagged = plain_tags(items, args.token)
-    if tagged:  # the official dog set's captions, say, trained without --token
-        warnings.warn(f"the captions hold {', '.join(tagged)}, which is not a learned token here (--token): it "
-                      "trains as plain text, letter by letter")
-    for path, cap in items:
-        if args.token:
-            check_token(path, cap, args.token)
-        load_rgb(path)  # fail on a bad image now, before anything is written
+    items = read_items(args)
+    if finished(args, items):
+        return
     ckpt = os.path.join(args.out, CHECKPOINT)
-    if args.resume or saved_run(args.out):
-        done = check_resume(args, items)  # OUT holds a run: never overwritten, continued only with its own settings
-        if not args.resume:
-            if done == args.steps and os.path.exists(os.path.join(args.out, "settings.json")):  # its last save whole
-                print(f"{args.out} already holds this run, finished at step {done}; nothing to do")
-                return
-            raise ModelError(f"{args.out} holds this run at step {done}; continue it with --resume")
-        if not os.path.isfile(ckpt):
-            raise ModelError(f"{ckpt}: no checkpoint to resume from")
-    else:
-        found = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]
-        if found:  # files of another program's run (the official code's, say), which the first save would replace
-            raise ModelError(f"{args.out} holds {found[0]} but no settings.json, so it is not a run of this script; "
-                             "train into another --out")
     check_scheduler(args.model, args.config)  # its sample and class images are drawn with sample.py's sampler
     check_sides(args.model, args.config, resolution=args.resolution)
     torch.manual_seed(args.seed)  # for the LoRA's initialization (lora.inject, below)
@@ -478,7 +495,8 @@ def main(args):
         dco_step = graph_step(dco_step, trained, optimizer, B * (2 if prior else 1), mean.shape[1:], device)
 
     def save(step):
-        meta = {"step": str(step), "dco.cwd": os.getcwd(), **run_metadata(args, step)}  # should settings.json not come
+        # "step" and "dco.cwd": what saved_run reads back if this save stops before settings.json is written
+        meta = {"step": str(step), "dco.cwd": os.getcwd(), **run_metadata(args, step)}
         save_training_state(ckpt, {f"param.{i}": p for i, p in enumerate(trained)}, optimizer, rng, meta)
         save_outputs(args, unet, ti, step)
 

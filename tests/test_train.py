@@ -296,7 +296,8 @@ def test_a_scheduler_asking_for_other_sampling_settings_is_warned_about(tiny_sdx
     sched = configs / "scheduler" / "scheduler_config.json"
     sched.write_text(json.dumps({**json.loads(sched.read_text()), "use_karras_sigmas": True}))
     data = write_images(str(tmp_path / "d"), ["a photo"])
-    args = train.parse_args([str(a) for a in ("--model", configs, "--data", data, "--out", tmp_path / "o", *TRAIN_ARGS)])
+    args = train.parse_args([str(a) for a in ("--model", configs, "--data", data, "--out", tmp_path / "o",
+                                              *TRAIN_ARGS)])
     with pytest.warns(UserWarning, match="asks for {'use_karras_sigmas': True}; this sampler is SDXL base's"), \
             pytest.raises(ModelError, match="unet"):  # warned before the weights (absent here) are read
         train.main(args)
