@@ -13,7 +13,7 @@ first call), with --reference the ratios to it, and a line per speed target (SPE
 compares). Compare only numbers from one run on one machine.
 """
 import argparse
-import importlib.util
+import importlib
 import math
 import os
 import statistics
@@ -334,8 +334,11 @@ def main(args):
     if device.type == "cpu" and not args.tiny and args.size is None:
         sys.exit("error: there is no GPU, and the full SDXL UNet at 1024x1024 would take hours on the CPU; --tiny is "
                  "a smoke test (or give --size, e.g. 128)")
-    if args.reference and not all(importlib.util.find_spec(m) for m in ("diffusers", "peft")):
-        sys.exit("error: --reference needs diffusers and peft (pip install -r requirements-dev.txt)")
+    for module in ("diffusers", "peft") if args.reference else ():  # a broken install fails now, not after our steps
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            sys.exit(f"error: --reference needs diffusers and peft (pip install -r requirements-dev.txt): {e}")
     size = args.size or (64 if args.tiny else 1024)
     if args.model:  # its own configs say which sizes it takes; the latents are the image's sides / 8, as SDXL's
         check_sides(args.model, None, size=size)

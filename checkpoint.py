@@ -490,6 +490,8 @@ def model_folder(model, config=None):
     if not os.path.exists(model):
         raise ModelError(f"{model}: no such model folder or file")
     if not os.path.isfile(model):
+        if config:  # a folder holds its own configs: another folder's would be silently ignored
+            raise ModelError(f"--config is for a single-file --model; {model} is a folder, with configs of its own")
         return model, None
     if not config:
         raise ModelError(f"{model}: a single-file checkpoint needs --config DIR, a folder with the diffusers layout's "

@@ -137,6 +137,8 @@ def check_pair(name, down, up, shape):
     if (up.shape[0], down.shape[1]) != tuple(shape):
         raise ModelError(f"LoRA module {name!r} is {up.shape[0]}x{down.shape[1]}, the model's layer is "
                          f"{shape[0]}x{shape[1]}: is it a LoRA for another model?")
+    if not (down.isfinite().all() and up.isfinite().all()):  # it would turn every image black
+        raise ModelError(f"LoRA module {name!r} holds NaN or infinite values (did its training diverge?)")
 
 
 def apply_lora(model, lora, dtype=torch.float32, fold=False):

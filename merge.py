@@ -48,6 +48,8 @@ def parse_args(argv=None):
     if args.fuse and not args.model:
         p.error("--fuse needs --model")
     args.to_file = args.out.lower().endswith(".safetensors")
+    if not args.to_file and os.path.isfile(args.out):
+        p.error(f"--out {args.out} is a file; a merge is written to a folder, or to a .safetensors file")
     if args.embeds and args.to_file and not args.fuse:
         p.error("--embeds needs a folder as --out, to put them beside the LoRA")
     if args.fuse and not args.to_file:
@@ -83,7 +85,9 @@ def carried_tokens(embeds):
         if named:  # FILE:TOKEN[:INITWORD], as sample.py takes it: the copy names its token, so sample.py finds it
             header = {**header, "token": named, **({"init_token": init} if init else {})}
             data = save(read_safetensors(e), header)
-        token = header.get("token") or os.path.realpath(e)  # the official code's files name none
+        token = header.get("token")
+        if not token:  # the official code's files name none, and sample.py would refuse the folder
+            raise ModelError(f"{e}: the file does not name its token; give it as --embeds {e}:TOKEN:INITWORD")
         if token in tokens and tokens[token][1] != data:  # the same bytes (a run given twice) are carried once
             raise ModelError(f"{tokens[token][0]} and {e} both learned {token!r}, as other vectors, and a folder "
                              "carries one: leave one out of --embeds, or give one run's LoRA file "

@@ -372,6 +372,9 @@ def test_each_learned_token_is_carried_once(tiny_sdxl, trained, tmp_path):
         merge_here(trained, "--embeds", trained, "--model", folder, "--out", tmp_path / "e")
     official = tmp_path / "official.safetensors"  # as the official code writes it: no token named
     save_file({k: v + 2 for k, v in embeds.items()}, str(official))
+    with pytest.raises(ModelError, match=f"{official}: the file does not name its token; give it as --embeds"):
+        merge_here(trained, "--embeds", official, "--model", folder, "--out", tmp_path / "unnamed")  # sample.py's error
+    assert not os.path.exists(tmp_path / "unnamed")
     merge_here(trained, "--embeds", f"{official}:<cat>:cat", "--model", folder, "--out", tmp_path / "named")
     assert load_pipeline(folder, loras=[str(tmp_path / "named")]).tokens == {"<dog>": "dog", "<cat>": "cat"}
     # An official output folder (its token file names no token) with the file named by --embeds: carried once, named
@@ -452,6 +455,10 @@ def test_merge_refuses_to_fuse_into_a_folder_or_read_a_missing_input(tmp_path, c
         assert needle in capsys.readouterr().err
     assert merge.parse_args(["a.safetensors", "--fuse", "--model", "m", "--embeds", "e.safetensors", "--out",
                              "f.safetensors"]).fuse  # the tokens are named on the side, as --fuse's files have none
+    (tmp_path / "notes").write_text("")
+    with pytest.raises(SystemExit):  # not "[Errno 17] File exists" once the LoRAs are read
+        merge.parse_args(["a.safetensors", "--out", str(tmp_path / "notes")])
+    assert "is a file; a merge is written to a folder, or to a .safetensors file" in capsys.readouterr().err
     with pytest.raises(ModelError, match="nowhere.safetensors: no such LoRA file or folder$"):
         merge.main(merge.parse_args([str(tmp_path / "nowhere.safetensors"), "--out", str(tmp_path / "m.safetensors")]))
     # A file that cannot be written is a one-line error too: here a file stands where --out's folder would be.

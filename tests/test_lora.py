@@ -279,7 +279,9 @@ def test_bad_loras_are_refused_with_the_key_named(tiny_sdxl):
     # Reading a file checks each pair against the UNet's layer, as applying it does: merge.py applies nothing
     kohya = "lora_unet_" + name.replace(".", "_")
     for down, up, message in ((torch.zeros(4, 999), torch.zeros(64, 4), "another model"),
-                              (torch.zeros(4, 64), torch.zeros(64, 8), "low-rank pair")):
+                              (torch.zeros(4, 64), torch.zeros(64, 8), "low-rank pair"),
+                              (torch.zeros(4, 64), torch.full((64, 4), float("nan")), "NaN or infinite"),
+                              (torch.full((4, 64), float("inf")), torch.zeros(64, 4), "NaN or infinite")):
         with pytest.raises(ModelError, match=f"^f.safetensors: LoRA module '{name}'.*{message}"):
             lora_lib.parse_lora({f"{kohya}.lora_down.weight": down, f"{kohya}.lora_up.weight": up}, unet.cfg,
                                 "f.safetensors")

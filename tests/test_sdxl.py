@@ -663,6 +663,17 @@ def test_bench_smoke_on_cpu():
     assert r.returncode != 0 and r.stderr.strip() == "error: --cuda-graph needs a CUDA GPU", r.stderr[-2000:]
 
 
+def test_bench_reference_with_a_broken_peft_stops_before_timing(monkeypatch, capsys, tmp_path):
+    import bench
+    (tmp_path / "peft").mkdir()  # found, but fails on import, as a broken install does
+    (tmp_path / "peft" / "__init__.py").write_text("raise ImportError('cannot import name X')")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "peft", raising=False)
+    with pytest.raises(SystemExit, match="^error: --reference needs diffusers and peft"):
+        bench.main(bench.parse_args(["--tiny", "--reference"]))
+    assert "ms" not in capsys.readouterr().out  # nothing was timed first
+
+
 def test_bench_counts_both_lora_matmuls():
     """A LoRA adds 2 N r (in + out) FLOPs per adapted layer of N tokens: its down and its (in-place) up product."""
     import bench
@@ -942,6 +953,8 @@ def test_sample_py_reads_the_single_file_and_refuses_a_bad_one(tiny_sdxl, tmp_pa
     assert np.array_equal(np.asarray(Image.open(tmp_path / "file.png")), np.asarray(from_folder))
     with pytest.raises(ModelError, match="needs --config"):
         load_sdxl(path, torch.device("cpu"), torch.float32)
+    with pytest.raises(ModelError, match="--config is for a single-file --model; .* is a folder"):  # not ignored
+        load_sdxl(folder, torch.device("cpu"), torch.float32, config=folder)
     tensors = load_file(path)
     tensors["model.diffusion_model.extra.weight"] = torch.zeros(1)
     save_file(tensors, path)
