@@ -45,9 +45,12 @@ def read_metadata_jsonl(path):
             row = json.loads(line)
             if not isinstance(row["file_name"], str) or not isinstance(row["text"], str):
                 raise TypeError
-            captions[os.path.normpath(row["file_name"])] = row["text"].strip()  # ./00.jpg is 00.jpg
         except (ValueError, KeyError, TypeError):  # not JSON, or not an object with both keys as strings
             raise ModelError(f"{path}: line {i + 1} needs file_name and text") from None
+        name = os.path.normpath(row["file_name"])  # ./00.jpg is 00.jpg
+        if name in captions:  # which caption was meant is the user's call
+            raise ModelError(f"{path}: line {i + 1} names {row['file_name']!r} a second time")
+        captions[name] = row["text"].strip()
     return captions
 
 
@@ -61,8 +64,12 @@ def read_captions(folder, caption):
     in_subfolders = [f for f in captions if os.path.dirname(f) and f.lower().endswith(IMAGE_SUFFIXES)
                      and os.path.isfile(os.path.join(folder, f))]
     files = image_files(folder) + sorted(in_subfolders)
+    below = sorted(os.path.join(d, f) for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))
+                   and not d.startswith(".") for f in image_files(os.path.join(folder, d)))
+    below = [f for f in below if f not in captions]
     if not files:
-        raise ModelError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        hint = f"; images in subfolders ({below[0]}, ...) are read where metadata.jsonl names them" if below else ""
+        raise ModelError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}){hint}")
     other_case = {os.path.splitext(f)[0]: f for f in os.listdir(folder) if f.lower().endswith(".txt")}  # NAME.TXT
     items = []
     for f in files:
@@ -82,9 +89,6 @@ def read_captions(folder, caption):
     if unused:  # an image of another type (.heic, say), or one that was deleted
         warnings.warn(f"{folder}: captions without an image of a type read here ({', '.join(IMAGE_SUFFIXES)}): "
                       f"{', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}; they are not trained on")
-    below = sorted(os.path.join(d, f) for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))
-                   and not d.startswith(".") for f in image_files(os.path.join(folder, d)))
-    below = [f for f in below if f not in captions]
     if below:
         warnings.warn(f"{folder}: images in subfolders are not read unless metadata.jsonl names them: "
                       f"{', '.join(below[:3])}{', ...' if len(below) > 3 else ''}")

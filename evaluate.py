@@ -113,6 +113,8 @@ def read_prompts(path, subject, suffix):
         raise ModelError(f"{path}: no prompts (one a line; lines starting with # are comments)")
     if subject is None and any("{}" in line for line in lines):
         raise ModelError(f"{path}: the prompts have a {{}} placeholder; give the subject phrase with --subject")
+    if subject is not None and not any("{}" in line for line in lines):  # the subject would be dropped unsaid
+        raise ModelError(f"{path}: no prompt has a {{}} placeholder for the subject phrase {subject!r}")
     repeated = next((line for i, line in enumerate(lines) if line in lines[:i]), None)
     if repeated is not None:  # its images would count twice
         raise ModelError(f"{path}: the prompt {repeated!r} is repeated")
@@ -125,6 +127,8 @@ def list_images(folder, flag):
     paths = [os.path.join(folder, f) for f in image_files(folder)]
     if not paths:
         raise ModelError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    for path in paths:  # a bad one fails now, not after the sweep has generated every image
+        load_rgb(path)
     return paths
 
 
@@ -187,16 +191,17 @@ class Embedder:
         import transformers  # here, not at the top: it takes seconds to import, and --help should not wait
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
         try:
-            self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, **pil_backend())
-            self.tokenizer = None if kind == "dino" else AutoTokenizer.from_pretrained(folder, local_files_only=True)
             model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
             if model_type != METRIC_MODELS[kind][0]:  # transformers would load it anyway, with random weights
                 raise ModelError(f"--{kind} {folder}: a {model_type} checkpoint, not {METRIC_MODELS[kind][0]}")
+            self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, **pil_backend())
+            self.tokenizer = None if kind == "dino" else AutoTokenizer.from_pretrained(folder, local_files_only=True)
             model_class = getattr(transformers, METRIC_MODELS[kind][1])
             self.model, info = model_class.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                                            output_loading_info=True)
         except (OSError, ValueError, RuntimeError, ImportError, SafetensorError) as e:
-            raise ModelError(f"--{kind} {folder}: cannot load: {str(e).splitlines()[0]}") from None
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise ModelError(f"--{kind} {folder}: cannot load: {first}") from None
         missing = sorted(info["missing_keys"]) + sorted(k[0] if isinstance(k, tuple) else k for k in
                                                         info.get("mismatched_keys", []))
         if missing:  # transformers fills them with random weights, and the metric would be noise
@@ -385,7 +390,8 @@ def to_markdown(rows, names):
     head = ["method", "w_con", "n"] + names
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], r["w_con"], str(r["n"])] + [f"{r[f'{n}_mean']:.4f} ± {r[f'{n}_se']:.4f}" for n in names]
+        cells = [r["method"], r["w_con"], str(r["n"])] + [
+            f"{r[f'{n}_mean']:.4f}" + (f" ± {r[f'{n}_se']:.4f}" if r["n"] > 1 else "") for n in names]  # se: n > 1
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -449,6 +455,7 @@ def main(args, make_generator=make_generator):
     if args.seeds < 1:
         raise ModelError(f"--seeds {args.seeds}: needs at least 1")
     prompts, w_cons = read_prompts(args.prompts, args.subject, args.suffix), parse_w_con(args.w_con)
+    class_prompts = args.class_subject and read_prompts(args.prompts, args.class_subject, args.suffix)
     refs = {"subject_dino": list_images(args.ref_images, "--ref-images"),
             "style_dino": list_images(args.style_images, "--style-images")} if merge \
         else {"image_dino": list_images(args.ref_images, "--ref-images")}
@@ -458,7 +465,7 @@ def main(args, make_generator=make_generator):
 
     cache = ImageCache(os.path.join(args.out, "images"))
     entries = sweep(args, methods, prompts, list(range(args.seeds)), w_cons, cache, make_generator)
-    class_texts = args.class_subject and dict(zip(prompts, read_prompts(args.prompts, args.class_subject, args.suffix)))
+    class_texts = class_prompts and dict(zip(prompts, class_prompts))
     entries = with_scored_texts(entries, class_texts)
     scores = score(entries, {k: m.to(device) for k, m in metrics.items()}, refs)
     rows = summarize(entries, scores)

@@ -97,6 +97,9 @@ def parse_args(argv=None):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    for k in ("caption", "token", "init_token", "prior_prompt", "sample_prompt"):  # "" would pass for unset
+        if getattr(args, k) is not None and not getattr(args, k).strip():
+            p.error(f"--{k.replace('_', '-')} is blank")
     if bool(args.token) != bool(args.init_token) and not is_config(args.data):  # a config may name the other
         p.error("--token and --init-token go together")
     if args.token and args.token.split() != [args.token]:
@@ -344,13 +347,13 @@ def finished(args, items):
     ckpt = os.path.join(args.out, CHECKPOINT)
     if args.resume or saved_run(args.out):
         done = check_resume(args, items)
-        if not args.resume:
-            if done == args.steps and os.path.exists(os.path.join(args.out, "settings.json")):  # its last save whole
-                print(f"{args.out} already holds this run, finished at step {done}; nothing to do")
-                return True
-            raise ModelError(f"{args.out} holds this run at step {done}; continue it with --resume")
+        if not args.resume and done == args.steps and os.path.exists(os.path.join(args.out, "settings.json")):
+            print(f"{args.out} already holds this run, finished at step {done}; nothing to do")  # its last save whole
+            return True
         if not os.path.isfile(ckpt):
-            raise ModelError(f"{ckpt}: no checkpoint to resume from")
+            raise ModelError(f"{ckpt}: no checkpoint to resume from; train into another --out")
+        if not args.resume:
+            raise ModelError(f"{args.out} holds this run at step {done}; continue it with --resume")
     else:
         found = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]
         if found:  # files of another program's run (the official code's, say), which the first save would replace
@@ -520,11 +523,15 @@ def main(args):
                       "err_phi": err_phi.mean().item()}
             log.write(json.dumps(record) + "\n")
             log.flush()
-            bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['err_theta'] - record['err_phi']:+.2e}")
+            shown = {"loss": f"{record['loss']:.4f}"}
+            if args.beta > 0:  # DCO's margin, below 0 where the LoRA beats the frozen model (which beta 0 never runs)
+                shown["margin"] = f"{record['err_theta'] - record['err_phi']:+.2e}"
+            bar.set_postfix(shown)
 
             if interrupted:
                 save(step + 1)
-                sys.exit(f"interrupted: saved step {step + 1} in {args.out}; continue with --resume")
+                print(f"interrupted: saved step {step + 1} in {args.out}; continue with --resume", file=sys.stderr)
+                sys.exit(130)  # the status of a process stopped by Ctrl-C, as the other scripts end
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
                 save(step + 1)
                 save_grid(args, unet, vae, text, sample_prompt, step + 1, device)

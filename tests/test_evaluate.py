@@ -251,6 +251,7 @@ def test_prompts_w_con_and_the_table_cells(tmp_path):
     se = np.std([0.1, 0.2, 0.6], ddof=1) / np.sqrt(3)
     assert (three["w_con"], three["n"]) == ("1", 3) and three["s_se"] == pytest.approx(se)
     assert evaluate.to_markdown([three], ["s"]).splitlines()[2] == f"| m | 1 | 3 | 0.3000 ± {se:.4f} |"
+    assert evaluate.to_markdown([one], ["s"]).splitlines()[2] == "| m | cfg | 1 | 0.9000 |"  # not ± nan
 
 
 def test_a_text_metric_reads_a_long_prompt_as_its_first_tokens(metric_models):
@@ -428,13 +429,19 @@ def test_merge_mode_scores_subject_and_style(setup):
      "prompts.txt: the prompt 'a {} in the snow' is repeated"),  # its images would count twice
     (lambda t, a: (os.makedirs(t / "out" / "images"), (t / "out" / "images" / "index.json").write_text('{"a": ')),
      "index.json: not a readable image index"),
+    (lambda t, a: setattr(a, "siglip", a.dino), "a dinov2 checkpoint, not siglip"),  # before its tokenizer fails
+    (lambda t, a: (t / "prompts.txt").write_text("a <dog> in the snow\n"),
+     "no prompt has a {} placeholder for the subject phrase"),  # --subject would be dropped unsaid
+    (lambda t, a: (t / "refs" / "1.jpg").write_bytes((t / "refs" / "1.jpg").read_bytes()[:200]),
+     "1.jpg: not a readable image"),
 ])
 def test_bad_input_is_one_clear_error(setup, change, message):
+    """Refused before any image is generated: on SDXL a sweep takes hours."""
     tmp, argv = setup
     args = argv()
     change(tmp, args)
     with pytest.raises(ModelError, match=message):
-        evaluate.main(args, make_generator=FakeGenerator())
+        evaluate.main(args, make_generator=lambda *a: pytest.fail("an image was generated before the error"))
 
 
 def test_a_partial_or_damaged_metric_checkpoint_is_refused(metric_models, tmp_path):
@@ -457,6 +464,17 @@ def test_a_partial_or_damaged_metric_checkpoint_is_refused(metric_models, tmp_pa
     weights.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ModelError, match="--dino .*: cannot load"):
         Embedder("dino", str(folder))
+
+
+def test_a_load_error_is_named_by_its_first_words(metric_models, monkeypatch):
+    """transformers' message for a missing SentencePiece starts with a blank line: that line alone said nothing."""
+    import transformers
+
+    def fail(*args, **kwargs):
+        raise ImportError("\n requires the SentencePiece library but it was not found in your environment.\n...")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
+    with pytest.raises(ModelError, match="cannot load: requires the SentencePiece library but it was not found"):
+        Embedder("siglip", metric_models["siglip"])
 
 
 def test_cli_reports_bad_input_in_one_line(setup, metric_models):

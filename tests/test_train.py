@@ -161,6 +161,11 @@ def test_resume_is_bit_exact(tiny_sdxl, trained, tmp_path):
     with pytest.raises(ModelError, match="holds this run at step 8; continue it with --resume"):
         train.main(train.parse_args([*spelled, "--steps", "9"]))
     train.main(train.parse_args([*spelled, "--steps", "8"]))  # the same finished command again: nothing to do
+    os.rename(tmp_path / "r" / "checkpoint.safetensors", tmp_path / "ckpt")  # deleted: not continued, either way
+    for resume in ([], ["--resume"]):
+        with pytest.raises(ModelError, match="checkpoint.safetensors: no checkpoint to resume from; train into"):
+            train.main(train.parse_args([*spelled, "--steps", "9", *resume]))
+    os.rename(tmp_path / "ckpt", tmp_path / "r" / "checkpoint.safetensors")
     with pytest.raises(ModelError, match="other settings"):  # and another recipe never overwrites it
         train.main(train.parse_args([*spelled, "--steps", "8", "--beta", "5"]))
     settings = json.loads((tmp_path / "r" / "settings.json").read_text())  # a save cut short before settings.json
@@ -203,7 +208,7 @@ def test_ctrl_c_saves_a_checkpoint(tiny_sdxl, trained, tmp_path):
     time.sleep(2)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
-    assert p.returncode != 0 and "continue with --resume" in err
+    assert p.returncode == 130 and "continue with --resume" in err
     with safe_open(str(out / "checkpoint.safetensors"), "pt") as f:
         saved = int(f.metadata()["step"])
     assert saved > 0 and saved == len((out / "log.jsonl").read_text().splitlines())  # the step it was in is done
@@ -274,6 +279,12 @@ def test_bad_data_is_refused_in_one_line(tiny_sdxl, tmp_path):
     with open(os.path.join(data, "metadata.jsonl"), "w") as f:
         f.write(json.dumps({"file_name": 0, "text": "a dog"}) + "\n")
     expect_error(("--data", data, *common), "metadata.jsonl: line 1 needs file_name and text", out)
+    with open(os.path.join(data, "metadata.jsonl"), "w") as f:  # which caption was meant is not ours to guess
+        f.write("".join(json.dumps({"file_name": name, "text": "a <dog>"}) + "\n" for name in ("00.png", "./00.png")))
+    expect_error(("--data", data, *common), "metadata.jsonl: line 2 names './00.png' a second time", out)
+    write_images(str(empty / "photos"), ["a photo"])  # a folder of subfolders
+    expect_error(("--data", empty, *common), "); images in subfolders (photos/00.png, ...) are read where "
+                 "metadata.jsonl names them", out)
 
 
 def test_image_sizes_are_checked_from_the_configs_before_the_weights_load(tiny_sdxl, tmp_path):
@@ -593,7 +604,11 @@ def test_impossible_settings_are_refused(tmp_path, capsys):
                         (["--prior-dir", str(tmp_path / "file"), "--prior-prompt", "a dog"], "is a file; class images"),
                         (["--dtype", "float16"], "invalid choice: 'float16'"),
                         (["--token", "<my dog>", "--init-token", "dog"], "one word, without spaces"),
-                        (["--data", "config.json:full_ti", "--caption", "a dog"], "--caption is for a folder")]:
+                        (["--data", "config.json:full_ti", "--caption", "a dog"], "--caption is for a folder"),
+                        (["--caption", "  "], "--caption is blank"),  # it trained every image on no text
+                        (["--caption", ""], "--caption is blank"),  # the .txt files were read instead
+                        (["--token", "", "--init-token", "dog"], "--token is blank"),
+                        (["--sample-prompt", ""], "--sample-prompt is blank")]:
         with pytest.raises(SystemExit):
             train.parse_args(common + bad)
         assert needle in capsys.readouterr().err
