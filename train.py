@@ -342,8 +342,9 @@ def check_resume(args, items):
 
 
 def finished(args, items):
-    """Whether OUT already holds this run, finished; refuses an OUT that holds anything else but this run to
-    --resume. A run is never overwritten, and continued only with its own settings."""
+    """Whether OUT already holds this run, finished: then there is nothing to do. Refuses an OUT that holds another
+    program's files, a run of other settings or data, or this run unfinished without --resume: a run is never
+    overwritten, and is continued only with its own settings."""
     ckpt = os.path.join(args.out, CHECKPOINT)
     if args.resume or saved_run(args.out):
         done = check_resume(args, items)
